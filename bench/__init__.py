@@ -1,0 +1,1 @@
+"""Throughput benchmarks (ingest, data, model, e2e, loss) with environment capture and JSON output."""

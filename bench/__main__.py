@@ -1,0 +1,33 @@
+"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all. Each subcommand lives in its own module."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> module exposing main(argv: list[str]) -> int
+SUBCOMMANDS = {
+    "ingest": ("bench.ingest_bench", "ingest images/s per worker and scaling with workers"),
+    "data": ("bench.data_bench", "DALI pipeline (gpu/cpu) vs torchvision+webdataset DataLoader, images/s"),
+    "model": ("bench.model_bench", "ResNet train step: eager/compile x fp32/bf16 x NCHW/channels-last"),
+    "e2e": ("bench.e2e_bench", "real shards through DALI into the train step: pipeline efficiency, data-wait %"),
+    "loss": ("bench.loss_bench", "fused Triton NT-Xent vs reference PyTorch loss, time and peak memory"),
+    "all": ("bench.all_bench", "every stage on this machine, JSON + Markdown + plot under bench/results/<gpu>/"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m bench <subcommand> [options]\n\nsubcommands:")
+        for name, (_, help_) in SUBCOMMANDS.items():
+            print(f"  {name:<7} {help_}")
+        return 0 if argv else 2
+    if argv[0] not in SUBCOMMANDS:
+        print(f"bench: unknown subcommand '{argv[0]}' (choose from {', '.join(SUBCOMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

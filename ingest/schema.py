@@ -1,0 +1,112 @@
+"""The shard format contract (DESIGN.md "Shard format"): names, versions and the manifest reader.
+
+Everything downstream (dali_pipes, trainer, eval, bench) reads shards through this module only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.tsv"
+SPLITS = ("train", "val", "test")
+VIEWS = ("PA", "AP", "LAT", "UNKNOWN")
+FRONTAL_VIEWS = ("PA", "AP")
+
+# Components of every sample, in the order they are written into the tar.
+COMPONENTS = ("jpg", "json", "lbl", "pid")
+SHARD_PATTERN = "shard-{index:06d}.tar"
+INDEX_SUFFIX = ".idx"
+
+# The 14 CheXpert / MIMIC-CXR (CheXpert labeler) observations, in the CSV's column order.
+CHEXPERT_LABELS = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+    "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+    "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+)
+# The five CheXpert competition tasks (Irvin et al. 2019).
+CHEXPERT_COMPETITION_TASKS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",
+)
+# The 14 NIH ChestX-ray14 findings (Wang et al. 2017), alphabetical as in the official release.
+NIH_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
+    "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
+    "Pneumonia", "Pneumothorax",
+)
+
+
+class ShardFormatError(ValueError):
+    """A shard folder that cannot be read: missing, empty, wrong version, missing index."""
+
+
+def sample_key(dataset: str, patient: str, study: str, view_index: int | str) -> str:
+    """Stable, unique, tar-safe key, e.g. ``chexpert-p00001-s001-v1``. No dots (webdataset splits on them)."""
+    raw = f"{dataset}-{patient}-{study}-v{view_index}"
+    return "".join(c if (c.isalnum() or c in "-_") else "_" for c in raw)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path          # the .tar
+    index_path: Path    # the DALI .idx beside it
+    num_samples: int
+    sha256: str
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.data["label_names"])
+
+    @property
+    def num_patients(self) -> int:
+        return int(self.data["num_patients"])
+
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if self.data["splits"].get(s, {}).get("num_samples", 0) > 0]
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.data["splits"]:
+            raise ShardFormatError(f"{self.root / MANIFEST_NAME}: no split '{split}' (has {sorted(self.data['splits'])})")
+        out = []
+        for s in self.data["splits"][split]["shards"]:
+            tar = self.root / split / s["name"]
+            out.append(ShardInfo(tar, tar.with_suffix(INDEX_SUFFIX), int(s["num_samples"]), s["sha256"], int(s["num_bytes"])))
+        return out
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.num_samples for s in self.shards(split))
+
+
+def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
+    """Read and validate ``ROOT/manifest.json``; raise ShardFormatError with a one-line reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardFormatError(f"{root}: shard folder does not exist")
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise ShardFormatError(f"{mpath}: no manifest (not an ingest output folder, or ingest did not finish)")
+    try:
+        data = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{mpath}: unreadable manifest ({e})") from e
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardFormatError(f"{mpath}: shard format version {version!r}, this code reads version {FORMAT_VERSION}; re-run ingest")
+    m = Manifest(root, data)
+    if check_files:
+        for split in data.get("splits", {}):
+            for sh in m.shards(split):
+                if not sh.path.is_file():
+                    raise ShardFormatError(f"{sh.path}: shard listed in the manifest is missing")
+                if not sh.index_path.is_file():
+                    raise ShardFormatError(f"{sh.index_path}: DALI index missing for {sh.path.name}")
+    return m

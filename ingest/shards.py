@@ -1,0 +1,119 @@
+"""Deterministic WebDataset tar writing with the DALI index (wds2idx "v1.2" format) written beside each shard.
+
+A shard is written to ``NAME.tar.tmp`` and renamed when complete, its index likewise, so a killed run never
+leaves a half shard under a final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ingest.schema import COMPONENTS, INDEX_SUFFIX
+
+DALI_INDEX_VERSION = "v1.2"
+_TAR_BLOCK_BYTES = 512
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed owner, mode and mtime: ingest output must be byte-identical across runs and machines.
+    if len(name) >= 100:
+        raise ValueError(f"tar member name too long for a plain ustar header: {name!r}")
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+@dataclass
+class WrittenShard:
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    keys: list[str] = field(default_factory=list)
+
+
+def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> WrittenShard:
+    """Write ``samples`` (each ``{"__key__": str, "jpg": bytes, "json": bytes, "lbl": bytes, "pid": bytes}``)
+    to ``path`` (.tar) plus its ``.idx``, atomically. Returns size, count and sha256 of the tar."""
+    path = Path(path)
+    tmp_tar = path.with_name(path.name + ".tmp")
+    idx_path = path.with_suffix(INDEX_SUFFIX)
+    tmp_idx = idx_path.with_name(idx_path.name + ".tmp")
+    buf = io.BytesIO()
+    index_lines = []
+    keys = []
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            key = sample["__key__"]
+            if "." in key or "/" in key:
+                raise ValueError(f"sample key must not contain '.' or '/': {key!r}")
+            parts = []
+            for ext in COMPONENTS:
+                data = sample[ext]
+                name = f"{key}.{ext}"
+                header_at = buf.tell()
+                tf.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                parts.append(f"{ext} {header_at + _TAR_BLOCK_BYTES} {len(data)} {name}")
+            index_lines.append(" ".join(parts))
+            keys.append(key)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp_tar, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp_idx, "w") as f:
+        f.write(f"{DALI_INDEX_VERSION} {len(index_lines)}\n")
+        f.write("\n".join(index_lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    # Index first: a final .tar name then always has its final .idx.
+    os.replace(tmp_idx, idx_path)
+    os.replace(tmp_tar, path)
+    return WrittenShard(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest(), keys)
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_shard(path: str | Path) -> Iterator[dict[str, bytes]]:
+    """Plain-tarfile reader (no webdataset needed): yields ``{"__key__": key, ext: bytes, ...}`` per sample."""
+    current: dict | None = None
+    with tarfile.open(path, mode="r:") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = tf.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI v1.2 index into ``[{ext: (offset, size)}]`` per sample."""
+    lines = Path(idx_path).read_text().splitlines()
+    version, count = lines[0].split()
+    if version != DALI_INDEX_VERSION:
+        raise ValueError(f"{idx_path}: index version {version}, expected {DALI_INDEX_VERSION}")
+    out = []
+    for line in lines[1 : 1 + int(count)]:
+        f = line.split()
+        out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+    return out
