@@ -33,3 +33,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (set CXR_SHARED_DATA or put ../shared beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_shards(tmp_path) -> Path:
+    """A small shard folder (12 patients with 1-3 images, 3 labels incl. blank and -1, 64-px JPEGs, 3 splits)."""
+    from shardgen import make_shards
+    return make_shards(tmp_path / "shards")
