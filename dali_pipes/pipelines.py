@@ -1,0 +1,120 @@
+"""DALI graph definitions (pretrain, MICLe, eval) and the hand-off of DALI outputs to torch.
+
+nvJPEG and single-channel JPEGs: DALI's ``decoders.image(device="mixed")`` goes through nvImageCodec, whose
+hardware-decoder plugin (``extensions/nvjpeg/hw_decoder.cpp``, NVIDIA/nvImageCodec) lists
+``NVIMGCODEC_SAMPLING_GRAY`` among its supported chroma subsamplings next to 4:4:4/4:2:2/4:2:0/4:4:0, then asks
+``nvjpegDecodeBatchedSupportedEx`` per image; the nvJPEG docs state hardware acceleration for *baseline* JPEG on
+A100/H100. So our baseline 8-bit grayscale shards are eligible for the A100/H100 hardware decoder (``hw_decoder_load``
+sets the share sent to it, the rest goes to the CUDA hybrid decoder); not measured here (no GPU on the CI box).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dali_pipes.augment import AugmentConfig, augment_view, geometric, normalize, replicate_channels
+
+READER_NAME = "reader"
+
+
+def dali_output_dtype(dtype: torch.dtype):
+    """DALI has no bfloat16 (2.4): bf16 is produced as fp16 by DALI and converted during the copy into torch."""
+    from nvidia.dali import types
+    table = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
+    if dtype not in table:
+        raise ValueError(f"unsupported output dtype {dtype} (choose torch.float32, torch.bfloat16 or torch.float16)")
+    return table[dtype]
+
+
+def resolve_device(device: str, device_id: int | None) -> tuple[int | None, torch.device]:
+    """(DALI device_id, torch device) for ``device`` in {"cpu", "gpu"}; RuntimeError when a GPU is asked for and absent."""
+    if device == "cpu":
+        return None, torch.device("cpu")
+    if device != "gpu":
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("dali_pipes: device='gpu' was requested but no CUDA GPU is visible (use device='cpu')")
+    if device_id is None:
+        device_id = torch.cuda.current_device()
+    return device_id, torch.device("cuda", device_id)
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed derived from (seed, epoch, rank, stream tag ...) so streams never collide."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _decode(jpg, device: str):
+    from nvidia.dali import fn, types
+    if device == "gpu":
+        # hw_decoder_load: share of each batch sent to the A100/H100 JPEG engine; the rest uses CUDA cores.
+        return fn.decoders.image(jpg, device="mixed", output_type=types.GRAY, hw_decoder_load=0.65)
+    return fn.decoders.image(jpg, device="cpu", output_type=types.GRAY)
+
+
+def pretrain_graph(*, paths, index_paths, rank, world_size, reader_seed, shuffle_buffer, cfg: AugmentConfig,
+                   image_size, channels, dali_dtype, device):
+    """Two augmented views of each sample read by the webdataset reader, plus its patient id."""
+    from nvidia.dali import fn, types
+    jpg, pid = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "pid"], dtypes=[types.UINT8, types.INT64],
+        shard_id=rank, num_shards=world_size, random_shuffle=True, initial_fill=shuffle_buffer, seed=reader_seed,
+        pad_last_batch=False, stick_to_shard=True, missing_component_behavior="error", name=READER_NAME)
+    images = _decode(jpg, device)
+    kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
+    return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), pid
+
+
+def micle_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype, device):
+    """MICLe: view 1 from the anchor image, view 2 from its same-patient partner (the same augmentation graph)."""
+    from nvidia.dali import fn, types
+    jpg1, jpg2, pid, multi = fn.external_source(
+        source=source, num_outputs=4, batch=True, batch_info=True,
+        dtype=[types.UINT8, types.UINT8, types.INT64, types.UINT8], ndim=[1, 1, 1, 1])
+    kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
+    return (augment_view(_decode(jpg1, device), cfg, **kw), augment_view(_decode(jpg2, device), cfg, **kw), pid, multi)
+
+
+def eval_graph(*, paths, index_paths, rank, world_size, image_size, resize_size, channels, dali_dtype, device):
+    """One deterministic view (shorter side -> resize_size, centre crop image_size), labels and patient id."""
+    from nvidia.dali import fn, types
+    jpg, lbl, pid = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "lbl", "pid"], dtypes=[types.UINT8, types.FLOAT, types.INT64],
+        shard_id=rank, num_shards=world_size, random_shuffle=False, pad_last_batch=True, stick_to_shard=True,
+        missing_component_behavior="error", name=READER_NAME)
+    x = geometric(_decode(jpg, device), image_size=image_size, resize_size=resize_size, device=device, cfg=None)
+    if channels == 3:
+        x = replicate_channels(x, device)
+    return normalize(x, channels=channels, dali_dtype=dali_dtype, device=device), lbl, pid
+
+
+def build_pipeline(graph_fn, *, batch_size, num_threads, device_id, seed, prefetch, checkpoint=None, **graph_kw):
+    """Instantiate and build a checkpointable DALI pipeline around ``graph_fn(**graph_kw)``."""
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(enable_checkpointing=True)
+    def _pipe():
+        return graph_fn(**graph_kw)
+
+    pipe = _pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                 prefetch_queue_depth=prefetch, checkpoint=checkpoint)
+    pipe.build()
+    return pipe
+
+
+def images_to_torch(tl, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """DALI (B, H, W, C) batch -> torch (B, C, H, W) in channels-last memory.
+
+    The permute is a view (no copy); the one copy out of DALI's reusable buffer (which DALI overwrites on the next
+    run) also performs the fp16 -> bf16 conversion when bf16 is asked for, so bf16 costs no extra pass.
+    """
+    src = torch.from_dlpack(tl.as_tensor()).permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
+    out = torch.empty(src.shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    out.copy_(src, non_blocking=True)
+    return out
+
+
+def array_to_torch(tl, device: torch.device) -> torch.Tensor:
+    """Small per-sample outputs (labels, pids, flags): copied out of DALI's buffer, then moved to ``device``."""
+    t = torch.from_dlpack(tl.as_tensor()).clone()
+    return t.to(device, non_blocking=True) if t.device != device else t

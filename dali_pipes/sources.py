@@ -1,0 +1,164 @@
+"""Random access into shards by the DALI ``.idx`` offsets, patient grouping, and the MICLe pair source.
+
+The pair source is a stateless callable of DALI's ``BatchInfo``: batch ``i`` of an epoch is a pure function of
+(seed, epoch, rank, i), so DALI checkpointing restores it exactly and no tar is ever parsed at run time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ingest.schema import FRONTAL_VIEWS, Manifest, ShardFormatError
+
+DALI_INDEX_VERSION = "v1.2"
+
+
+def read_dali_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI v1.2 index into ``[{ext: (offset, size)}]`` per sample; ShardFormatError on a bad file."""
+    try:
+        lines = Path(idx_path).read_text().splitlines()
+        version, count = lines[0].split()
+        if version != DALI_INDEX_VERSION:
+            raise ShardFormatError(f"{idx_path}: DALI index version {version}, expected {DALI_INDEX_VERSION}")
+        out = []
+        for line in lines[1 : 1 + int(count)]:
+            f = line.split()
+            out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+    except (OSError, ValueError, IndexError) as e:
+        if isinstance(e, ShardFormatError):
+            raise
+        raise ShardFormatError(f"{idx_path}: unreadable DALI index ({e})") from e
+    if len(out) != int(count):
+        raise ShardFormatError(f"{idx_path}: index announces {count} samples but lists {len(out)}")
+    return out
+
+
+@dataclass
+class ImageTable:
+    """Every sample of one split: where its JPEG lives, its patient and whether it may be used (view filter)."""
+    shard_paths: list[Path]
+    shard: np.ndarray        # (N,) int32 index into shard_paths
+    jpg_offset: np.ndarray   # (N,) int64 byte offset of the .jpg payload in its tar
+    jpg_size: np.ndarray     # (N,) int64
+    pid: np.ndarray          # (N,) int64
+    usable: np.ndarray       # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.pid)
+
+
+def build_image_table(manifest: Manifest, split: str, *, frontal_only: bool) -> ImageTable:
+    """Scan each shard's ``.pid`` and ``.json`` once (random reads by index offset) to group images by patient."""
+    shards = manifest.shards(split)
+    if not shards:
+        raise ShardFormatError(f"{manifest.root / split}: split '{split}' has no shards")
+    rows: list[tuple[int, int, int, int, bool]] = []
+    for si, sh in enumerate(shards):
+        index = read_dali_index(sh.index_path)
+        if len(index) != sh.num_samples:
+            raise ShardFormatError(f"{sh.index_path}: {len(index)} samples indexed, manifest says {sh.num_samples}")
+        with open(sh.path, "rb") as f:
+            fd = f.fileno()
+            for entry in index:
+                if "jpg" not in entry or "pid" not in entry or "json" not in entry:
+                    raise ShardFormatError(f"{sh.index_path}: a sample lacks jpg/json/pid ({sorted(entry)})")
+                (po, ps), (jo, js) = entry["pid"], entry["json"]
+                if ps != 8:
+                    raise ShardFormatError(f"{sh.path}: .pid at offset {po} has {ps} bytes, expected 8 (int64)")
+                pid = int(np.frombuffer(os.pread(fd, 8, po), dtype="<i8")[0])
+                view = json.loads(os.pread(fd, js, jo)).get("view", "UNKNOWN")
+                usable = (view in FRONTAL_VIEWS) if frontal_only else True
+                rows.append((si, entry["jpg"][0], entry["jpg"][1], pid, usable))
+    arr = np.array([r[:4] for r in rows], dtype=np.int64).reshape(-1, 4)
+    return ImageTable([s.path for s in shards], arr[:, 0].astype(np.int32), arr[:, 1], arr[:, 2], arr[:, 3],
+                      np.array([r[4] for r in rows], dtype=bool))
+
+
+def _epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x4D49434C, *extra])  # "MICL": stream tag
+
+
+class MicleSource:
+    """DALI external_source callable (batch mode, ``batch_info=True``) yielding MICLe pairs for one rank.
+
+    Each epoch: the usable images are permuted with a seeded RNG shared by all ranks and split into ``world_size``
+    equal parts (the tail that does not fill a whole global batch is dropped); every anchor gets a partner drawn
+    uniformly from the *other* usable images of its patient, or itself when the patient has only one.
+    Outputs per batch: jpg bytes of anchor, jpg bytes of partner, pid (int64), multi-instance flag (uint8).
+    """
+
+    def __init__(self, table: ImageTable, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):
+        self.table, self.batch_size = table, batch_size
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        usable = np.flatnonzero(table.usable)
+        if len(usable) == 0:
+            raise ShardFormatError(f"{table.shard_paths[0].parent}: no usable (frontal) images for MICLe")
+        self._usable = usable
+        # Patient groups: images sorted by pid, so a patient's usable images are one contiguous run.
+        order = usable[np.argsort(table.pid[usable], kind="stable")]
+        pids_sorted = table.pid[order]
+        starts = np.flatnonzero(np.r_[True, pids_sorted[1:] != pids_sorted[:-1]])
+        counts = np.diff(np.r_[starts, len(order)])
+        self._group_members = order
+        pos = np.full(len(table), -1, dtype=np.int64)  # image -> position in `order`
+        pos[order] = np.arange(len(order))
+        group_of = np.repeat(np.arange(len(starts)), counts)
+        self._pos, self._starts, self._counts, self._group_of = pos, starts, counts, group_of
+        self.batches_per_epoch = len(usable) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{table.shard_paths[0].parent}: {len(usable)} usable images cannot fill one batch of "
+                             f"{batch_size} on each of {world_size} ranks (drop-last)")
+        self._fds: dict[int, int] = {}
+        self._plan = self._make_plan()
+
+    def _make_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(anchors, partners) for this rank and epoch, each (batches_per_epoch * batch_size,) image indices."""
+        rng = _epoch_rng(self.seed, self.epoch)
+        per_rank = self.batches_per_epoch * self.batch_size
+        anchors_all = rng.permutation(self._usable)[: per_rank * self.world_size]
+        # Partner draw for every anchor on every rank from the same stream, so ranks never depend on each other.
+        g = self._group_of[self._pos[anchors_all]]
+        start, count = self._starts[g], self._counts[g]
+        self_off = self._pos[anchors_all] - start
+        r = rng.integers(0, np.maximum(count - 1, 1))
+        off = np.where(count > 1, r + (r >= self_off), self_off)  # uniform over the others, never itself
+        partners_all = self._group_members[start + off]
+        sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return anchors_all[sl], partners_all[sl]
+
+    def multi_instance_fraction(self) -> float:
+        anchors, partners = self._plan
+        return float(np.mean(anchors != partners)) if len(anchors) else 0.0
+
+    def _read(self, image: int) -> np.ndarray:
+        s = int(self.table.shard[image])
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self.table.shard_paths[s], os.O_RDONLY)
+        data = os.pread(fd, int(self.table.jpg_size[image]), int(self.table.jpg_offset[image]))
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def __call__(self, batch_info):
+        i = batch_info.iteration
+        if i >= self.batches_per_epoch:
+            raise StopIteration
+        anchors, partners = self._plan
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        a, p = anchors[sl], partners[sl]
+        return ([self._read(x) for x in a], [self._read(x) for x in p],
+                [self.table.pid[x : x + 1] for x in a], [np.array([x != y], dtype=np.uint8) for x, y in zip(a, p)])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
