@@ -1,0 +1,188 @@
+"""`python -m bench loss`: fused Triton NT-Xent vs the reference PyTorch loss (eager and torch.compile'd).
+
+Forward + backward per batch of N views (SimCLR pairing, D = 128): median / p90 time, peak memory, speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.harness import BenchReport, GpuSampler, capture_env, default_out_dir, time_fn
+
+GPU_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+CPU_SIZES = [64, 128, 256]
+IMPLS = ("fused", "reference", "compiled")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+COLUMNS = ["n_views", "impl", "status", "median_ms", "p90_ms", "peak_mem_mib", "speedup_vs_best_torch",
+           "loss_pct_of_resnet50_step"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench loss", description=__doc__)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--sizes", type=int, nargs="+", help="numbers of views N (even); default 512..65536 on a GPU, "
+                   "64..256 on the CPU")
+    p.add_argument("--dim", type=int, default=128, help="embedding width D")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="embedding dtype (default bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--impls", nargs="+", choices=IMPLS,
+                   help="default: all on a GPU; fused (interpreter, if TRITON_INTERPRET=1) + reference on the CPU")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, help="timed runs per point (default 20 on a GPU, 3 on the CPU)")
+    p.add_argument("--resnet50-batch", type=int, default=0,
+                   help="also time a ResNet-50 bf16 train step at this batch (GPU) and report the loss as a %% of "
+                        "the step for N views (step time scaled linearly to N images)")
+    p.add_argument("--out", help="JSON file or folder (default on a GPU: bench/results/<gpu>/loss.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON result")
+    return p
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _loss_fn(impl: str, compiled_cache: dict):
+    from trainer.fused_ntxent import nt_xent_fused
+    from trainer.losses import nt_xent_reference
+    if impl == "fused":
+        return nt_xent_fused
+    if impl == "reference":
+        return nt_xent_reference
+    if "fn" not in compiled_cache:
+        import torch
+        compiled_cache["fn"] = torch.compile(nt_xent_reference, dynamic=False)
+    return compiled_cache["fn"]
+
+
+def _measure(impl: str, n_views: int, args, device, dtype, compiled_cache: dict) -> dict:
+    """Time forward + backward of one implementation at N views; OOM becomes a row, not a crash."""
+    import torch
+    from trainer.losses import simclr_labels
+    gen = torch.Generator(device="cpu").manual_seed(n_views)
+    z = torch.nn.functional.normalize(torch.randn(n_views, args.dim, generator=gen), dim=1)
+    z = z.to(device=device, dtype=dtype).requires_grad_()  # (N, D)
+    labels = simclr_labels(n_views // 2, device)
+    fn = _loss_fn(impl, compiled_cache)
+
+    def step():
+        z.grad = None
+        fn(z, z, labels, labels, 0, args.temperature, "mean").backward()
+
+    row = {"n_views": n_views, "impl": impl}
+    cuda = device.type == "cuda"
+    try:
+        step()  # compile / autotune outside the timed and the memory-measured region
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+            row["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        timing = time_fn(step, warmup=args.warmup, repeats=args.repeats)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        if not _is_oom(err):
+            raise
+        row.update(status="OOM", error=str(err).splitlines()[0][:200])
+        return row
+    finally:
+        z.grad = None
+        if cuda:
+            torch.cuda.empty_cache()
+    row.update(status="ok", median_ms=timing.median_s * 1e3, p90_ms=timing.p90_s * 1e3, repeats=args.repeats)
+    return row
+
+
+def _resnet50_ms_per_image(batch: int, device) -> float:
+    """Median ms per image of a ResNet-50 SGD step (bf16 autocast, channels-last, 224 px) at ``batch``."""
+    import torch
+    import torchvision
+    model = torchvision.models.resnet50().to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    ms = time_fn(step, warmup=3, repeats=10).median_s * 1e3
+    del model, opt, x
+    torch.cuda.empty_cache()
+    return ms / batch
+
+
+def _plan(args, device) -> tuple[list[str], list[str]]:
+    """(implementations to run, notes about those left out)."""
+    from trainer.fused_ntxent import fused_available
+    notes = []
+    if args.impls:
+        impls = list(args.impls)
+    elif device.type == "cuda":
+        impls = list(IMPLS)
+    else:
+        impls = ["fused", "reference"]
+        notes.append("CPU: torch.compile variant skipped by default (pass --impls compiled to include it)")
+    if "fused" in impls and not fused_available(device):
+        impls.remove("fused")
+        notes.append(f"fused skipped: needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on the CPU ({device})")
+    elif "fused" in impls and device.type == "cpu":
+        notes.append("fused ran in triton's CPU interpreter: a correctness smoke run, its times mean nothing")
+    return impls, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench loss: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          (args.device if args.device != "auto" else "cpu"))
+    cuda = device.type == "cuda"
+    sizes = args.sizes or (GPU_SIZES if cuda else CPU_SIZES)
+    if any(n < 2 or n % 2 for n in sizes):
+        print(f"bench loss: --sizes must be even and >= 2 (two views per sample), got {sizes}", file=sys.stderr)
+        return 2
+    args.repeats = args.repeats or (20 if cuda else 3)
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if cuda else "fp32")])
+    env = capture_env()
+    out = Path(args.out) if args.out else (default_out_dir(env) / "loss.json" if cuda else None)
+    if out is not None:
+        target = out if out.suffix == ".json" else out / "loss.json"
+        if target.exists() and not args.overwrite:
+            print(f"bench loss: {target} exists (pass --overwrite to replace it)", file=sys.stderr)
+            return 2
+
+    impls, notes = _plan(args, device)
+    report = BenchReport("loss", list(argv if argv is not None else sys.argv[2:]), env=env, notes=notes)
+    report.notes.append(f"D={args.dim} dtype={dtype} temperature={args.temperature}, SimCLR pairing, "
+                        f"forward+backward of the mean loss; peak_mem = max_memory_allocated delta over inputs")
+    ms_per_image = _resnet50_ms_per_image(args.resnet50_batch, device) if cuda and args.resnet50_batch else None
+    if ms_per_image is not None:
+        report.notes.append(f"ResNet-50 bf16 step: {ms_per_image:.4f} ms/image at batch {args.resnet50_batch}")
+    compiled_cache: dict = {}
+    with GpuSampler() as sampler:
+        for n_views in sizes:
+            rows = [report.add(**_measure(impl, n_views, args, device, dtype, compiled_cache)) for impl in impls]
+            torch_ms = [r["median_ms"] for r in rows if r["impl"] != "fused" and r["status"] == "ok"]
+            for r in rows:
+                if r["impl"] == "fused" and r["status"] == "ok":
+                    r["speedup_vs_best_torch"] = min(torch_ms) / r["median_ms"] if torch_ms else None
+                    if ms_per_image is not None:
+                        r["loss_pct_of_resnet50_step"] = 100 * r["median_ms"] / (ms_per_image * n_views)
+            print(f"N={n_views}: " + ", ".join(f"{r['impl']} {r.get('median_ms', r['status'])}" for r in rows),
+                  file=sys.stderr, flush=True)
+    report.env["gpu_sampler"] = sampler.summary()
+    report.finish(out, COLUMNS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Triton kernels of the fused NT-Xent loss: a forward with an online log-sum-exp per row, and two backward passes.
+
+Kernels are built on first use by `build_kernels()` so that importing this module never imports triton.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+# Tiles used under TRITON_INTERPRET=1: the smallest tl.dot accepts, so small test sizes still cross tile edges.
+INTERPRET_BLOCK_MN = 16
+MAX_DIM = 512
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before the kernels were built)."""
+    import triton
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _gpu_configs(triton, block_d: int, backward: bool) -> list:
+    """A few tile shapes per embedding width; the autotuner drops those that exceed shared memory or registers."""
+    cfg = triton.Config
+    if block_d <= 64:
+        shapes = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
+    elif block_d <= 128:
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3)]
+        if backward:
+            shapes += [(128, 32, 4, 3)]
+    else:
+        shapes = [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (32, 64, 4, 3)]
+    return [cfg({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+@functools.lru_cache(maxsize=4)
+def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
+    """Compile-ready kernels for one embedding width; autotuned over tile shapes on a GPU, fixed tiles otherwise.
+
+    ``interpret`` is part of the cache key because triton decides interpreter vs compiler when a kernel is defined.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fwd(Q, K, RL, CL, LSE, CNT, LOSS, R, C, D, row_offset, stride_q, stride_k, scale2, inv_t,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+             DOT_F32: tl.constexpr):
+        # One program owns BLOCK_M rows and streams every column tile past them: only (BLOCK_M,) stats persist.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < R
+        dim_ok = dims < D
+        q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
+            q = q.to(tl.float32)
+        rl = tl.load(RL + rows, mask=row_ok, other=0)
+        self_col = rows + row_offset
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
+        l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(x - m)
+        pos_sum = tl.zeros([BLOCK_M], tl.float32)  # sum of positive raw dot products
+        pos_cnt = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, C, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < C
+            k = tl.load(K + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+            if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
+                k = k.to(tl.float32)
+            cl = tl.load(CL + cols, mask=col_ok, other=0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+            keep = col_ok[None, :] & (cols[None, :] != self_col[:, None])
+            x = tl.where(keep, qk * scale2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 1))
+            # a row whose columns were all masked so far has m = -inf; -inf - -inf would poison l with NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
+            m = m_new
+            pos = keep & (rl[:, None] == cl[None, :])
+            pos_sum += tl.sum(tl.where(pos, qk, 0.0), 1)
+            pos_cnt += tl.sum(pos.to(tl.float32), 1)
+        # natural-log LSE of the logits s/t; l >= 1 once any column is kept, and m = -inf (so LSE = -inf) otherwise
+        lse = (m + tl.log2(tl.maximum(l, 1e-30))) * 0.6931471805599453
+        loss = tl.where(pos_cnt > 0, lse - pos_sum * inv_t / tl.maximum(pos_cnt, 1.0), 0.0)
+        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(CNT + rows, pos_cnt, mask=row_ok)
+        tl.store(LOSS + rows, loss, mask=row_ok)
+
+    @triton.jit
+    def _bwd_rows(Q, K, RL, CL, LSE, COEF, INVP, SCALE, DQ, R, C, D, row_offset, stride_q, stride_k, stride_dq,
+                  scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr, DS_SCALE: tl.constexpr, DS_SPLIT: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+        # dQ_i = sum_j dS_ij K_j with dS_ij = coef_i (softmax_ij - [j positive] / P_i), recomputed tile by tile.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < R
+        dim_ok = dims < D
+        q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
+            q = q.to(tl.float32)
+        rl = tl.load(RL + rows, mask=row_ok, other=0)
+        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        coef = tl.load(COEF + rows, mask=row_ok, other=0.0) * DS_SCALE
+        invp = tl.load(INVP + rows, mask=row_ok, other=0.0)
+        active = invp > 0  # rows without positives have zero loss and zero gradient
+        self_col = rows + row_offset
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, C, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < C
+            k = tl.load(K + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+            if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
+                k = k.to(tl.float32)
+            cl = tl.load(CL + cols, mask=col_ok, other=0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            keep = active[:, None] & col_ok[None, :] & (cols[None, :] != self_col[:, None])
+            p = tl.where(keep, tl.exp2(qk * scale2 - lse2[:, None]), 0.0)
+            pos = keep & (rl[:, None] == cl[None, :])
+            ds = coef[:, None] * (p - tl.where(pos, invp[:, None], 0.0))
+            ds_hi = ds.to(Q.dtype.element_ty)
+            acc += tl.dot(ds_hi.to(k.dtype), k, input_precision=PRECISION)
+            if DS_SPLIT:  # bf16 keeps 8 bits of dS; its rounding remainder as a 2nd term restores ~16
+                ds_lo = (ds - ds_hi.to(tl.float32)).to(Q.dtype.element_ty)
+                acc += tl.dot(ds_lo.to(k.dtype), k, input_precision=PRECISION)
+        acc = acc * (tl.load(SCALE) / DS_SCALE)
+        tl.store(DQ + rows[:, None] * stride_dq + dims[None, :], acc.to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
+    def _bwd_cols(Q, K, RL, CL, LSE, COEF, INVP, SCALE, DK, R, C, D, row_offset, stride_q, stride_k, stride_dk,
+                  scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr, DS_SCALE: tl.constexpr, DS_SPLIT: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+        # dK_j = sum_i dS_ij Q_i: one program owns BLOCK_N columns and streams the row tiles (no atomics needed).
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        col_ok = cols < C
+        dim_ok = dims < D
+        k = tl.load(K + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
+            k = k.to(tl.float32)
+        cl = tl.load(CL + cols, mask=col_ok, other=0)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start in range(0, R, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < R
+            q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+            if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
+                q = q.to(tl.float32)
+            rl = tl.load(RL + rows, mask=row_ok, other=0)
+            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            coef = tl.load(COEF + rows, mask=row_ok, other=0.0) * DS_SCALE
+            invp = tl.load(INVP + rows, mask=row_ok, other=0.0)
+            kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+            keep = (invp > 0)[None, :] & col_ok[:, None] & (cols[:, None] != (rows + row_offset)[None, :])
+            p = tl.where(keep, tl.exp2(kq * scale2 - lse2[None, :]), 0.0)
+            pos = keep & (cl[:, None] == rl[None, :])
+            ds = coef[None, :] * (p - tl.where(pos, invp[None, :], 0.0))
+            ds_hi = ds.to(Q.dtype.element_ty)
+            acc += tl.dot(ds_hi.to(q.dtype), q, input_precision=PRECISION)
+            if DS_SPLIT:  # bf16 keeps 8 bits of dS; its rounding remainder as a 2nd term restores ~16
+                ds_lo = (ds - ds_hi.to(tl.float32)).to(Q.dtype.element_ty)
+                acc += tl.dot(ds_lo.to(q.dtype), q, input_precision=PRECISION)
+        acc = acc * (tl.load(SCALE) / DS_SCALE)
+        tl.store(DK + cols[:, None] * stride_dk + dims[None, :], acc.to(DK.dtype.element_ty),
+                 mask=col_ok[:, None] & dim_ok[None, :])
+
+    if interpret:
+        fixed = {"BLOCK_M": INTERPRET_BLOCK_MN, "BLOCK_N": INTERPRET_BLOCK_MN, "DOT_F32": True}
+        return SimpleNamespace(fwd=_fwd, bwd_rows=_bwd_rows, bwd_cols=_bwd_cols, fixed=fixed)
+    # R and C are in the key: the best tile depends on how many programs fill the GPU (training shapes are fixed).
+    key = ["R", "C", "D"]
+    tune = functools.partial(triton.autotune, key=key)
+    return SimpleNamespace(fwd=tune(configs=_gpu_configs(triton, block_d, False))(_fwd),
+                           bwd_rows=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_rows),
+                           bwd_cols=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_cols),
+                           fixed={"DOT_F32": False})
+
+
+def _block_d(dim: int) -> int:
+    import triton
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting, so fused and reference see the same rounding policy
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def forward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperature: float):
+    """Per-row (loss, lse, positive count), each (R,) fp32; inputs contiguous on one device, same dtype."""
+    import triton
+    rows, dim = z_rows.shape
+    cols = z_cols.shape[0]
+    k = build_kernels(interpreting(), _block_d(dim))
+    lse = torch.empty(rows, device=z_rows.device, dtype=torch.float32)
+    cnt = torch.empty_like(lse)
+    loss = torch.empty_like(lse)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+    k.fwd[grid](z_rows, z_cols, row_labels, col_labels, lse, cnt, loss, rows, cols, dim, row_offset,
+                z_rows.stride(0), z_cols.stride(0), 1.4426950408889634 / temperature, 1.0 / temperature,
+                BLOCK_D=_block_d(dim), PRECISION=_precision(z_rows.dtype), **k.fixed)
+    return loss, lse, cnt
+
+
+def backward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperature: float, lse, coef, inv_pos,
+             coef_scale, need_rows: bool, need_cols: bool, split_bf16: bool = True):
+    """(dz_rows, dz_cols) in the input dtype (None where not needed).
+
+    ``coef`` (R,) is each row's upstream gradient / temperature divided by ``coef_scale`` (a 1-element fp32 tensor,
+    the largest |coef|), so dS stays O(1) before it is rounded to 16 bits for the tensor-core matmul.
+    """
+    import triton
+    rows, dim = z_rows.shape
+    cols = z_cols.shape[0]
+    k = build_kernels(interpreting(), _block_d(dim))
+    common = dict(BLOCK_D=_block_d(dim), PRECISION=_precision(z_rows.dtype),
+                  # fp16 has 5 exponent bits: softmax terms ~1/C would fall into subnormals without a lift
+                  DS_SCALE=256.0 if z_rows.dtype == torch.float16 else 1.0,
+                  # dS in bf16 alone costs ~4x the reference's gradient error (cancellation between softmax and
+                  # positive terms); a second bf16 matmul on the remainder costs ~1/3 more backward time
+                  DS_SPLIT=split_bf16 and z_rows.dtype == torch.bfloat16, **k.fixed)
+    scale2 = 1.4426950408889634 / temperature
+    dz_rows = dz_cols = None
+    if need_rows:
+        dz_rows = torch.empty_like(z_rows)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
+        k.bwd_rows[grid](z_rows, z_cols, row_labels, col_labels, lse, coef, inv_pos, coef_scale, dz_rows, rows, cols,
+                         dim, row_offset, z_rows.stride(0), z_cols.stride(0), dz_rows.stride(0), scale2, **common)
+    if need_cols:
+        dz_cols = torch.empty_like(z_cols)
+        grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
+        k.bwd_cols[grid](z_rows, z_cols, row_labels, col_labels, lse, coef, inv_pos, coef_scale, dz_cols, rows, cols,
+                         dim, row_offset, z_rows.stride(0), z_cols.stride(0), dz_cols.stride(0), scale2, **common)
+    return dz_rows, dz_cols
