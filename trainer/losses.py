@@ -55,3 +55,80 @@ def nt_xent_simclr(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> to
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
     labels = simclr_labels(z1.shape[0], z.device)
     return nt_xent_reference(z, z, labels, labels, 0, temperature, reduction="mean")
+
+
+_FUSED_FALLBACK_WARNED = False
+
+
+def nt_xent(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, impl="reference", reduction="sum"):
+    """Dispatch to the reference or the fused Triton kernel (``trainer.fused_ntxent``); same contract as the reference.
+
+    When the fused module is not installed the reference runs, with one message saying so.
+    """
+    if impl == "reference":
+        return nt_xent_reference(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
+    try:
+        from trainer.fused_ntxent import nt_xent as fused
+    except ImportError as e:
+        global _FUSED_FALLBACK_WARNED
+        if not _FUSED_FALLBACK_WARNED:
+            print(f"loss.impl={impl}: trainer.fused_ntxent unavailable ({e}); using the reference loss", flush=True)
+            _FUSED_FALLBACK_WARNED = True
+        return nt_xent_reference(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
+    return fused(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, impl=impl, reduction=reduction)
+
+
+def contrastive_loss(
+    z1: torch.Tensor,          # (N, D) projections of view 1 on this rank (not normalised)
+    z2: torch.Tensor,          # (N, D) projections of view 2
+    pids: torch.Tensor | None,  # (N,) int64 patient indices; needed for positives="patient"
+    temperature: float,
+    positives: str = "sample",
+    impl: str = "reference",
+    gather: bool = True,
+) -> torch.Tensor:
+    """Global NT-Xent over every rank's batch, returned as this rank's share times world_size.
+
+    Rows are [view1; view2] of this rank; columns are those of all ranks (gathered with gradient). The sum over rows
+    is divided by the global count of rows with a positive, then multiplied by world_size, because DDP averages
+    gradients over ranks: averaging these per-rank values gives the global mean loss and its exact gradient.
+    """
+    from trainer.distributed import gather_no_grad, gather_with_grad, world
+
+    rank, world_size = world() if gather else (0, 1)
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+    if positives == "sample":
+        ids = torch.arange(n, device=z.device) + rank * n  # globally unique per sample
+    elif positives == "patient":
+        if pids is None:
+            raise ValueError("positives='patient' needs the batch's patient ids")
+        ids = pids.to(z.device, torch.int64)
+    else:
+        raise ValueError(f"unknown positives {positives!r}")
+    row_labels = torch.cat([ids, ids])  # (2N,)
+    if world_size > 1:
+        # Gather in [rank0 rows; rank1 rows; ...] order so this rank's rows start at rank * 2N.
+        z_cols = gather_with_grad(z)  # (W*2N, D)
+        col_labels = gather_no_grad(row_labels)  # (W*2N,)
+    else:
+        z_cols, col_labels = z, row_labels
+    row_offset = rank * 2 * n
+    loss_sum = nt_xent(z, z_cols, row_labels, col_labels, row_offset, temperature, impl=impl, reduction="sum")
+    # Every row has a positive (its other view shares its label), so the global row count is W * 2N.
+    global_rows = 2 * n * world_size
+    return loss_sum * world_size / global_rows
+
+
+def moco_infonce(
+    q: torch.Tensor,       # (N, D) normalised queries (gradient flows)
+    k: torch.Tensor,       # (N, D) normalised keys from the momentum encoder (no gradient)
+    queue: torch.Tensor,   # (K, D) normalised negative keys
+    temperature: float,
+) -> torch.Tensor:
+    """MoCo InfoNCE: cross-entropy with the positive key at index 0 among [k_i, queue]; mean over this rank's rows."""
+    q = q.float()
+    pos = (q * k.float()).sum(1, keepdim=True)  # (N, 1)
+    neg = q @ queue.float().T  # (N, K)
+    logits = torch.cat([pos, neg], dim=1) / temperature  # (N, 1 + K)
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))

@@ -1,0 +1,259 @@
+"""Typed run configuration: dataclass sections data/model/loss/optim/run, a TOML file plus `section.key=value` overrides.
+
+Unknown keys and values of the wrong type are rejected with a one-line `ConfigError` before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line naming the source."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                 # shard folder (ingest output); ignored when source = "synthetic"
+    source: str = "shards"           # "shards" (DALI) | "synthetic" (random tensors: tests, model-only benchmarks)
+    split: str = "train"
+    batch_size: int = 256            # GLOBAL images per optimiser step (summed over ranks)
+    image_size: int = 224
+    augment: str = "simclr-cxr"      # dali_pipes.AugmentConfig preset name
+    frontal_only: bool = True
+    device: str = "auto"             # "auto" (gpu when the run is on cuda) | "cpu" | "gpu"
+    num_threads: int = 2
+    prefetch: int = 2
+    shuffle_buffer: int = 0          # 0: the loader's default
+    synthetic_batches: int = 64      # batches per "epoch" of the synthetic source
+    synthetic_patients: int = 0      # >0: synthetic pids drawn from this many patients (multi-positive tests)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"           # resnet18/34/50/101/152, wide_resnet50_2
+    in_channels: int = 1             # 1 (CXR stem) or 3
+    init: str = "random"             # "random" | "imagenet" (offline torch hub cache) | path to encoder.pt / step-*.pt
+    head_layers: int = 2             # projection head depth: 2 or 3 linear layers
+    head_hidden_dim: int = 0         # 0: the backbone's feature dim
+    proj_dim: int = 128
+    head_bn: bool = True             # BatchNorm in the hidden head layers (SimCLR v2); MoCo v2 uses none
+    sync_bn: bool = False            # convert BatchNorm to SyncBatchNorm across ranks (GPU, world > 1)
+    channels_last: bool = True
+    compile: str = "auto"            # "auto" (on for cuda, off for cpu) | "on" | "off"
+    compile_mode: str = "default"    # torch.compile mode: default | reduce-overhead | max-autotune
+
+
+@dataclass
+class LossConfig:
+    method: str = "simclr"           # "simclr" | "moco" | "micle" (SimCLR loss on two images of one patient)
+    temperature: float = 0.1
+    positives: str = "sample"        # "sample": the two views; "patient": every same-patient view in the global batch
+    impl: str = "reference"          # "reference" | "fused" (Triton, trainer.fused_ntxent) | "auto"
+    gather: bool = True              # negatives from every rank (with gradient)
+    moco_queue: int = 65536
+    moco_momentum: float = 0.999
+    moco_shuffle_bn: bool = True     # MoCo shuffle-BN across ranks for the key encoder (no-op on one rank)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"               # "lars" | "sgd" | "adamw"
+    base_lr: float = 0.3             # lr at batch 256 (see lr_scaling)
+    lr_scaling: str = "linear"       # "linear": lr = base_lr * batch / 256 | "sqrt": base_lr * sqrt(batch) | "none"
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    trust_coefficient: float = 0.001  # LARS eta
+    epochs: float = 100.0
+    total_steps: int = 0             # >0 overrides epochs * steps_per_epoch (schedule length)
+    warmup_epochs: float = 10.0
+    warmup_steps: int = -1           # >=0 overrides warmup_epochs
+    min_lr_ratio: float = 0.0        # cosine floor as a fraction of the peak lr
+    micro_batch: int = 0             # >0: GradCache, per-rank micro-batch of samples (every negative kept)
+    grad_clip_norm: float = 0.0      # 0: off
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/default"        # run folder
+    seed: int = 0
+    device: str = "auto"             # "auto" | "cpu" | "cuda"
+    precision: str = "auto"          # "auto" (bf16 on cuda, fp32 on cpu) | "bf16" | "fp16" (GradScaler) | "fp32"
+    deterministic: bool = False      # deterministic algorithms (exact resume on CPU)
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    resume: str = "auto"             # "auto" (latest in RUN/ckpt) | "none" | path to a step-*.pt
+    max_steps: int = 0               # >0: stop (with a checkpoint) after this step, schedule unchanged
+    signal_check_every: int = 10     # steps between cross-rank agreement on a received SIGTERM/SIGUSR1
+    tensorboard: bool = True
+    progress: bool = True
+    overwrite: bool = False          # allow a fresh run in a folder holding a finished run
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    ("data", "source"): {"shards", "synthetic"},
+    ("data", "device"): {"auto", "cpu", "gpu"},
+    ("model", "arch"): {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"},
+    ("model", "in_channels"): {1, 3},
+    ("model", "head_layers"): {2, 3},
+    ("model", "compile"): {"auto", "on", "off"},
+    ("model", "compile_mode"): {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
+    ("loss", "method"): {"simclr", "moco", "micle"},
+    ("loss", "positives"): {"sample", "patient"},
+    ("loss", "impl"): {"reference", "fused", "auto"},
+    ("optim", "name"): {"lars", "sgd", "adamw"},
+    ("optim", "lr_scaling"): {"linear", "sqrt", "none"},
+    ("run", "device"): {"auto", "cpu", "cuda"},
+    ("run", "precision"): {"auto", "bf16", "fp16", "fp32"},
+}
+
+
+def _field_types(section_cls) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _convert(value, typ, where: str):
+    """Check (TOML value) or convert (override string) ``value`` to ``typ``; bools and ints are not floats' peers."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        text = value.strip()
+        try:
+            if origin is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes", "on")
+            if origin is int:
+                return int(text)
+            if origin is float:
+                return float(text)
+            if origin is list:
+                value = tomllib.loads(f"v = {text}")["v"]
+        except (ValueError, tomllib.TOMLDecodeError):
+            raise ConfigError(f"{where}: cannot read {value!r} as {origin.__name__}") from None
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is bool and not isinstance(value, bool) or origin is not bool and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
+    if not isinstance(value, origin):
+        raise ConfigError(f"{where}: expected {origin.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(cfg: Config, section: str, key: str, value, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section [{section}] (sections: {', '.join(sections)})")
+    sec = getattr(cfg, section)
+    types_ = _field_types(type(sec))
+    if key not in types_:
+        raise ConfigError(f"{source}: unknown key {section}.{key} (keys: {', '.join(types_)})")
+    where = f"{source}: {section}.{key}"
+    value = _convert(value, types_[key], where)
+    allowed = CHOICES.get((section, key))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{where} = {value!r} is not one of {sorted(allowed, key=str)}")
+    setattr(sec, key, value)
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults < TOML file < ``section.key=value`` overrides (in order); then cross-field checks."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+            for key, value in table.items():
+                _set(cfg, section, key, value, str(path))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        _set(cfg, section, key, value, f"override {item!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules that a single key's type cannot express."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
+    need(cfg.data.image_size >= 16, "data.image_size must be >= 16")
+    need(cfg.data.source == "synthetic" or bool(cfg.data.shards), "data.shards is required when data.source = 'shards'")
+    need(cfg.loss.temperature > 0, "loss.temperature must be > 0")
+    need(0.0 <= cfg.loss.moco_momentum < 1.0, "loss.moco_momentum must be in [0, 1)")
+    need(cfg.optim.base_lr > 0, "optim.base_lr must be > 0")
+    need(cfg.optim.epochs > 0 or cfg.optim.total_steps > 0, "optim.epochs or optim.total_steps must be > 0")
+    need(cfg.optim.micro_batch >= 0, "optim.micro_batch must be >= 0")
+    need(not (cfg.optim.micro_batch and cfg.loss.method == "moco"),
+         "optim.micro_batch (GradCache) applies to SimCLR/MICLe; MoCo's queue already decouples negatives from batch")
+    need(len(cfg.optim.betas) == 2, "optim.betas must be two numbers")
+    need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
+         "run.log_every, run.ckpt_every and run.keep_last must be > 0")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float):
+        return repr(v) if v == v and abs(v) != float("inf") else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (round-trips through load_config)."""
+    lines = []
+    for sec in dataclasses.fields(cfg):
+        lines.append(f"[{sec.name}]")
+        for k, v in dataclasses.asdict(getattr(cfg, sec.name)).items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def split_argv(argv: typing.Sequence[str]) -> tuple[str | None, list[str]]:
+    """``CONFIG.toml key=value ...`` -> (config path or None, overrides)."""
+    path, overrides = None, []
+    for a in argv:
+        if "=" in a:
+            overrides.append(a)
+        elif path is None:
+            path = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: give one CONFIG.toml and section.key=value overrides")
+    return path, overrides
+
+

@@ -1,0 +1,129 @@
+"""Run visibility: one console line and one `metrics.jsonl` row per log step, TensorBoard scalars, GPU stats (pynvml).
+
+Device values are read (`.item()`) only at log steps; between them the loop only accumulates host-side timings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+class GpuStats:
+    """Utilisation %, memory used (MiB) and power (W) of one GPU through pynvml; empty when unavailable."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:
+            self.handle = None
+
+    def read(self) -> dict:
+        if self.handle is None:
+            return {}
+        try:
+            n = self._nvml
+            return {"gpu_util_pct": float(n.nvmlDeviceGetUtilizationRates(self.handle).gpu),
+                    "gpu_mem_used_mib": n.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20,
+                    "gpu_power_w": n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0}
+        except Exception:
+            return {}
+
+
+class StepTimer:
+    """Host-side wall time and time blocked waiting for the next batch, accumulated between log steps."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.data_wait_s = 0.0
+        self.steps = 0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_wait_s += seconds
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def summary(self) -> dict:
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        steps = max(self.steps, 1)
+        return {"wall_s": wall, "step_ms": 1000.0 * wall / steps, "data_wait_pct": 100.0 * self.data_wait_s / wall}
+
+
+class MetricsLogger:
+    """Writes RUN/metrics.jsonl (append; rows past a resume point are dropped), TensorBoard, and the console."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None, device: torch.device = torch.device("cpu")):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        self.gpu = GpuStats(device) if enabled else None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+            except Exception as e:  # tensorboard is optional
+                print(f"tensorboard logging off ({type(e).__name__}: {e})", flush=True)
+
+    def _truncate_after(self, step: int) -> None:
+        """A run killed after logging step s > checkpoint step resumes at the checkpoint: drop the stale rows."""
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a kill
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, row: dict) -> str:
+        if self.gpu is not None:
+            row.update(self.gpu.read())
+        line = format_line(row)
+        if not self.enabled:
+            return line
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        return line
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def format_line(row: dict) -> str:
+    parts = [f"step {row['step']:>7d}"]
+    for key, fmt in (("epoch", "{:.2f}"), ("loss", "{:.4f}"), ("lr", "{:.3e}"), ("images_per_s", "{:,.0f} img/s"),
+                     ("views_per_s", "{:,.0f} views/s"), ("step_ms", "{:.1f} ms"), ("data_wait_pct", "wait {:.1f}%"),
+                     ("peak_mem_gib", "{:.2f} GiB"), ("gpu_util_pct", "gpu {:.0f}%"), ("gpu_power_w", "{:.0f} W")):
+        if key in row and row[key] is not None:
+            label = "" if key in ("images_per_s", "views_per_s", "step_ms", "data_wait_pct", "peak_mem_gib",
+                                  "gpu_util_pct", "gpu_power_w") else f"{key} "
+            parts.append(label + fmt.format(row[key]))
+    return " | ".join(parts)
