@@ -117,3 +117,16 @@ def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
         f = line.split()
         out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
     return out
+
+
+_TAR_RECORD_BYTES = 20 * _TAR_BLOCK_BYTES  # tarfile pads the archive to whole 10240-byte records
+
+
+def tar_member_bytes(payload_bytes: int) -> int:
+    """Bytes one member takes in a ustar archive: a header block plus the payload padded to blocks."""
+    return _TAR_BLOCK_BYTES + -(-payload_bytes // _TAR_BLOCK_BYTES) * _TAR_BLOCK_BYTES
+
+
+def tar_archive_bytes(members_bytes: int) -> int:
+    """Size of the finished tar given the sum of ``tar_member_bytes`` (end-of-archive blocks and record padding)."""
+    return -(-(members_bytes + 2 * _TAR_BLOCK_BYTES) // _TAR_RECORD_BYTES) * _TAR_RECORD_BYTES

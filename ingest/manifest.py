@@ -1,0 +1,85 @@
+"""Final outputs of a build: `manifest.json` (last, atomically), `patients.json`, `rejects.tsv`, `filtered.tsv`,
+and the summary table printed at the end."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+from pathlib import Path
+
+from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, SPLITS
+from ingest.state import write_json_atomic
+
+PATIENTS_NAME = "patients.json"
+FILTERED_NAME = "filtered.tsv"
+
+
+def tool_versions() -> dict:
+    from PIL import features
+    out = {"python": platform.python_version(), "libjpeg_turbo": features.version("libjpeg_turbo")}
+    for dist in ("Pillow", "numpy", "pandas", "pydicom"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _tsv_cell(text: str) -> str:
+    return str(text).replace("\t", " ").replace("\n", " ").replace("\r", " ")
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("source_path\treason\n")
+        for p, reason in rows:
+            f.write(f"{_tsv_cell(p)}\t{_tsv_cell(reason)}\n")
+    tmp.replace(path)
+
+
+def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], splits: dict, rejects: list[tuple[str, str]],
+                  filtered: list[tuple[str, str]], num_inputs: int, options: dict, extra: dict) -> dict:
+    """Write patients.json, rejects.tsv, filtered.tsv, then manifest.json; returns the manifest dict."""
+    written = sum(s["num_samples"] for s in splits.values())
+    if num_inputs != written + len(rejects) + len(filtered):
+        raise AssertionError(f"inputs {num_inputs} != written {written} + rejected {len(rejects)} + filtered {len(filtered)}")
+    write_json_atomic(out / PATIENTS_NAME, patients)
+    write_tsv(out / REJECTS_NAME, rejects)
+    write_tsv(out / FILTERED_NAME, filtered)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "datasets": [dataset],
+        "label_names": list(label_names),
+        "num_patients": len(patients),
+        "patient_table": PATIENTS_NAME,
+        "splits": {s: splits[s] for s in SPLITS},
+        "counts": {"inputs": num_inputs, "written": written, "rejected": len(rejects), "filtered": len(filtered)},
+        "rejects": [{"source_path": p, "reason": r} for p, r in rejects],
+        "filtered_list": FILTERED_NAME,
+        "options": options,
+        "tool_versions": tool_versions(),
+        **extra,
+    }
+    write_json_atomic(out / MANIFEST_NAME, manifest, indent=1)
+    return manifest
+
+
+def summary_table(manifest: dict, file=sys.stdout) -> None:
+    rows = [("split", "samples", "patients", "shards", "MiB")]
+    for s in SPLITS:
+        sp = manifest["splits"][s]
+        rows.append((s, f"{sp['num_samples']:,}", f"{sp['num_patients']:,}", str(len(sp["shards"])),
+                     f"{sum(x['num_bytes'] for x in sp['shards']) / 2**20:,.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))), file=file)
+    c = manifest["counts"]
+    print(f"inputs {c['inputs']:,} = written {c['written']:,} + rejected {c['rejected']:,}"
+          f" + filtered by --views {c['filtered']:,}", file=file)
+    reasons: dict[str, int] = {}
+    for r in manifest["rejects"]:
+        reason = r["reason"].split(" (")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:10]:
+        print(f"  rejected {n:,}: {reason}", file=file)

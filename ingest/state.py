@@ -1,0 +1,92 @@
+"""Resume state: one small JSON per finished segment of a split's plan (a shard plus the rejects met while
+filling it), written after the shard's rename. A segment file is the only proof that a shard is finished."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ingest.schema import INDEX_SUFFIX, SPLITS
+from ingest.shards import sha256_file
+
+STATE_DIR = ".ingest-state"
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class Segment:
+    split: str
+    seq: int                    # segment number inside the split
+    plan_start: int             # [plan_start, plan_end) of the split's planned records
+    plan_end: int
+    shard: dict | None          # {name, num_samples, sha256, num_bytes} or None (only rejects)
+    rejects: list[list[str]] = field(default_factory=list)   # [key, source_path, reason]
+
+
+def write_json_atomic(path: Path, data, *, indent: int | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=indent, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def segment_path(out: Path, split: str, seq: int) -> Path:
+    return out / STATE_DIR / f"{split}-{seq:06d}.json"
+
+
+def save_segment(out: Path, seg: Segment) -> None:
+    write_json_atomic(segment_path(out, seg.split, seg.seq), asdict(seg))
+
+
+def read_plan_fingerprint(out: Path) -> str | None:
+    p = out / STATE_DIR / PLAN_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def save_plan_fingerprint(out: Path, fingerprint: str) -> None:
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / STATE_DIR / PLAN_FILE, {"fingerprint": fingerprint})
+
+
+def _segment_ok(out: Path, seg: Segment, expected_start: int, plan_len: int) -> bool:
+    if seg.plan_start != expected_start or not (seg.plan_start <= seg.plan_end <= plan_len):
+        return False
+    if seg.shard is None:
+        return True
+    tar = out / seg.split / seg.shard["name"]
+    idx = tar.with_suffix(INDEX_SUFFIX)
+    return (tar.is_file() and idx.is_file() and tar.stat().st_size == seg.shard["num_bytes"]
+            and sha256_file(tar) == seg.shard["sha256"])
+
+
+def load_segments(out: Path, plan_lengths: dict[str, int]) -> dict[str, list[Segment]]:
+    """The finished, verified segments per split, in order. The first bad or missing one ends a split's list;
+    its files and later segments are removed so the run redoes them."""
+    done: dict[str, list[Segment]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        seq, start = 0, 0
+        while True:
+            p = segment_path(out, split, seq)
+            if not p.is_file():
+                break
+            try:
+                seg = Segment(**json.loads(p.read_text()))
+            except (OSError, ValueError, TypeError):
+                seg = None
+            if seg is None or not _segment_ok(out, seg, start, plan_lengths[split]):
+                for later in sorted((out / STATE_DIR).glob(f"{split}-*.json")):
+                    if int(later.stem.rsplit("-", 1)[1]) >= seq:
+                        later.unlink()
+                break
+            done[split].append(seg)
+            start, seq = seg.plan_end, seq + 1
+    return done
