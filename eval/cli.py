@@ -1,0 +1,364 @@
+"""Argument parsing and orchestration for `python -m eval {linear,fewshot,fractions,finetune,compare,report}`.
+
+Results land in one eval folder: OUT/<protocol>/<encoder>.json (+ .npz test predictions), OUT/compare/,
+and `report` writes OUT/report.md, OUT/report.json and the PNG figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from eval.features import EncoderError, EncoderSpec, Transform, default_device, encoder_hash, encoder_spec, extract_features
+from eval.labels import UNCERTAINTY_POLICIES, TaskError, resolve_tasks
+from eval.sampling import DEFAULT_FRACTIONS
+from ingest.schema import ShardFormatError, load_manifest
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line, exit status 2."""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
+    p.add_argument("--out", required=True, type=Path, help="eval folder (results, predictions, feature cache, report)")
+    p.add_argument("--overwrite", action="store_true", help="replace finished output in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="patient bootstrap replicates (default 1000)")
+    if not needs_encoders:
+        return
+    p.add_argument("--shards", required=True, type=Path, help="shard folder written by `ingest build-shards`")
+    p.add_argument("--encoder", action="append", default=[], metavar="PATH", help="a run's encoder.pt (or run folder); repeatable")
+    p.add_argument("--init", action="append", default=[], choices=("random", "imagenet"),
+                   help="baseline encoder: seeded random init (Scratch) or ImageNet weights from the local torch hub cache; repeatable")
+    p.add_argument("--arch", default=None, help="backbone for --init (default resnet50); checked against --encoder files")
+    p.add_argument("--in-channels", type=int, choices=(1, 3), default=None,
+                   help="input channels for --init (default: 1 for random, 3 for imagenet); checked against --encoder")
+    p.add_argument("--tasks", default="all", help="'all' (every label of the shards), 'chexpert5', or comma-separated label names")
+    p.add_argument("--uncertainty", choices=UNCERTAINTY_POLICIES, default="u-ignore", help="policy for -1 labels (default u-ignore)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="DALI pipeline + model device (default: gpu if CUDA is available)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--resize-size", type=int, default=None, help="shorter side before the centre crop (default image-size * 8/7)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-threads", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default OUT/cache)")
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grid", default="none", help="'none', 'azizi' (7 lr x 4 weight decay) or 'LR,LR,...:WD,WD,...'")
+    p.add_argument("--crop-scale-min", type=float, default=0.6)
+    p.add_argument("--hflip-prob", type=float, default=0.5)
+    p.add_argument("--max-images-in-memory", type=int, default=20000)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m eval {command}")
+    if command == "linear":
+        p.description = "Logistic-regression probe per task on frozen features (C chosen on val), AUROC/AUPRC with patient-bootstrap CIs."
+        _common(p)
+        p.add_argument("--c-grid", type=_floats, default=None, help="inverse regularisation grid (default 1e-4..1e2, 7 values)")
+    elif command == "fewshot":
+        p.description = "k positives + k negatives per task, a probe per seed, balanced test set; mean and spread over seeds."
+        _common(p)
+        p.add_argument("--k", type=int, default=10)
+        p.add_argument("--seeds", type=int, default=20, help="repetitions (>= 20 recommended)")
+        p.add_argument("--C", type=float, default=1.0, dest="c", help="probe inverse regularisation (fixed: no validation labels)")
+    elif command == "fractions":
+        p.description = "Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or end-to-end."
+        _common(p)
+        p.add_argument("--fractions", type=_floats, default=DEFAULT_FRACTIONS)
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--mode", choices=("linear", "finetune", "both"), default="linear")
+        p.add_argument("--c-grid", type=_floats, default=None)
+        _finetune_args(p)
+    elif command == "finetune":
+        p.description = "End-to-end fine-tuning (SGD momentum 0.9, augmentation, optional lr x wd grid), best epoch on val."
+        _common(p)
+        _finetune_args(p)
+    elif command == "compare":
+        p.description = "Paired patient bootstrap of AUROC(a) - AUROC(b) on the same test samples (from stored predictions)."
+        _common(p, needs_encoders=False)
+        p.add_argument("--a", required=True, help="encoder name (a result in OUT/<protocol>/)")
+        p.add_argument("--b", required=True, help="encoder name to compare against")
+        p.add_argument("--protocol", choices=("linear", "finetune"), default="linear")
+    elif command == "report":
+        p.description = "Markdown table, label-fraction curve and ROC curves (PNG), and all numbers as JSON in OUT."
+        _common(p, needs_encoders=False)
+    else:
+        raise UsageError(f"unknown subcommand '{command}'")
+    return p
+
+
+def _encoders(args) -> list[EncoderSpec]:
+    specs = [encoder_spec(e, arch=args.arch, in_channels=args.in_channels, seed=args.seed) for e in args.encoder]
+    specs += [encoder_spec(init=i, arch=args.arch or "resnet50", in_channels=args.in_channels, seed=args.seed) for i in args.init]
+    if not specs:
+        raise UsageError("no encoder: give --encoder PATH and/or --init random|imagenet")
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"two encoders share the name '{sorted(dup)[0]}' (run folders with the same name); evaluate them into separate --out folders")
+    return specs
+
+
+def _guard(paths: list[Path], overwrite: bool) -> None:
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path}: finished output exists; pass --overwrite to replace it")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, (Path,)):
+        return str(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _save_predictions(path: Path, preds: dict, tasks: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, targets=preds["targets"], scores=preds["scores"], pids=preds["pids"], tasks=np.array(tasks))
+    tmp.replace(path)
+
+
+def _context(args, spec: EncoderSpec, tasks: list[str]) -> dict:
+    return {"encoder": {"name": spec.name, "category": spec.category, "kind": spec.kind, "arch": spec.arch,
+                        "in_channels": spec.in_channels, "path": str(spec.path) if spec.path else None,
+                        "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec)},
+            "shards": str(args.shards.resolve()), "task_names": tasks, "device": args.device,
+            "transform": _transform(args).as_dict(), "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _transform(args) -> Transform:
+    resize = args.resize_size or int(round(args.image_size * 8 / 7))
+    return Transform(args.image_size, resize)
+
+
+def _features(args, spec: EncoderSpec, split: str):
+    return extract_features(spec, args.shards, split, device=args.device, transform=_transform(args),
+                            batch_size=args.batch_size, cache_dir=args.cache, num_threads=args.num_threads, log=_log)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _prepare(args) -> tuple[list[EncoderSpec], list[str]]:
+    manifest = load_manifest(args.shards)
+    tasks = resolve_tasks(args.tasks, manifest.label_names, source=str(args.shards))
+    for split in ("train", "val", "test"):
+        if split not in manifest.splits():
+            raise UsageError(f"{args.shards}: split '{split}' is empty or missing; the protocols need train, val and test")
+    args.device = default_device(args.device or _auto_device())
+    args.cache = args.cache or args.out / "cache"
+    return _encoders(args), tasks
+
+
+def _auto_device() -> str:
+    import torch
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def run_linear(args) -> None:
+    from eval.probes import DEFAULT_C_GRID
+    from eval.protocols import linear_protocol
+    specs, tasks = _prepare(args)
+    _guard([args.out / "linear" / f"{s.name}.json" for s in specs], args.overwrite)
+    for spec in specs:
+        train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
+        result, preds = linear_protocol(train, val, test, tasks, policy=args.uncertainty, c_grid=args.c_grid or DEFAULT_C_GRID,
+                                        num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards))
+        result.update(_context(args, spec, tasks))
+        (args.out / "linear").mkdir(parents=True, exist_ok=True)
+        _save_predictions(args.out / "linear" / f"{spec.name}.npz", preds, tasks)
+        _write_json(args.out / "linear" / f"{spec.name}.json", result)
+        _log(f"linear {spec.name}: mean AUROC {_fmt(result['mean_auroc'])} 95% CI {_fmt_ci(result['mean_auroc_ci'])}")
+
+
+def run_fewshot(args) -> None:
+    from eval.protocols import fewshot_protocol
+    specs, tasks = _prepare(args)
+    _guard([args.out / "fewshot" / f"{s.name}-k{args.k}.json" for s in specs], args.overwrite)
+    for spec in specs:
+        train, test = _features(args, spec, "train"), _features(args, spec, "test")
+        result = fewshot_protocol(train, test, tasks, k=args.k, num_seeds=args.seeds, policy=args.uncertainty, c=args.c,
+                                  seed=args.seed, source=str(args.shards))
+        result.update(_context(args, spec, tasks))
+        _write_json(args.out / "fewshot" / f"{spec.name}-k{args.k}.json", result)
+        m = result["mean_auroc"]
+        _log(f"fewshot k={args.k} {spec.name}: mean AUROC {_fmt(m and m['auroc'])} +- {_fmt(m and m['auroc_std'])} over {args.seeds} seeds")
+
+
+def _finetune_cfg(args):
+    from eval.finetune import FinetuneConfig
+    return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          crop_scale_min=args.crop_scale_min, hflip_prob=args.hflip_prob,
+                          max_images_in_memory=args.max_images_in_memory, seed=args.seed)
+
+
+def _grid(text: str):
+    from eval.finetune import AZIZI_GRID
+    if text == "none":
+        return None
+    if text == "azizi":
+        return AZIZI_GRID
+    try:
+        lrs, wds = text.split(":")
+        return _floats(lrs), _floats(wds)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise UsageError(f"--grid '{text}': expected none, azizi or 'LR,LR,...:WD,WD,...'") from None
+
+
+def run_finetune(args) -> None:
+    from eval.bootstrap import bootstrap_ci
+    from eval.finetune import finetune
+    from eval.protocols import merge_ci
+    specs, tasks = _prepare(args)
+    grid = _grid(args.grid)
+    _guard([args.out / "finetune" / f"{s.name}.json" for s in specs], args.overwrite)
+    label_names = load_manifest(args.shards).label_names
+    for spec in specs:
+        result, preds = finetune(spec, args.shards, tasks, label_names, _finetune_cfg(args), grid=grid, policy=args.uncertainty,
+                                 device=args.device, transform=_transform(args), num_threads=args.num_threads, log=_log)
+        result = merge_ci(result, bootstrap_ci(preds["targets"], preds["scores"], preds["pids"], tasks,
+                                               num_replicates=args.bootstrap, seed=args.seed))
+        result.update(_context(args, spec, tasks))
+        (args.out / "finetune").mkdir(parents=True, exist_ok=True)
+        _save_predictions(args.out / "finetune" / f"{spec.name}.npz", preds, tasks)
+        _write_json(args.out / "finetune" / f"{spec.name}.json", result)
+        _log(f"finetune {spec.name}: mean AUROC {_fmt(result['mean_auroc'])} 95% CI {_fmt_ci(result['mean_auroc_ci'])}")
+
+
+def run_fractions(args) -> None:
+    from eval.probes import DEFAULT_C_GRID
+    from eval.protocols import fractions_linear
+    specs, tasks = _prepare(args)
+    modes = ("linear", "finetune") if args.mode == "both" else (args.mode,)
+    _guard([args.out / "fractions" / f"{s.name}-{m}.json" for s in specs for m in modes], args.overwrite)
+    for spec in specs:
+        if "linear" in modes:
+            train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
+            result = fractions_linear(train, val, test, tasks, fractions=args.fractions, num_seeds=args.seeds,
+                                      policy=args.uncertainty, c_grid=args.c_grid or DEFAULT_C_GRID,
+                                      num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards))
+            result.update(_context(args, spec, tasks))
+            _write_json(args.out / "fractions" / f"{spec.name}-linear.json", result)
+            _log(f"fractions linear {spec.name}: " + ", ".join(f"{c['fraction']:g}: {c['mean_auroc']:.3f}" for c in result["curve"]))
+        if "finetune" in modes:
+            result = _fractions_finetune(args, spec, tasks)
+            result.update(_context(args, spec, tasks))
+            _write_json(args.out / "fractions" / f"{spec.name}-finetune.json", result)
+
+
+def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
+    from eval.bootstrap import bootstrap_mean_over_runs
+    from eval.finetune import finetune
+    from eval.sampling import fraction_subsets
+    label_names = load_manifest(args.shards).label_names
+    train_pids = _features_pids(args, spec)
+    runs: dict[float, list] = {f: [] for f in args.fractions}
+    targets = test_pids = None
+    for s in range(args.seeds):
+        subsets = fraction_subsets(train_pids, tuple(args.fractions), args.seed + s)
+        for f in sorted(args.fractions):
+            cfg = _finetune_cfg(args)
+            cfg.seed = args.seed + s
+            result, preds = finetune(spec, args.shards, tasks, label_names, cfg, grid=_grid(args.grid), policy=args.uncertainty,
+                                     device=args.device, transform=_transform(args), train_patients=np.unique(train_pids[subsets[f]]),
+                                     num_threads=args.num_threads, log=_log)
+            targets, test_pids = preds["targets"], preds["pids"]
+            runs[f].append({"scores": preds["scores"], "mean_auroc": result["mean_auroc"], "lr": result["chosen_lr"],
+                            "weight_decay": result["chosen_weight_decay"], "num_images": int(len(subsets[f]))})
+    curve = []
+    for f in sorted(args.fractions):
+        vals = np.array([r["mean_auroc"] if r["mean_auroc"] is not None else np.nan for r in runs[f]])
+        curve.append({"fraction": f, "mean_auroc": float(np.nanmean(vals)), "per_seed": vals.tolist(),
+                      "seed_std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                      "mean_auroc_ci": bootstrap_mean_over_runs(targets, [r["scores"] for r in runs[f]], test_pids,
+                                                                num_replicates=args.bootstrap, seed=args.seed),
+                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]]})
+    return {"protocol": "fractions", "mode": "finetune", "uncertainty": args.uncertainty, "num_seeds": args.seeds, "curve": curve,
+            "notes": [], "ci": "patient bootstrap of the test set, runs averaged inside each replicate"}
+
+
+def _features_pids(args, spec: EncoderSpec) -> np.ndarray:
+    # Patient ids of the training split: the feature pass (cached) is the one place they are read.
+    return _features(args, spec, "train").pids
+
+
+def run_compare(args) -> None:
+    from eval.bootstrap import paired_bootstrap
+    folder = args.out / args.protocol
+    out = args.out / "compare" / f"{args.a}-vs-{args.b}-{args.protocol}.json"
+    _guard([out], args.overwrite)
+    loaded = []
+    for name in (args.a, args.b):
+        path = folder / f"{name}.npz"
+        if not path.is_file():
+            raise UsageError(f"{path}: no stored predictions for '{name}'; run `python -m eval {args.protocol}` for it into {args.out} first")
+        with np.load(path) as z:
+            loaded.append({k: z[k] for k in z.files})
+    a, b = loaded
+    if list(a["tasks"]) != list(b["tasks"]) or a["pids"].shape != b["pids"].shape or not np.array_equal(a["pids"], b["pids"]) \
+            or not np.array_equal(a["targets"], b["targets"], equal_nan=True):
+        raise UsageError(f"{args.a} and {args.b} were not scored on the same test samples and tasks; re-run both on the same shards")
+    tasks = [str(t) for t in a["tasks"]]
+    result = paired_bootstrap(a["targets"], a["scores"], b["scores"], a["pids"], tasks, num_replicates=args.bootstrap, seed=args.seed)
+    result.update(protocol=args.protocol, a=args.a, b=args.b, task_names=tasks)
+    _write_json(out, result)
+    m = result["mean_auroc"]
+    _log(f"compare {args.a} - {args.b} ({args.protocol}): mean AUROC diff {_fmt(m['diff'])} 95% CI {_fmt_ci(m['ci'])} p={_fmt(m['p_value'])}")
+
+
+def run_report(args) -> None:
+    from eval.report import write_report
+    paths = write_report(args.out, overwrite=args.overwrite)
+    _log("report: " + ", ".join(str(p) for p in paths))
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _fmt_ci(ci) -> str:
+    return "n/a" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+RUNNERS = {"linear": run_linear, "fewshot": run_fewshot, "fractions": run_fractions, "finetune": run_finetune,
+           "compare": run_compare, "report": run_report}
+
+
+def main(argv: list[str]) -> int:
+    command, rest = argv[0], argv[1:]
+    if command not in RUNNERS:
+        print(f"eval: unknown subcommand '{command}'", file=sys.stderr)
+        return 2
+    args = build_parser(command).parse_args(rest)
+    try:
+        RUNNERS[command](args)
+    except (UsageError, TaskError, EncoderError, ShardFormatError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"eval {command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0

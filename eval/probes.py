@@ -1,0 +1,85 @@
+"""Linear probes on frozen features: one scikit-learn logistic regression per task on standardised features,
+the inverse regularisation C picked on the validation split by grid search (validation AUROC).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from eval.metrics import auroc
+
+DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 1e2
+
+
+@dataclass
+class ProbeResult:
+    test_scores: np.ndarray                 # (N_test, T) probabilities; NaN columns for untrained tasks
+    chosen_c: dict[str, float | None] = field(default_factory=dict)
+    val_auroc: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    # Scale fitted on the training images only: nothing about val/test leaks into the probe.
+    mean = train.mean(axis=0)
+    std = train.std(axis=0)
+    std[std < 1e-8] = 1.0  # constant features (dead ReLUs) stay 0 instead of dividing by zero
+    return [((x - mean) / std).astype(np.float64) for x in (train, *others)]
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
+    with warnings.catch_warnings():
+        # Strong-C fits on separable tiny sets hit max_iter; the grid then simply prefers another C.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y)
+    return clf
+
+
+def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, task_names: list[str], *,
+                      val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
+                      c_grid: tuple[float, ...] = DEFAULT_C_GRID, fixed_c: float | None = None,
+                      seed: int = 0, max_iter: int = 1000) -> ProbeResult:
+    """Train one probe per task on (``train_x`` (N, D), ``train_y`` (N, T) with NaN masked) and score ``test_x``.
+
+    C: ``fixed_c`` if given, else the grid value with the best validation AUROC (ties: the smaller C, i.e.
+    stronger regularisation); the chosen probe is the one fitted on the training split.
+    """
+    if fixed_c is None and (val_x is None or val_y is None):
+        raise ValueError("choosing C needs a validation split (val_x, val_y) or a fixed_c")
+    has_val = val_x is not None
+    if has_val:
+        tr, te, va = _standardise(train_x, test_x, val_x)
+    else:
+        tr, te = _standardise(train_x, test_x)
+    scores = np.full((test_x.shape[0], len(task_names)), np.nan)
+    result = ProbeResult(scores)
+    for j, name in enumerate(task_names):
+        keep = ~np.isnan(train_y[:, j])
+        y = train_y[keep, j] > 0.5
+        if y.all() or not y.any():
+            result.notes.append(f"{name}: not trained: training labels hold one class ({int(y.sum())} positive of {y.size})")
+            result.chosen_c[name] = None
+            continue
+        if fixed_c is not None:
+            best_c, best_val = fixed_c, None
+            best = _fit(tr[keep], y, fixed_c, seed, max_iter)
+        else:
+            vkeep = ~np.isnan(val_y[:, j])
+            best, best_c, best_val = None, None, -np.inf
+            for c in sorted(c_grid):
+                clf = _fit(tr[keep], y, c, seed, max_iter)
+                v = auroc(val_y[vkeep, j], clf.predict_proba(va[vkeep])[:, 1]) if vkeep.any() else float("nan")
+                if best is None or (np.isfinite(v) and v > best_val):
+                    best, best_c, best_val = clf, c, (v if np.isfinite(v) else -np.inf)
+            if not np.isfinite(best_val):
+                result.notes.append(f"{name}: validation split has one class; C = {best_c} (smallest in grid)")
+                best_val = None
+        scores[:, j] = best.predict_proba(te)[:, 1]
+        result.chosen_c[name] = float(best_c)
+        result.val_auroc[name] = None if best_val is None else float(best_val)
+    return result

@@ -1,0 +1,184 @@
+"""`python -m eval report`: gather every result in an eval folder into report.md (tables like the published
+studies': Scratch / ImageNet / SSL x tasks with 95% CIs), fractions.png, roc-<protocol>.png and report.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
+
+
+def _load(folder: Path) -> list[dict]:
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        doc = json.loads(path.read_text())
+        doc["_file"] = str(path)
+        out.append(doc)
+    return sorted(out, key=lambda d: (CATEGORY_ORDER.get(d.get("encoder", {}).get("category"), 9), d.get("encoder", {}).get("name", "")))
+
+
+def _cell(x, ci=None) -> str:
+    if x is None:
+        return "–"
+    if ci and ci[0] is not None:
+        return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{x:.3f}"
+
+
+def _label(doc: dict) -> str:
+    e = doc.get("encoder", {})
+    return f"{e.get('category', '?')}: {e.get('name', '?')} ({e.get('arch', '?')})"
+
+
+def _auroc_table(docs: list[dict], title: str) -> list[str]:
+    tasks = list(dict.fromkeys(t for d in docs for t in d.get("task_names", d["tasks"])))
+    lines = [f"## {title}", "", "Test AUROC [95% CI, patient bootstrap]. AUPRC in report.json.", "",
+             "| Encoder | " + " | ".join(tasks) + " | Mean AUROC |", "|---" * (len(tasks) + 2) + "|"]
+    for d in docs:
+        cells = [_cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
+        lines.append(f"| {_label(d)} | " + " | ".join(cells) + f" | {_cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
+    notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
+    return lines + ([""] + notes if notes else []) + [""]
+
+
+def _fewshot_table(docs: list[dict]) -> list[str]:
+    tasks = list(dict.fromkeys(t for d in docs for t in d["tasks"]))
+    lines = ["## k-shot linear probe", "", "Balanced test set; mean ± std of AUROC over seeds (accuracy in report.json).", "",
+             "| Encoder | k | seeds | " + " | ".join(tasks) + " | Mean AUROC | Mean accuracy |", "|---" * (len(tasks) + 5) + "|"]
+    for d in docs:
+        cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–" for t in tasks]
+        m, a = d.get("mean_auroc"), d.get("mean_accuracy")
+        mean = "–" if not m else "{:.3f} ± {:.3f}".format(m["auroc"], m["auroc_std"])
+        acc = "–" if not a else "{:.3f}".format(a["accuracy"])
+        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | " + " | ".join(cells) + f" | {mean} | {acc} |")
+    return lines + [""]
+
+
+def _fractions_table(docs: list[dict]) -> list[str]:
+    fracs = sorted({c["fraction"] for d in docs for c in d["curve"]})
+    lines = ["## Label fractions", "", "Mean AUROC over sampling seeds [95% CI of the seed-averaged model, patient bootstrap].", "",
+             "| Encoder | Mode | " + " | ".join(f"{100 * f:g}%" for f in fracs) + " |", "|---" * (len(fracs) + 2) + "|"]
+    for d in docs:
+        by = {c["fraction"]: c for c in d["curve"]}
+        cells = [_cell(by[f]["mean_auroc"], by[f].get("mean_auroc_ci")) if f in by else "–" for f in fracs]
+        lines.append(f"| {_label(d)} | {d['mode']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _compare_table(docs: list[dict]) -> list[str]:
+    lines = ["## Paired comparisons", "", "AUROC(a) − AUROC(b) on the same test images; paired patient bootstrap.", "",
+             "| a | b | protocol | mean AUROC diff [95% CI] | p |", "|---|---|---|---|---|"]
+    for d in docs:
+        m = d["mean_auroc"]
+        p = "–" if m["p_value"] is None else f"{m['p_value']:.3g}"
+        lines.append(f"| {d['a']} | {d['b']} | {d['protocol']} | {_cell(m['diff'], m['ci'])} | {p} |")
+    return lines + [""]
+
+
+def plot_fractions(docs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for d in docs:
+        curve = sorted(d["curve"], key=lambda c: c["fraction"])
+        x = [100 * c["fraction"] for c in curve]
+        y = [c["mean_auroc"] for c in curve]
+        lo = [c["mean_auroc_ci"][0] if c["mean_auroc_ci"][0] is not None else np.nan for c in curve]
+        hi = [c["mean_auroc_ci"][1] if c["mean_auroc_ci"][1] is not None else np.nan for c in curve]
+        (line,) = ax.plot(x, y, marker="o", label=f"{_label(d)} [{d['mode']}]")
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training patients (%)")
+    ax.set_ylabel("mean test AUROC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc(folder: Path, docs: list[dict], path: Path) -> bool:
+    """ROC curves per task, one line per encoder with stored test predictions; False when none are stored."""
+    from sklearn.metrics import roc_curve
+    preds = []
+    for d in docs:
+        npz = Path(d["_file"]).with_suffix(".npz")
+        if npz.is_file():
+            with np.load(npz) as z:
+                preds.append((d, {k: z[k] for k in z.files}))
+    if not preds:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = [str(t) for t in preds[0][1]["tasks"]]
+    cols = min(3, len(tasks))
+    rows = int(np.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows), squeeze=False)
+    for j, task in enumerate(tasks):
+        ax = axes[j // cols][j % cols]
+        for d, p in preds:
+            names = [str(t) for t in p["tasks"]]
+            if task not in names:
+                continue
+            k = names.index(task)
+            y, s = p["targets"][:, k], p["scores"][:, k]
+            keep = ~np.isnan(y) & np.isfinite(s)
+            if len(np.unique(y[keep])) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y[keep], s[keep])
+            au = d["tasks"].get(task, {}).get("auroc")
+            ax.plot(fpr, tpr, label="{} ({})".format(d["encoder"]["name"], "–" if au is None else f"{au:.3f}"))
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=6, loc="lower right")
+    for j in range(len(tasks), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Write OUT/report.md, OUT/report.json and the figures from the results under OUT; returns the paths."""
+    out = Path(out)
+    md_path, json_path = out / "report.md", out / "report.json"
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: eval folder does not exist")
+    if md_path.exists() and not overwrite:
+        raise FileExistsError(f"{md_path}: finished output exists; pass --overwrite to replace it")
+    results = {p: _load(out / p) for p in ("linear", "finetune", "fewshot", "fractions", "compare")}
+    if not any(results.values()):
+        raise FileNotFoundError(f"{out}: no results to report (run linear / fewshot / fractions / finetune first)")
+    lines = ["# Evaluation report", ""]
+    shards = sorted({d.get("shards") for docs in results.values() for d in docs if d.get("shards")})
+    if shards:
+        lines += [f"Shards: {', '.join(shards)}", ""]
+    written = [md_path, json_path]
+    if results["linear"]:
+        lines += _auroc_table(results["linear"], "Linear probe (frozen features)")
+    if results["finetune"]:
+        lines += _auroc_table(results["finetune"], "End-to-end fine-tuning")
+    if results["fewshot"]:
+        lines += _fewshot_table(results["fewshot"])
+    if results["fractions"]:
+        lines += _fractions_table(results["fractions"])
+        plot_fractions(results["fractions"], out / "fractions.png")
+        lines += ["![label-fraction curve](fractions.png)", ""]
+        written.append(out / "fractions.png")
+    for protocol in ("linear", "finetune"):
+        if results[protocol] and plot_roc(out / protocol, results[protocol], out / f"roc-{protocol}.png"):
+            lines += [f"![ROC curves, {protocol}](roc-{protocol}.png)", ""]
+            written.append(out / f"roc-{protocol}.png")
+    if results["compare"]:
+        lines += _compare_table(results["compare"])
+    md_path.write_text("\n".join(lines))
+    json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v] for k, v in results.items()}, indent=2))
+    return written
