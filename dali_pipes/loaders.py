@@ -6,6 +6,7 @@ epochs ``0..e-1``; mid-epoch position is saved with DALI checkpointing (``state_
 """
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
 
 
 class PretrainLoader:
-    """Iterate one epoch -> ``{"view1", "view2": (B, C, H, W) channels-last, "pids": (B,) int64}`` on the device."""
+    """Iterate one epoch -> ``{"view1", "view2": (B, C, H, W) channels-last, "pids": (B,) int64}`` on the device
+    (MICLe adds ``"multi_instance": (B,) bool``). ``state_dict`` is rank-local: save one per rank."""
 
     def __init__(self, shard_root, split: str, *, batch_size: int, device: str, augment: AugmentConfig | str,
                  micle: bool, frontal_only: bool, image_size: int, channels: int, dtype: torch.dtype, rank: int,
@@ -85,7 +87,11 @@ class PretrainLoader:
 
     def state_dict(self) -> dict:
         """Position for exact resume: epoch, batches consumed in it, and the DALI checkpoint (RNG + reader state)."""
-        dali = self._pipe.checkpoint() if self._pipe is not None and self._batches_done else self._restore
+        if self._pipe is not None and self._batches_done:
+            # DALI returns serialized protobuf bytes; base64 text survives JSON and torch.load(weights_only=True).
+            dali = base64.b64encode(bytes(self._pipe.checkpoint())).decode("ascii")
+        else:
+            dali = self._restore
         return {"epoch": self.epoch, "batches_done": self._batches_done, "dali_checkpoint": dali,
                 "fingerprint": self._fingerprint()}
 
@@ -111,7 +117,7 @@ class PretrainLoader:
     def _build(self):
         common = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
                       seed=P.seed_for(self.seed, self.epoch, self.rank, 1), prefetch=self.prefetch,
-                      checkpoint=self._restore, cfg=self.cfg, image_size=self.image_size, channels=self.channels,
+                      checkpoint=base64.b64decode(self._restore) if self._restore else None, cfg=self.cfg, image_size=self.image_size, channels=self.channels,
                       dali_dtype=self._dali_dtype, device=self.device)
         if self.micle:
             self._source = MicleSource(self._table, batch_size=self.batch_size, rank=self.rank,
@@ -134,6 +140,8 @@ class PretrainLoader:
             batch = {"view1": P.images_to_torch(outs[0], self.dtype, self.torch_device),
                      "view2": P.images_to_torch(outs[1], self.dtype, self.torch_device),
                      "pids": P.array_to_torch(outs[2], self.torch_device).reshape(-1)}
+            if self.micle:  # (B,) True where view2 comes from another image of the patient
+                batch["multi_instance"] = P.array_to_torch(outs[3], self.torch_device).reshape(-1).bool()
             self._batches_done += 1
             yield batch
             if self._pipe is not pipe:  # set_epoch / load_state_dict during iteration: stop this pass

@@ -1,0 +1,372 @@
+"""dali_pipes on the CPU: shapes / dtypes / channels-last, determinism, epochs, ranks, MICLe pairs, eval coverage,
+exact resume, presets and error messages. GPU-only checks are marked ``gpu``."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dali_pipes as dp
+from dali_pipes.sources import MicleSource, build_image_table
+from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, ShardFormatError, load_manifest
+from ingest.shards import iter_shard, write_shard
+from shardgen import make_shards
+
+S = 32  # output image size for every CPU test: small keeps the whole file fast
+
+
+@pytest.fixture(scope="module")
+def unique_shards(tmp_path_factory) -> Path:
+    """One image per patient (pid identifies a sample): 24 train / 12 val / 12 test samples, 5-8 per shard."""
+    return make_shards(tmp_path_factory.mktemp("uniq") / "shards", num_patients=48, images_per_patient=(1,),
+                       samples_per_shard=5)
+
+
+@pytest.fixture(scope="module")
+def multi_shards(tmp_path_factory) -> Path:
+    """Patients with 1-3 images (MICLe), 20 patients -> ~20 train images."""
+    return make_shards(tmp_path_factory.mktemp("multi") / "shards", num_patients=20, images_per_patient=(1, 2, 3),
+                       splits={"train": 1.0}, samples_per_shard=6)
+
+
+def _tar_samples(root: Path, split: str) -> list[dict]:
+    out = []
+    for sh in load_manifest(root).shards(split):
+        for s in iter_shard(sh.path):
+            out.append({"pid": struct.unpack("<q", s["pid"])[0], "lbl": np.frombuffer(s["lbl"], "<f4"),
+                        "json": json.loads(s["json"])})
+    return out
+
+
+def _pretrain(root, **kw):
+    args = dict(batch_size=4, image_size=S, num_threads=1, seed=0)
+    args.update(kw)
+    return dp.build_pretrain_loader(root, **args)
+
+
+def _eq(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(_eq(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pretrain_shapes_dtypes_channels_last(unique_shards, dtype, channels):
+    loader = _pretrain(unique_shards, dtype=dtype, channels=channels)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 24 // 4
+    for b in batches:
+        for k in ("view1", "view2"):
+            v = b[k]
+            assert v.shape == (4, channels, S, S) and v.dtype == dtype and v.device.type == "cpu"
+            assert v.is_contiguous(memory_format=torch.channels_last)
+            assert v.stride() == (S * S * channels, 1, S * channels, channels)
+            assert torch.isfinite(v.float()).all()
+        assert b["pids"].shape == (4,) and b["pids"].dtype == torch.int64
+        if channels == 3:  # replicated gray: identical channels
+            assert torch.equal(b["view1"][:, 0], b["view1"][:, 2])
+
+
+def test_views_differ_and_are_normalised(unique_shards):
+    b = next(iter(_pretrain(unique_shards)))
+    assert not torch.equal(b["view1"], b["view2"])
+    x = b["view1"]
+    assert -1.99 <= x.min() < 0 < x.max() <= 2.01  # (0 - 0.498)/0.251 and (1 - 0.498)/0.251
+
+
+def test_same_seed_same_batches_other_seed_differs(unique_shards):
+    a, b, c = list(_pretrain(unique_shards, seed=3)), list(_pretrain(unique_shards, seed=3)), list(_pretrain(unique_shards, seed=4))
+    assert _same(a, b)
+    assert not _same(a, c)
+
+
+def test_epochs_reshuffle_reproducibly_without_repeats(unique_shards):
+    loader = _pretrain(unique_shards, seed=1)
+    e0 = list(loader)           # a full pass advances to epoch 1 by itself
+    assert loader.epoch == 1
+    e1 = list(loader)
+    loader.set_epoch(0)
+    e0_again = list(loader)
+    for ep in (e0, e1):
+        pids = torch.cat([b["pids"] for b in ep]).tolist()
+        assert len(pids) == len(set(pids)) == 24  # drop-last keeps all 24: 6 full batches, no sample twice
+    assert _same(e0, e0_again)
+    assert torch.cat([b["pids"] for b in e0]).tolist() != torch.cat([b["pids"] for b in e1]).tolist()
+
+
+def test_two_ranks_split_an_epoch_and_drop_last(unique_shards):
+    # batch 5, 2 ranks: 12 samples per rank -> 2 full batches each (2 samples per rank dropped), never shared.
+    seen = []
+    for rank in range(2):
+        loader = _pretrain(unique_shards, batch_size=5, rank=rank, world_size=2, seed=7)
+        batches = list(loader)
+        assert len(loader) == len(batches) == 2
+        seen.append(set(torch.cat([b["pids"] for b in batches]).tolist()))
+    assert len(seen[0]) == len(seen[1]) == 10 and not seen[0] & seen[1]
+
+
+def test_pids_survive(unique_shards):
+    tar_pids = sorted(s["pid"] for s in _tar_samples(unique_shards, "train"))
+    got = sorted(torch.cat([b["pids"] for b in _pretrain(unique_shards)]).tolist())
+    assert got == tar_pids
+
+
+@pytest.mark.parametrize("micle", [False, True])
+def test_resume_gives_identical_remaining_batches(multi_shards, micle):
+    kw = dict(batch_size=3, micle=micle, seed=11, augment="azizi")
+    ref = _pretrain(multi_shards, **kw)
+    it = iter(ref)
+    head = [next(it) for _ in range(2)]
+    state = ref.state_dict()
+    state = json.loads(json.dumps(state))  # must survive a trainer checkpoint (plain JSON types)
+    tail, next_epoch = list(it), list(ref)
+    assert head and tail
+    resumed = _pretrain(multi_shards, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(state["epoch"])  # a trainer loop calls this; it must not restart the epoch
+    assert _same(list(resumed), tail)
+    assert _same(list(resumed), next_epoch)
+
+
+def test_resume_rejects_other_config(multi_shards):
+    a = _pretrain(multi_shards, batch_size=3)
+    next(iter(a))
+    with pytest.raises(ValueError, match="batch_size"):
+        _pretrain(multi_shards, batch_size=2).load_state_dict(a.state_dict())
+
+
+def _write_views_shards(root: Path, views_per_patient: list[list[str]]) -> Path:
+    """Shards where patient p has images with the given views (to test the frontal filter)."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for p, views in enumerate(views_per_patient):
+        for v, view in enumerate(views):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8), mode="L").save(buf, format="JPEG")
+            samples.append({"__key__": f"t-p{p}-v{v}", "jpg": buf.getvalue(),
+                            "json": json.dumps({"view": view, "patient_id": f"p{p}"}).encode(),
+                            "lbl": struct.pack("<1f", 0.0), "pid": struct.pack("<q", p)})
+    rng.shuffle(samples)
+    w = write_shard(root / "train" / SHARD_PATTERN.format(index=0), samples)
+    manifest = {"format_version": FORMAT_VERSION, "datasets": ["t"], "label_names": ["x"],
+                "num_patients": len(views_per_patient), "rejects": [],
+                "splits": {"train": {"num_samples": w.num_samples, "shards": [
+                    {"name": w.name, "num_samples": w.num_samples, "sha256": w.sha256, "num_bytes": w.num_bytes}]}}}
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return root
+
+
+def test_micle_pairs_share_patient_distinct_when_possible(tmp_path):
+    views = [["PA", "LAT"], ["PA", "AP", "LAT"], ["AP"], ["PA", "PA", "PA"], ["LAT", "LAT"], ["PA"], ["AP", "PA"]]
+    root = _write_views_shards(tmp_path / "v", views)
+    table = build_image_table(load_manifest(root), "train", frontal_only=True)
+    assert int(table.usable.sum()) == 10  # LAT images excluded
+    for epoch in range(3):
+        src = MicleSource(table, batch_size=2, rank=0, world_size=1, seed=0, epoch=epoch)
+        anchors, partners = src._plan
+        assert len(anchors) == 10
+        assert (table.pid[anchors] == table.pid[partners]).all()
+        assert table.usable[anchors].all() and table.usable[partners].all()
+        multi = np.isin(table.pid[anchors], [1, 3, 6])  # patients with 2+ frontal images
+        assert ((anchors != partners) == multi).all()
+        assert src.multi_instance_fraction() == pytest.approx(multi.mean())
+        src.close()
+    all_views = build_image_table(load_manifest(root), "train", frontal_only=False)
+    assert all_views.usable.all()
+
+
+def test_micle_loader_second_view_is_partner_image(multi_shards):
+    # With a no-op augmentation the two views are equal exactly when the pair is one image taken twice.
+    ident = dp.AugmentConfig.preset("moco-cxr", rotation_deg=0.0, hflip_prob=0.0)
+    loader = _pretrain(multi_shards, micle=True, augment=ident, batch_size=3)
+    flags = []
+    for b in loader:
+        same = (b["view1"] == b["view2"]).flatten(1).all(1)
+        assert torch.equal(same, ~b["multi_instance"])
+        flags.append(b["multi_instance"])
+    frac = torch.cat(flags).float().mean().item()
+    assert 0 < frac < 1 and loader.multi_instance_fraction > 0
+    normal = next(iter(_pretrain(multi_shards, augment=ident, batch_size=3)))
+    assert torch.equal(normal["view1"], normal["view2"])
+
+
+@pytest.mark.parametrize("batch_size", [3, 5])
+def test_eval_two_ranks_cover_every_sample_once(unique_shards, batch_size):
+    truth = {s["pid"]: s["lbl"] for s in _tar_samples(unique_shards, "val")}
+    counted: list[int] = []
+    lengths = []
+    for rank in range(2):
+        loader = dp.build_eval_loader(unique_shards, "val", batch_size=batch_size, image_size=S, resize_size=40,
+                                      rank=rank, world_size=2, num_threads=1)
+        assert loader.label_names == ["Cardiomegaly", "Edema", "Pleural Effusion"]
+        lengths.append(len(loader))
+        for b in loader:
+            assert b["images"].shape == (batch_size, 1, S, S)
+            assert b["images"].is_contiguous(memory_format=torch.channels_last)
+            assert b["labels"].shape == (batch_size, 3) and b["labels"].dtype == torch.float32
+            for pid, lbl in zip(b["pids"][b["valid"]].tolist(), b["labels"][b["valid"]].numpy()):
+                np.testing.assert_array_equal(lbl, truth[pid])  # NaN and -1 preserved
+                counted.append(pid)
+    assert lengths[0] == lengths[1]
+    assert sorted(counted) == sorted(truth)
+    assert any(np.isnan(v).any() for v in truth.values()) or any((v == -1).any() for v in truth.values())
+
+
+def test_eval_is_deterministic_and_centre_cropped(unique_shards):
+    kw = dict(batch_size=4, image_size=S, resize_size=S, num_threads=1, channels=3, dtype=torch.float16)
+    a, b = list(dp.build_eval_loader(unique_shards, "test", **kw)), list(dp.build_eval_loader(unique_shards, "test", **kw))
+    assert _same(a, b)
+    assert a[0]["images"].shape == (4, 3, S, S) and a[0]["images"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("preset", ["simclr-cxr", "azizi", "moco-cxr", "simclr"])
+def test_each_preset_builds_and_runs(unique_shards, preset):
+    channels = 3 if preset == "simclr" else 1
+    b = next(iter(_pretrain(unique_shards, augment=preset, channels=channels)))
+    assert b["view1"].shape == (4, channels, S, S) and not torch.equal(b["view1"], b["view2"])
+
+
+def test_augment_config_presets_and_overrides():
+    cfg = dp.AugmentConfig.preset("azizi", hflip_prob=0.0)
+    assert cfg.rotation_deg == 45 and cfg.blur_prob == 0 and cfg.hflip_prob == 0 and cfg.name == "azizi"
+    assert dp.AugmentConfig.preset("simclr").needs_color and not dp.AugmentConfig.preset("simclr-cxr").needs_color
+    assert dp.AugmentConfig.preset("moco-cxr").random_crop is False
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        dp.AugmentConfig.preset("byol")
+    with pytest.raises(ValueError, match="unknown AugmentConfig field"):
+        dp.AugmentConfig.preset("azizi", hflip=0.0)
+    with pytest.raises(ValueError, match="probability"):
+        dp.AugmentConfig.preset("azizi", blur_prob=1.5)
+
+
+def test_clear_errors(tmp_path, unique_shards):
+    with pytest.raises(ShardFormatError, match="does not exist"):
+        _pretrain(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardFormatError, match="no manifest"):
+        dp.build_eval_loader(tmp_path / "empty", "val", batch_size=2)
+    with pytest.raises(ValueError, match="channels=3"):
+        _pretrain(unique_shards, augment="simclr", channels=1)
+    with pytest.raises(ShardFormatError, match="no split"):
+        _pretrain(unique_shards, split="holdout")
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        _pretrain(unique_shards, batch_size=64)
+
+
+def test_missing_index_and_version(tmp_path):
+    root = make_shards(tmp_path / "s", num_patients=8, images_per_patient=(1,))
+    m = json.loads((root / MANIFEST_NAME).read_text())
+    m["format_version"] = FORMAT_VERSION + 1
+    (root / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(ShardFormatError, match="format version"):
+        _pretrain(root)
+    m["format_version"] = FORMAT_VERSION
+    (root / MANIFEST_NAME).write_text(json.dumps(m))
+    next((root / "train").glob("*.idx")).unlink()
+    with pytest.raises(ShardFormatError, match="DALI index missing"):
+        _pretrain(root)
+
+
+def _image_nodes_devices(pipe) -> list[tuple[str, str]]:
+    """(node name, device) for every data node reachable from the view / image outputs through data inputs."""
+    seen, out, stack = set(), [], list(pipe._graph_out)
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        inputs = list(node.source.inputs)[: node.source.spec.NumRegularInput()]  # data, not argument inputs
+        if inputs:  # sources (reader, external_source) legitimately produce CPU data
+            out.append((node.name, node.device))
+        stack.extend(inputs)
+    return out
+
+
+@pytest.mark.parametrize("graph", ["simclr-cxr", "azizi", "moco-cxr", "simclr", "micle", "eval"])
+def test_gpu_graph_traces_with_every_image_op_on_gpu(unique_shards, graph):
+    """Without a GPU the gpu graph can still be *defined*: DALI validates every argument at definition, and each
+    op between the decoder and the outputs must sit on the GPU (decoder 'mixed' -> gpu)."""
+    from dali_pipes import pipelines as P
+    from nvidia.dali import pipeline_def, types
+
+    sh = load_manifest(unique_shards).shards("train")
+    paths, idx = [str(s.path) for s in sh], [str(s.index_path) for s in sh]
+    common = dict(image_size=S, channels=3, dali_dtype=types.FLOAT16, device="gpu")
+    if graph == "eval":
+        fn_, kw = P.eval_graph, dict(paths=paths, index_paths=idx, rank=0, world_size=1, resize_size=40, **common)
+    elif graph == "micle":
+        fn_, kw = P.micle_graph, dict(source=lambda info: None, cfg=dp.AugmentConfig.preset("azizi"), **common)
+    else:
+        fn_, kw = P.pretrain_graph, dict(paths=paths, index_paths=idx, rank=0, world_size=1, reader_seed=1,
+                                         shuffle_buffer=8, cfg=dp.AugmentConfig.preset(graph), **common)
+
+    @pipeline_def(enable_checkpointing=True)
+    def pipe_fn():
+        return fn_(**kw)
+
+    pipe = pipe_fn(batch_size=2, num_threads=1, device_id=0, seed=0)  # defined, never built: needs no GPU
+    nodes = _image_nodes_devices(pipe)
+    assert len(nodes) >= 3
+    assert all(d == "gpu" for _, d in nodes), nodes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error; this machine has a GPU")
+def test_gpu_requested_without_gpu_is_a_clear_error(unique_shards):
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        _pretrain(unique_shards, device="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("micle", [False, True])
+def test_gpu_pretrain_on_device_channels_last(multi_shards, micle):
+    loader = _pretrain(multi_shards, device="gpu", micle=micle, dtype=torch.bfloat16, channels=3, batch_size=3)
+    for b in loader:
+        assert b["view1"].is_cuda and b["pids"].is_cuda and b["view1"].dtype == torch.bfloat16
+        assert b["view1"].is_contiguous(memory_format=torch.channels_last)
+        assert not torch.equal(b["view1"], b["view2"])
+
+
+@pytest.mark.gpu
+def test_gpu_eval_matches_cpu(unique_shards):
+    kw = dict(batch_size=4, image_size=S, resize_size=40, num_threads=1)
+    cpu = list(dp.build_eval_loader(unique_shards, "val", device="cpu", **kw))
+    gpu = list(dp.build_eval_loader(unique_shards, "val", device="gpu", **kw))
+    for c, g in zip(cpu, gpu):
+        assert torch.equal(c["pids"], g["pids"].cpu()) and torch.equal(c["valid"], g["valid"].cpu())
+        # nvJPEG vs libjpeg-turbo IDCT and GPU resampling differ by a few gray levels at most
+        assert (c["images"] - g["images"].cpu()).abs().mean() < 4 / 255 / dp.CXR_STD
+
+
+@pytest.mark.gpu
+def test_gpu_same_seed_same_batches(unique_shards):
+    a, b = list(_pretrain(unique_shards, device="gpu", seed=2)), list(_pretrain(unique_shards, device="gpu", seed=2))
+    assert _same(a, b)
+
+
+def test_rank_outside_world_is_rejected(unique_shards):
+    with pytest.raises(ValueError, match="outside world_size"):
+        _pretrain(unique_shards, rank=2, world_size=2)
+    assert math.isclose(dp.CXR_MEAN, 0.4982) and math.isclose(dp.CXR_STD, 0.2511)
+
+
+def test_skipped_blur_is_exact_identity(unique_shards):
+    # The branch-free blur gives skipped samples sigma 1e-3; that must leave pixels untouched.
+    base = dict(random_crop=False, rotation_deg=0.0, hflip_prob=0.0, jitter_prob=0.0)
+    plain = dp.AugmentConfig.preset("moco-cxr", **base)
+    never = dp.AugmentConfig.preset("moco-cxr", **base, blur_prob=1e-9)
+    always = dp.AugmentConfig.preset("moco-cxr", **base, blur_prob=1.0, blur_sigma=(1.5, 2.0))
+    a, b, c = (next(iter(_pretrain(unique_shards, augment=cfg))) for cfg in (plain, never, always))
+    assert torch.equal(a["view1"], b["view1"])
+    assert not torch.equal(a["view1"], c["view1"])
