@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +96,9 @@ def to_gray_u8(im: Image.Image) -> tuple[Image.Image, list[str], dict]:
     return im.convert("L"), steps, flags
 
 
-def decode_pillow(data: bytes, size: int) -> tuple[Image.Image, int, int, int, str, list[str], dict]:
+def decode_pillow(data: bytes, size: int) -> tuple[Image.Image, int, int, int, str, list[str], dict, int]:
+    """(gray image, original w, h, bit depth, photometric, steps, flags, DCT reduction factor 1/2/4/8)."""
+    reduction = 1
     try:
         im = Image.open(io.BytesIO(data))
         width, height, mode, fmt = im.width, im.height, im.mode, im.format
@@ -105,7 +108,8 @@ def decode_pillow(data: bytes, size: int) -> tuple[Image.Image, int, int, int, s
             if want[0] < width:
                 im.draft(mode, want)  # libjpeg DCT scaling by 1/2, 1/4 or 1/8
                 if im.size != (width, height):
-                    steps.append(f"jpeg_draft:{im.size[0]}x{im.size[1]}")
+                    reduction = 2 ** round(math.log2(width / im.size[0]))
+                    steps.append(f"jpeg_draft:1/{reduction}")
         im.load()
     except UnidentifiedImageError:
         raise ImageReject("not an image (Pillow cannot identify the format)") from None
@@ -119,7 +123,7 @@ def decode_pillow(data: bytes, size: int) -> tuple[Image.Image, int, int, int, s
         bit_depth = _BIT_DEPTH.get(mode, 32)
     photometric = _PHOTOMETRIC.get(mode.split(";")[0], "MONOCHROME2" if mode.startswith("I") else mode)
     gray, more_steps, flags = to_gray_u8(im)
-    return gray, width, height, bit_depth, photometric, steps + more_steps, flags
+    return gray, width, height, bit_depth, photometric, steps + more_steps, flags, reduction
 
 
 def process_bytes(data: bytes, kind: str, size: int, quality: int) -> Processed:
@@ -134,12 +138,16 @@ def process_bytes(data: bytes, kind: str, size: int, quality: int) -> Processed:
         gray = Image.fromarray(arr, mode="L")
         width, height, bit_depth = info["original_width"], info["original_height"], info["original_bit_depth"]
         photometric, steps, flags = info["photometric_interpretation"], ["decode:dicom", *info["steps"]], {}
+        reduction = 1
     else:
-        gray, width, height, bit_depth, photometric, steps, flags = decode_pillow(data, size)
+        gray, width, height, bit_depth, photometric, steps, flags, reduction = decode_pillow(data, size)
     new = target_size(width, height, size)
-    if gray.size != new:
-        upscale = new[0] > gray.size[0]
-        gray = gray.resize(new, RESAMPLE)
+    if gray.size != new or reduction != 1:
+        upscale = new[0] > width
+        # A DCT-scaled image covers ceil(w / k) pixels of which the last is partial: resample exactly the
+        # original extent (w / k) so the geometry matches a full decode (PSNR ~55 dB against it).
+        box = (0.0, 0.0, width / reduction, height / reduction)
+        gray = gray.resize(new, RESAMPLE, box=box)
         steps.append(f"resize_{'up' if upscale else 'down'}:{new[0]}x{new[1]}:bicubic")
     buf = io.BytesIO()
     gray.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
