@@ -26,6 +26,8 @@ def weighted_auroc_auprc(y: np.ndarray, scores: np.ndarray, weights: np.ndarray 
     if y.shape != scores.shape or y.ndim != 1:
         raise ValueError(f"y and scores must be 1-D of equal length, got {y.shape} and {scores.shape}")
     w = np.ones((1, y.size)) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if y.size == 0:
+        return np.full(w.shape[0], np.nan), np.full(w.shape[0], np.nan)
     order = np.argsort(-scores, kind="mergesort")  # descending: thresholds from strict to lenient
     s_sorted, y_sorted = scores[order], y[order]
     # Index of the last sample of each group of tied scores: a ROC / PR point is emitted only there.
