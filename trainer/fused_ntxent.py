@@ -30,14 +30,18 @@ def fused_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     if device.type == "cpu":
-        from trainer.fused_ntxent_kernels import interpreting
-        return interpreting()
+        from trainer.fused_ntxent_kernels import interpreter_usable
+        return interpreter_usable()
     return False
 
 
 def _require_fused(device: torch.device) -> None:
     if not triton_importable():
         raise RuntimeError("loss.impl=fused needs triton (pip install triton); use loss.impl=reference or auto")
+    from trainer.fused_ntxent_kernels import interpreter_usable, interpreting
+    if device.type == "cpu" and interpreting() and not interpreter_usable():
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported (importing torch imports it): "
+                           "export it before Python starts to run the fused loss on the CPU")
     if not fused_available(device):
         raise RuntimeError(f"loss.impl=fused runs on a CUDA GPU (or the CPU with TRITON_INTERPRET=1 set before "
                            f"triton is first used); got tensors on {device}: use loss.impl=reference or auto")

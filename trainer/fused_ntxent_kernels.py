@@ -15,9 +15,17 @@ MAX_DIM = 512
 
 
 def interpreting() -> bool:
-    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before the kernels were built)."""
+    """True when TRITON_INTERPRET=1: kernels defined from now on run in triton's CPU interpreter."""
     import triton
     return bool(triton.knobs.runtime.interpret)
+
+
+def interpreter_usable() -> bool:
+    """Whether the interpreter can run our kernels: TRITON_INTERPRET=1 was already set when triton.language was
+    imported (its own jit helpers such as tl.sum are fixed as compiled or interpreted at that moment)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    return interpreting() and isinstance(tl.standard.sum, InterpretedFunction)
 
 
 def _gpu_configs(triton, block_d: int, backward: bool) -> list:

@@ -1,0 +1,300 @@
+"""Fused Triton NT-Xent vs the reference: values and both gradients, tiling edges, 2-rank split, dispatch, bench CLI.
+
+The `test_kernel_*` tests need somewhere to run the kernels. On a GPU they run on it. Without one they run in
+triton's CPU interpreter, which must be switched on (TRITON_INTERPRET=1) before triton is imported, and importing
+torch imports triton: so `test_interpreter_runs_kernel_tests` re-runs them in a fresh pytest process with that
+variable set (or export it yourself before starting pytest and they run in place).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.fused_ntxent import fused_available, nt_xent, nt_xent_fused, resolve_impl, triton_importable
+from trainer.losses import nt_xent_reference, simclr_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETING or not torch.cuda.is_available() else "cuda"
+KERNELS_HERE = fused_available(DEVICE)
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_HERE, reason="no GPU: these run in the TRITON_INTERPRET=1 child of test_interpreter_runs_kernel_tests")
+
+
+@pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
+def test_interpreter_runs_kernel_tests():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "test_kernel_"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = (run.stdout + run.stderr)[-6000:]
+    assert run.returncode == 0, f"kernel tests under TRITON_INTERPRET=1 failed:\n{tail}"
+    assert " passed" in run.stdout and " skipped" not in run.stdout, tail
+
+
+def _embeddings(num: int, dim: int, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """(num, dim) unit vectors clustered by label, like two views of one image: positives are close, not identical."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(int(labels.max()) + 1, dim, generator=gen)
+    return F.normalize(centres[labels.cpu()] + 0.8 * torch.randn(num, dim, generator=gen), dim=1).to(DEVICE)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp(min=1e-30))
+
+
+def _loss_and_grads(fn, z_cols, col_labels, rows: int, row_offset: int, dtype, reduction="sum", temperature=0.1):
+    """Rows and columns as separate leaves (as after an all-gather), so each gets its own gradient."""
+    col_labels = col_labels.to(z_cols.device)
+    cols = z_cols.to(dtype).detach().requires_grad_()
+    z_rows = z_cols[row_offset:row_offset + rows].to(dtype).detach().requires_grad_()
+    loss = fn(z_rows, cols, col_labels[row_offset:row_offset + rows], col_labels, row_offset, temperature,
+              reduction=reduction)
+    weights = torch.linspace(-1.0, 2.0, loss.numel(), device=loss.device).reshape(loss.shape) \
+        if reduction == "none" else 1.0
+    (loss * weights).sum().backward()
+    assert z_rows.grad.dtype == dtype and cols.grad.dtype == dtype
+    return loss.detach(), z_rows.grad, cols.grad
+
+
+def _assert_close(rows, cols, dim, row_offset, labels, dtype, reduction="sum", temperature=0.1, seed=0):
+    z = _embeddings(cols, dim, labels, seed)
+    want = _loss_and_grads(nt_xent_reference, z, labels, rows, row_offset, dtype, reduction, temperature)
+    got = _loss_and_grads(nt_xent_fused, z, labels, rows, row_offset, dtype, reduction, temperature)
+    for name, g, w in zip(("loss", "d z_rows", "d z_cols"), got, want):
+        assert torch.isfinite(g).all(), name
+        err = _rel(g, w)
+        assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e} ({dtype}, R={rows}, C={cols})"
+    return got
+
+
+SHAPES = [  # (R, C, D, row_offset): interpreter tiles are 16 x 16, so 7 / 33 / D=8 leave ragged tiles
+    (2, 2, 8, 0), (7, 7, 8, 0), (16, 16, 32, 0), (7, 33, 8, 13), (33, 33, 128, 0), (16, 64, 32, 48),
+    (33, 64, 128, 31), (64, 64, 32, 0), (5, 21, 100, 16), (9, 24, 256, 15),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,cols,dim,row_offset", SHAPES)
+def test_kernel_simclr_pairing_matches_reference_fp32(rows, cols, dim, row_offset):
+    # odd C: labels i % (C // 2) give most rows one partner and a few rows two
+    labels = simclr_labels(cols // 2) if cols % 2 == 0 else torch.arange(cols) % (cols // 2)
+    _assert_close(rows, cols, dim, row_offset, labels, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,cols,dim,row_offset", [(7, 33, 8, 13), (33, 64, 128, 31), (64, 64, 32, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_patient_labels_match_reference_16bit(rows, cols, dim, row_offset, dtype):
+    labels = torch.randint(0, max(2, cols // 3), (cols,), generator=torch.Generator().manual_seed(cols))
+    _assert_close(rows, cols, dim, row_offset, labels, dtype, reduction="mean")
+
+
+@needs_kernels
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_kernel_rows_without_positives_contribute_nothing(reduction):
+    # patients 0..3 have several images; every other label is unique, so those rows have no positive at all
+    labels = torch.cat([torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]), torch.arange(100, 122)])
+    loss, d_rows, _ = _assert_close(33, 33, 32, 0, labels, torch.float32, reduction=reduction, temperature=0.2)
+    if reduction == "none":
+        assert (loss[11:] == 0).all() and (loss[:11] > 0).all()
+        assert (d_rows[11:] == 0).all() and (d_rows[:11].abs().sum(1) > 0).all()
+
+
+@needs_kernels
+def test_kernel_single_column_row_has_zero_loss_and_finite_grads():
+    # the row's only column is itself: no positive, empty denominator (the reference's gradient is NaN here)
+    z = _embeddings(1, 8, torch.zeros(1, dtype=torch.long), 0).requires_grad_()
+    labels = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    loss = nt_xent_fused(z, z, labels, labels, 0, 0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+@needs_kernels
+def test_kernel_bf16_without_split_still_within_tolerance():
+    labels = torch.randint(0, 12, (48,), generator=torch.Generator().manual_seed(3))
+    z = _embeddings(48, 32, labels, 3)
+    want = _loss_and_grads(nt_xent_reference, z, labels, 48, 0, torch.bfloat16)
+    fast = lambda *a, **k: nt_xent_fused(*a, **k, bf16_grad_split=False)  # noqa: E731
+    got = _loss_and_grads(fast, z, labels, 48, 0, torch.bfloat16)
+    assert max(_rel(g, w) for g, w in zip(got, want)) <= 1e-2
+
+
+@needs_kernels
+def test_kernel_two_rank_split_equals_full_batch():
+    """Each rank: its rows against the gathered columns; the gather's backward sums the column grads home."""
+    world, samples_per_rank, dim, temperature = 2, 12, 16, 0.1
+    per_rank = 2 * samples_per_rank  # [view1; view2] of this rank's samples
+    ids = [torch.arange(samples_per_rank) + r * samples_per_rank for r in range(world)]
+    labels = torch.cat([torch.cat([i, i]) for i in ids])  # (W*2n,), gathered in rank order
+    z = _embeddings(world * per_rank, dim, labels, 7)  # (W*2n, D): the global batch
+    labels = labels.to(DEVICE)
+
+    full = z.clone().requires_grad_()
+    full_loss = nt_xent_reference(full, full, labels, labels, 0, temperature)
+    full_loss.backward()
+
+    local = [z[r * per_rank:(r + 1) * per_rank].clone().requires_grad_() for r in range(world)]
+    received = {}  # (rank, source): the copy of `source`'s rows that all_gather delivered to `rank`
+    total = 0.0
+    for rank in range(world):
+        parts = []
+        for src in range(world):
+            if src == rank:
+                parts.append(local[src])
+            else:
+                received[rank, src] = local[src].detach().clone().requires_grad_()
+                parts.append(received[rank, src])
+        gathered = torch.cat(parts)  # (W*2n, D)
+        loss = nt_xent_fused(local[rank], gathered, labels[rank * per_rank:(rank + 1) * per_rank], labels,
+                             rank * per_rank, temperature)
+        loss.backward()
+        total = total + loss.detach()
+    grads = [local[r].grad + sum(received[o, r].grad for o in range(world) if o != r) for r in range(world)]
+    assert _rel(total, full_loss.detach()) <= 1e-5
+    assert _rel(torch.cat(grads), full.grad) <= 1e-5
+    assert all(received[k].grad.abs().sum() > 0 for k in received), "every rank's columns must receive gradient"
+
+
+@needs_kernels
+def test_kernel_columns_only_and_rows_only_gradients():
+    labels = simclr_labels(16, DEVICE)
+    z = _embeddings(32, 16, labels, 1)
+    rows = z[8:24].clone().requires_grad_()
+    nt_xent_fused(rows, z, labels[8:24], labels, 8, 0.1).backward()  # constant columns, like a MoCo queue
+    ref_rows = z[8:24].clone().requires_grad_()
+    nt_xent_reference(ref_rows, z, labels[8:24], labels, 8, 0.1).backward()
+    assert _rel(rows.grad, ref_rows.grad) <= 1e-5
+    cols = z.clone().requires_grad_()
+    nt_xent_fused(z[8:24], cols, labels[8:24], labels, 8, 0.1).backward()
+    ref_cols = z.clone().requires_grad_()
+    nt_xent_reference(z[8:24], ref_cols, labels[8:24], labels, 8, 0.1).backward()
+    assert _rel(cols.grad, ref_cols.grad) <= 1e-5
+
+
+@needs_kernels
+def test_kernel_backward_is_deterministic():
+    labels = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(2))
+    z = _embeddings(40, 32, labels, 2)
+    runs = [_loss_and_grads(nt_xent_fused, z, labels, 24, 16, torch.float32) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@needs_kernels
+def test_kernel_dispatch():
+    labels = simclr_labels(8, DEVICE)
+    z = _embeddings(16, 8, labels, 0)
+    ref = nt_xent_reference(z, z, labels, labels, 0, 0.1, reduction="mean")
+    assert _rel(nt_xent(z, z, labels, labels, 0, 0.1, impl="fused", reduction="mean"), ref) <= 1e-6
+    auto = nt_xent(z, z, labels, labels, 0, 0.1, impl="auto", reduction="mean")
+    assert _rel(auto, ref) <= 1e-6
+    assert resolve_impl("auto", DEVICE) == ("fused" if DEVICE == "cuda" else "reference")
+
+
+def test_argument_errors_and_cpu_dispatch():
+    labels = simclr_labels(8)
+    z = F.normalize(torch.randn(16, 8), dim=1)
+    # the interpreter is correct but ~1000x slower than the reference, so auto never picks it
+    assert resolve_impl("auto", "cpu") == "reference"
+    assert torch.equal(nt_xent(z, z, labels, labels, 0, 0.1, impl="auto"),
+                       nt_xent_reference(z, z, labels, labels, 0, 0.1))
+    with pytest.raises(ValueError, match="unknown loss impl"):
+        nt_xent(z, z, labels, labels, 0, 0.1, impl="flash")
+    with pytest.raises(ValueError, match="row_offset"):
+        nt_xent_fused(z[:8], z, labels[:8], labels, 9, 0.1)
+    with pytest.raises(ValueError, match="share D"):
+        nt_xent_fused(z[:, :4], z, labels, labels, 0, 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        nt_xent_fused(z, z, labels, labels, 0, 0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        nt_xent(z, z, labels, labels, 0, 0.1, impl="reference", reduction="max")
+    if not INTERPRETING and triton_importable():
+        with pytest.raises(RuntimeError, match="CUDA GPU"):
+            nt_xent(z, z, labels, labels, 0, 0.1, impl="fused")
+
+
+def test_module_imports_and_reference_runs_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from trainer.fused_ntxent import nt_xent, fused_available\n"
+        "z = torch.nn.functional.normalize(torch.randn(8, 4), dim=1); l = torch.arange(4).repeat(2)\n"
+        "assert not fused_available('cpu') and not fused_available('cuda')\n"
+        "nt_xent(z, z, l, l, 0, 0.1, impl='auto')\n"
+        "try:\n"
+        "    nt_xent(z, z, l, l, 0, 0.1, impl='fused')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'needs triton' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('fused ran without triton')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bench_loss_cli_smoke(tmp_path):
+    """`python -m bench loss` on the CPU: the interpreter's fused rows agree in shape with the reference rows."""
+    pytest.importorskip("triton")
+    out = tmp_path / "loss.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bench", "loss", "--device", "cpu", "--sizes", "16", "32", "--dim", "16",
+           "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "loss"
+    got = {(r["n_views"], r["impl"]): r for r in doc["rows"]}
+    assert set(got) == {(n, i) for n in (16, 32) for i in ("fused", "reference")}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in got.values())
+    assert got[32, "fused"]["speedup_vs_best_torch"] > 0
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+# ---- GPU: real kernels, larger sizes -------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,dim,row_offset", [(1000, 4000, 128, 3000), (2048, 2048, 256, 0),
+                                                      (777, 1555, 64, 700)])
+def test_gpu_matches_reference(rows, cols, dim, row_offset, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    labels = torch.randint(0, cols // 3, (cols,), generator=torch.Generator().manual_seed(rows))
+    z = _embeddings(cols, dim, labels, 5)
+    want = _loss_and_grads(nt_xent_reference, z, labels, rows, row_offset, dtype)
+    got = _loss_and_grads(nt_xent_fused, z, labels, rows, row_offset, dtype)
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_large_batch_memory_and_speed():
+    """65,536 views fit in well under 1 GB; at 16,384 views bf16 fused beats the eager reference."""
+    from bench.harness import time_fn
+    labels = simclr_labels(32768, "cuda")
+    z = F.normalize(torch.randn(65536, 128, device="cuda"), dim=1).bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    nt_xent_fused(z, z, labels, labels, 0, 0.1, reduction="mean").backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(z.grad).all()
+    assert torch.cuda.max_memory_allocated() - base < 2**30
+
+    small, lab = z[:16384].detach().clone().requires_grad_(), labels[:16384] % 8192
+
+    def run(fn):
+        small.grad = None
+        fn(small, small, lab, lab, 0, 0.1, reduction="mean").backward()
+
+    fused_s = time_fn(lambda: run(nt_xent_fused), repeats=5).median_s
+    ref_s = time_fn(lambda: run(nt_xent_reference), repeats=5).median_s
+    assert fused_s < ref_s, f"fused {fused_s * 1e3:.2f} ms vs reference {ref_s * 1e3:.2f} ms"
