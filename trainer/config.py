@@ -107,6 +107,7 @@ class Config:
 CHOICES = {
     ("data", "source"): {"shards", "synthetic"},
     ("data", "device"): {"auto", "cpu", "gpu"},
+    ("data", "augment"): {"simclr-cxr", "azizi", "moco-cxr", "simclr"},  # dali_pipes.AugmentConfig.PRESETS
     ("model", "arch"): {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"},
     ("model", "in_channels"): {1, 3},
     ("model", "head_layers"): {2, 3},
@@ -127,10 +128,10 @@ def _field_types(section_cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def _convert(value, typ, where: str):
-    """Check (TOML value) or convert (override string) ``value`` to ``typ``; bools and ints are not floats' peers."""
+def _convert(value, typ, where: str, from_text: bool):
+    """Check a TOML value, or convert an override's text, to ``typ`` (an int may widen to float, nothing else)."""
     origin = typing.get_origin(typ) or typ
-    if isinstance(value, str) and origin is not str:
+    if from_text and origin is not str:
         text = value.strip()
         try:
             if origin is bool:
@@ -154,7 +155,7 @@ def _convert(value, typ, where: str):
     return value
 
 
-def _set(cfg: Config, section: str, key: str, value, source: str) -> None:
+def _set(cfg: Config, section: str, key: str, value, source: str, from_text: bool = False) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
         raise ConfigError(f"{source}: unknown section [{section}] (sections: {', '.join(sections)})")
@@ -163,7 +164,7 @@ def _set(cfg: Config, section: str, key: str, value, source: str) -> None:
     if key not in types_:
         raise ConfigError(f"{source}: unknown key {section}.{key} (keys: {', '.join(types_)})")
     where = f"{source}: {section}.{key}"
-    value = _convert(value, types_[key], where)
+    value = _convert(value, types_[key], where, from_text)
     allowed = CHOICES.get((section, key))
     if allowed is not None and value not in allowed:
         raise ConfigError(f"{where} = {value!r} is not one of {sorted(allowed, key=str)}")
@@ -191,7 +192,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"override {item!r}: expected section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        _set(cfg, section, key, value, f"override {item!r}")
+        _set(cfg, section, key, value, f"override {item!r}", from_text=True)
     validate(cfg)
     return cfg
 

@@ -119,12 +119,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def all_gather_object(obj) -> list:
+def all_gather_state(obj) -> list:
+    """Every rank's ``obj`` (tensors, dicts, lists, numbers, strings) on every rank, in rank order.
+
+    Serialised with torch.save / torch.load(weights_only=True) rather than pickle, so tensors travel safely."""
     if world()[1] == 1:
         return [obj]
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out = [None] * world()[1]
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
 
 def broadcast_object(obj, src: int = 0):

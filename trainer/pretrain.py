@@ -105,6 +105,13 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, cfg.optim.lr_scaling)
     min_lr = peak_lr * cfg.optim.min_lr_ratio
 
+    if cfg.loss.impl == "fused" and cfg.loss.method != "moco":
+        from trainer.fused_ntxent import fused_available
+
+        if not fused_available(device):
+            raise Stop(EXIT_BAD_INPUT, f"loss.impl=fused needs triton and a CUDA device (this run is on "
+                                       f"{device.type}); use loss.impl=auto or reference")
+
     # ---- model (MoCo wraps the query encoder with a momentum copy and a queue)
     try:
         model = build_contrastive_model(cfg.model)
@@ -152,7 +159,13 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         if len(ranks) == world_size:
             ckpt.set_rng_state(ranks[rank]["rng"])
             loader.set_epoch(epoch)
-            loader.load_state_dict(ranks[rank]["loader"])
+            try:
+                loader.load_state_dict(ranks[rank]["loader"])
+            except ValueError as e:
+                raise Stop(EXIT_BAD_INPUT, f"{resume_path}: {str(e).splitlines()[0]}") from None
+            if batch_in_epoch >= steps_per_epoch:  # saved right after an epoch's last batch
+                epoch, batch_in_epoch = epoch + 1, 0
+                loader.set_epoch(epoch)
         else:  # a different world size cannot continue the same data order: restart the epoch, same schedule
             loader.set_epoch(epoch)
             batch_in_epoch = 0
@@ -168,12 +181,12 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
 
     # ---- preemption: SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits
     received: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def save(at_step: int) -> Path | None:
         rank_state = {"rng": ckpt.rng_state(), "loader": ckpt.to_plain(loader.state_dict())}
-        ranks = dist_utils.all_gather_object(rank_state)
+        ranks = dist_utils.all_gather_state(rank_state)
         path = None
         if info.is_main:
             path = ckpt.save_checkpoint(run_dir, at_step, {
@@ -266,6 +279,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         print(f"pretrain: {why} at step {step}/{total_steps}; checkpoint {ckpt.ckpt_path(run_dir, step)}, "
               f"encoder {run_dir / 'encoder.pt'}", flush=True)
     logger.close()
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
     return 0
 
 

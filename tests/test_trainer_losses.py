@@ -1,0 +1,169 @@
+"""Contrastive losses against direct transcriptions of the papers, GradCache equivalence, MoCo queue and momentum."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.gradcache import gradcache_step
+from trainer.losses import contrastive_loss, moco_infonce, nt_xent_simclr
+from trainer.models import MoCo, ContrastiveModel, ProjectionHead
+
+
+def _paper_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
+    """SimCLR (Chen et al. 2020, Alg. 1) with plain Python loops: pairs (2k-1, 2k) interleaved, cosine similarity,
+    l(i,j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), L = 1/(2N) sum_k [l(2k-1,2k) + l(2k,2k-1)]."""
+    z = []
+    for a, b in zip(z1.tolist(), z2.tolist()):
+        z += [a, b]
+
+    def sim(u, v):
+        dot = sum(x * y for x, y in zip(u, v))
+        return dot / (math.sqrt(sum(x * x for x in u)) * math.sqrt(sum(y * y for y in v)))
+
+    def ell(i, j):
+        num = math.exp(sim(z[i], z[j]) / tau)
+        den = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(len(z)) if k != i)
+        return -math.log(num / den)
+
+    n = len(z1)
+    return sum(ell(2 * k, 2 * k + 1) + ell(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_nt_xent_matches_paper_equation(tau):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    expected = _paper_nt_xent(z1, z2, tau)
+    assert nt_xent_simclr(z1, z2, tau).item() == pytest.approx(expected, rel=1e-5)
+    assert contrastive_loss(z1, z2, None, tau).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_multi_positive_patient_loss_by_hand():
+    """Same-patient views are positives too: row i averages -log p over every other view of its patient."""
+    torch.manual_seed(1)
+    z1, z2 = torch.randn(4, 6), torch.randn(4, 6)
+    pids = torch.tensor([7, 3, 7, 5])
+    tau = 0.2
+    z = F.normalize(torch.cat([z1, z2]), dim=1).double()
+    labels = torch.cat([pids, pids]).tolist()
+    total = 0.0
+    for i in range(8):
+        logits = [(z[i] @ z[k]).item() / tau for k in range(8)]
+        lse = math.log(sum(math.exp(logits[k]) for k in range(8) if k != i))
+        pos = [k for k in range(8) if k != i and labels[k] == labels[i]]
+        total += -sum(logits[k] - lse for k in pos) / len(pos)
+    got = contrastive_loss(z1, z2, pids, tau, positives="patient")
+    assert got.item() == pytest.approx(total / 8, rel=1e-5)
+    # with distinct patients it reduces to SimCLR
+    assert contrastive_loss(z1, z2, torch.arange(4), tau, positives="patient").item() == pytest.approx(
+        contrastive_loss(z1, z2, None, tau).item(), rel=1e-6)
+
+
+def test_moco_infonce_by_hand():
+    torch.manual_seed(2)
+    q, k = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    queue = F.normalize(torch.randn(6, 4), dim=1)
+    tau = 0.2
+    expected = 0.0
+    for i in range(3):
+        pos = math.exp((q[i] @ k[i]).item() / tau)
+        neg = sum(math.exp((q[i] @ queue[j]).item() / tau) for j in range(6))
+        expected += -math.log(pos / (pos + neg))
+    assert moco_infonce(q, k, queue, tau).item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def _tiny_encoder(proj_dim=8):
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 10))
+    return ContrastiveModel(backbone, ProjectionHead(10, 16, proj_dim, layers=2, batch_norm=False))
+
+
+def test_gradcache_gradients_equal_full_batch():
+    torch.manual_seed(3)
+    model = _tiny_encoder()
+    v1, v2 = torch.randn(12, 1, 4, 4), torch.randn(12, 1, 4, 4)
+    loss_fn = lambda a, b: contrastive_loss(a, b, None, 0.1)  # noqa: E731
+
+    torch.manual_seed(10)  # dropout draws: GradCache must replay the same ones as the full batch
+    full = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert full
+    # the full-batch reference draws dropout chunk by chunk in the same order as GradCache's first pass
+    zs = [model(torch.cat([v1[a:a + 5], v2[a:a + 5]])) for a in (0, 5, 10)]
+    z1 = torch.cat([z[: len(z) // 2] for z in zs])
+    z2 = torch.cat([z[len(z) // 2:] for z in zs])
+    ref_loss = loss_fn(z1, z2)
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    torch.manual_seed(10)
+    loss = gradcache_step(model, v1, v2, loss_fn, micro_batch=5)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_gradcache_equals_unchunked_batch_without_batch_coupling():
+    """Without dropout or BatchNorm the micro-batch split is invisible: GradCache == one big batch."""
+    torch.manual_seed(4)
+    model = _tiny_encoder()
+    model.eval()  # dropout off
+    v1, v2 = torch.randn(10, 1, 4, 4), torch.randn(10, 1, 4, 4)
+    loss_fn = lambda a, b: contrastive_loss(a, b, None, 0.1)  # noqa: E731
+    z = model(torch.cat([v1, v2]))
+    loss_fn(z[:10], z[10:]).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    gradcache_step(model, v1, v2, loss_fn, micro_batch=3)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_gradcache_keeps_bn_running_stats_of_a_single_pass():
+    """The no-graph first pass must not update BatchNorm running statistics (only the re-forward does)."""
+    torch.manual_seed(5)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 10), nn.BatchNorm1d(10))
+    model = ContrastiveModel(backbone, ProjectionHead(10, 8, 4, layers=2))
+    twin = ContrastiveModel(*[m for m in __import__("copy").deepcopy(model).children()])
+    v1, v2 = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)
+    gradcache_step(model, v1, v2, lambda a, b: contrastive_loss(a, b, None, 0.1), micro_batch=4)
+    for a in (0, 4):  # what plain micro-batch accumulation would leave
+        twin(torch.cat([v1[a:a + 4], v2[a:a + 4]]))
+    for (n, b1), (_, b2) in zip(model.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(b1, b2, msg=n)
+
+
+def test_moco_queue_and_momentum_update():
+    torch.manual_seed(6)
+    enc = _tiny_encoder(proj_dim=4)
+    moco = MoCo(enc, queue_size=8, momentum=0.9)
+    assert moco.queue.shape == (8, 4) and int(moco.queue_ptr) == 0
+    torch.testing.assert_close(moco.queue.norm(dim=1), torch.ones(8))
+    old = moco.queue.clone()
+    keys = F.normalize(torch.randn(4, 4), dim=1)
+    moco.enqueue(keys)
+    torch.testing.assert_close(moco.queue[:4], keys)
+    torch.testing.assert_close(moco.queue[4:], old[4:])
+    assert int(moco.queue_ptr) == 4
+    keys2 = F.normalize(torch.randn(4, 4), dim=1)
+    moco.enqueue(keys2)
+    torch.testing.assert_close(moco.queue[4:], keys2)
+    assert int(moco.queue_ptr) == 0  # wrapped: the oldest entries go next
+    with pytest.raises(ValueError, match="multiple"):
+        moco.enqueue(torch.randn(3, 4))
+    # momentum update: k <- 0.9 k + 0.1 q, key encoder gets no gradient
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(1.0)
+    k_before = [p.clone() for p in moco.encoder_k.parameters()]
+    q_now = [p.clone() for p in moco.encoder_q.parameters()]
+    moco.eval()
+    q, k = moco(torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4))
+    for kb, qn, ka in zip(k_before, q_now, moco.encoder_k.parameters()):
+        torch.testing.assert_close(ka, 0.9 * kb + 0.1 * qn)
+        assert not ka.requires_grad
+    assert q.requires_grad and not k.requires_grad
+    torch.testing.assert_close(k.norm(dim=1), torch.ones(2))
