@@ -169,7 +169,7 @@ def train_one(spec: EncoderSpec, train: ImageSource, val: ImageSource, tasks: li
             opt.step()
             if steps_per_epoch:
                 sched.step()
-            loss_sum += float(loss) * images.shape[0]
+            loss_sum += float(loss.detach()) * images.shape[0]
             n_seen += images.shape[0]
         if not steps_per_epoch:
             sched.step()

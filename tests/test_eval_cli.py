@@ -1,0 +1,190 @@
+"""`python -m eval` end to end on CPU: every subcommand on small synthetic shards, bad-input errors, the feature
+cache, and a real run: a linear probe on random-init ResNet-18 features of real CXRs (Normal vs pneumonia)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eval.__main__ import main as eval_main
+from eval.features import Transform, encoder_spec, extract_features, feature_cache_key
+
+FAST = ["--arch", "resnet18", "--image-size", "32", "--resize-size", "36", "--batch-size", "16", "--bootstrap", "200"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from shardgen import make_shards
+    return make_shards(tmp_path_factory.mktemp("eval") / "shards", num_patients=36, size_px=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    import torch
+
+    from trainer.checkpoint import save_encoder
+    from trainer.models import build_backbone
+    torch.manual_seed(7)
+    model, _ = build_backbone("resnet18", 1, "random")
+    path = tmp_path_factory.mktemp("run") / "ssl-run" / "encoder.pt"
+    path.parent.mkdir()
+    save_encoder(path, model, "resnet18", 1, {"config": {}, "step": 0})
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    rc = eval_main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    common = ["--shards", shards, "--out", out, *FAST]
+    rc, err = _run(capsys, "linear", *common, "--init", "random", "--encoder", encoder_file.parent)
+    assert rc == 0, err
+    lin = json.loads((out / "linear" / "ssl-run.json").read_text())
+    assert lin["encoder"]["category"] == "SSL" and lin["encoder"]["arch"] == "resnet18"
+    assert lin["num_images"]["test"] == sum(s["num_samples"] for s in json.loads((shards / "manifest.json").read_text())["splits"]["test"]["shards"])
+    evaluated = [t for t, r in lin["tasks"].items() if not r["note"]]
+    assert evaluated, lin["notes"]
+    for t in evaluated:
+        r = lin["tasks"][t]
+        assert 0 <= r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1] <= 1 and 0 <= r["auprc"] <= 1
+    with np.load(out / "linear" / "random-resnet18.npz") as z:
+        assert z["scores"].shape == z["targets"].shape == (lin["num_images"]["test"], 3)
+
+    cache_files = sorted((out / "cache").glob("*.npz"))
+    assert len(cache_files) == 6  # 2 encoders x 3 splits
+    mtimes = [p.stat().st_mtime_ns for p in cache_files]
+
+    # Finished output is not overwritten without --overwrite; with it, features come from the cache.
+    rc, err = _run(capsys, "linear", *common, "--init", "random")
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    rc, err = _run(capsys, "linear", *common, "--init", "random", "--overwrite")
+    assert rc == 0, err
+    assert [p.stat().st_mtime_ns for p in cache_files] == mtimes
+
+    rc, err = _run(capsys, "fewshot", *common, "--init", "random", "--k", "2", "--seeds", "20")
+    assert rc == 0, err
+    few = json.loads((out / "fewshot" / "random-resnet18-k2.json").read_text())
+    assert few["num_seeds"] == 20 and all(len(v) == 20 for v in few["per_seed_auroc"].values())
+
+    rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.25,1", "--seeds", "2")
+    assert rc == 0, err
+    frac = json.loads((out / "fractions" / "random-resnet18-linear.json").read_text())
+    assert [c["fraction"] for c in frac["curve"]] == [0.25, 1.0]
+    assert frac["curve"][1]["mean_auroc"] == pytest.approx(lin_random_mean(out), abs=1e-9)  # 100% = the linear probe
+
+    rc, err = _run(capsys, "finetune", *common, "--encoder", encoder_file, "--epochs", "1", "--grid", "0.01,0.05:0")
+    assert rc == 0, err
+    ft = json.loads((out / "finetune" / "ssl-run.json").read_text())
+    assert len(ft["grid"]) == 2 and ft["chosen_lr"] in (0.01, 0.05) and ft["train_in_memory"]
+
+    rc, err = _run(capsys, "compare", "--out", out, "--a", "ssl-run", "--b", "random-resnet18", "--bootstrap", "200")
+    assert rc == 0, err
+    cmp = json.loads((out / "compare" / "ssl-run-vs-random-resnet18-linear.json").read_text())
+    assert cmp["mean_auroc"]["diff"] == pytest.approx(lin["mean_auroc"] - lin_random_mean(out))
+
+    rc, err = _run(capsys, "report", "--out", out)
+    assert rc == 0, err
+    md = (out / "report.md").read_text()
+    assert "| Scratch: random-resnet18" in md and "| SSL: ssl-run" in md and "Paired comparisons" in md
+    for png in ("fractions.png", "roc-linear.png", "roc-finetune.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(json.loads((out / "report.json").read_text())) >= {"linear", "finetune", "fewshot", "fractions", "compare"}
+
+
+def lin_random_mean(out) -> float:
+    return json.loads((out / "linear" / "random-resnet18.json").read_text())["mean_auroc"]
+
+
+def test_bad_inputs_one_line_errors(shards, encoder_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "eval"
+    common = ["--shards", shards, "--out", out, *FAST]
+    cases = [
+        (["linear", *common, "--init", "random", "--tasks", "Cardiomegaly,Pneumonitis"], "unknown task 'Pneumonitis'"),
+        (["linear", *common, "--init", "random", "--tasks", "chexpert5"], "no labels for task 'Atelectasis'"),
+        (["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--arch", "resnet50"], "encoder is resnet18"),
+        (["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--in-channels", "3"], "1 input channel"),
+        (["linear", "--shards", tmp_path / "nowhere", "--out", out, "--init", "random"], "does not exist"),
+        (["compare", "--out", out, "--a", "x", "--b", "y"], "no stored predictions for 'x'"),
+    ]
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    cases.append((["linear", "--shards", shards, "--out", out, "--encoder", bogus], "bogus.pt"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached ImageNet weights
+    cases.append((["linear", *common, "--init", "imagenet"], "local torch hub cache"))
+    for argv, expected in cases:
+        rc, err = _run(capsys, *argv)
+        assert rc == 2, (argv, err)
+        assert expected in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (out / "linear").exists()
+
+
+def test_features_drop_padding_and_cache_key(shards, tmp_path):
+    spec = encoder_spec(init="random", arch="resnet18", seed=1)
+    t = Transform(32, 36)
+    a = extract_features(spec, shards, "val", transform=t, batch_size=5, cache_dir=tmp_path, log=lambda m: None)
+    b = extract_features(spec, shards, "val", transform=t, batch_size=64, cache_dir=None)
+    assert len(a) == len(b) == json.loads((shards / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    assert np.array_equal(a.pids, b.pids) and np.allclose(a.features, b.features, atol=1e-4)
+    assert np.array_equal(np.isnan(a.labels), np.isnan(b.labels))
+    key = feature_cache_key(spec, shards, "val", t)
+    assert key != feature_cache_key(spec, shards, "val", Transform(64, 72))
+    assert key != feature_cache_key(encoder_spec(init="random", arch="resnet18", seed=2), shards, "val", t)
+    assert key != feature_cache_key(spec, shards, "test", t)
+
+
+def test_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "eval", "linear", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--uncertainty" in res.stdout and "--bootstrap" in res.stdout
+
+
+def _pneumonia_shards(shared_data, tmp_path, per_class: int):
+    """Build labelled shards from real images through `ingest build-shards --source folder` with a labels CSV:
+    Pneumonia = 1 for the bacterial / viral folders, 0 for Normal; one patient per image (the source has no ids)."""
+    root = shared_data / "pneumonia-mini"
+    rows = []
+    for cls, count, label in (("Normal", 2 * per_class, 0), ("BacterialPneumonia", per_class, 1), ("ViralPneumonia", per_class, 1)):
+        files = sorted((root / cls).iterdir(), key=lambda p: p.name)[:count]
+        rows += [(f"{cls}/{p.name}", label) for p in files]
+    csv_path = tmp_path / "labels.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "Pneumonia"])
+        w.writerows(rows)
+    out = tmp_path / "shards"
+    res = subprocess.run([sys.executable, "-m", "ingest", "build-shards", "--source", "folder", "--root", str(root),
+                          "--labels-csv", str(csv_path), "--out", str(out), "--size", "80", "--split-mode", "hash",
+                          "--val-frac", "0.25", "--test-frac", "0.3", "--workers", "0", "--no-progress",
+                          "--dataset-name", "pneumonia"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_real_cxr_linear_probe_on_random_features_carries_signal(shared_data, tmp_path, capsys):
+    shards = _pneumonia_shards(shared_data, tmp_path, per_class=60)  # 240 real images
+    out = tmp_path / "eval"
+    rc, err = _run(capsys, "linear", "--shards", shards, "--out", out, "--init", "random", "--arch", "resnet18",
+                   "--image-size", "64", "--resize-size", "72", "--batch-size", "32", "--device", "cpu", "--bootstrap", "500")
+    assert rc == 0, err
+    res = json.loads((out / "linear" / "random-resnet18.json").read_text())
+    task = res["tasks"]["Pneumonia"]
+    assert task["n_pos"] > 20 and task["n_neg"] > 20
+    assert res["mean_auroc"] > 0.7 and res["mean_auroc_ci"][0] > 0.5, res
+
+
+@pytest.mark.gpu
+def test_gpu_features_match_cpu(shards):
+    spec = encoder_spec(init="random", arch="resnet18", seed=0)
+    t = Transform(32, 36)
+    cpu = extract_features(spec, shards, "test", device="cpu", transform=t, batch_size=8)
+    gpu = extract_features(spec, shards, "test", device="gpu", transform=t, batch_size=8)
+    assert np.array_equal(cpu.pids, gpu.pids)
+    # GPU decode (nvJPEG) and bf16 autocast differ slightly from the CPU path; features must still agree closely.
+    cos = np.sum(cpu.features * gpu.features, 1) / (np.linalg.norm(cpu.features, axis=1) * np.linalg.norm(gpu.features, axis=1))
+    assert cos.min() > 0.98
