@@ -88,16 +88,21 @@ def eval_graph(*, paths, index_paths, rank, world_size, image_size, resize_size,
     return normalize(x, channels=channels, dali_dtype=dali_dtype, device=device), lbl, pid
 
 
-def build_pipeline(graph_fn, *, batch_size, num_threads, device_id, seed, prefetch, checkpoint=None, **graph_kw):
-    """Instantiate and build a checkpointable DALI pipeline around ``graph_fn(**graph_kw)``."""
+def define_pipeline(graph_fn, *, batch_size, num_threads, device_id, seed, prefetch, checkpoint=None, **graph_kw):
+    """A checkpointable DALI pipeline around ``graph_fn(**graph_kw)``, defined (arguments validated) but not built."""
     from nvidia.dali import pipeline_def
 
-    @pipeline_def(enable_checkpointing=True)
+    # Conditionals: `if coin:` in the augmentation splits the batch so skipped samples skip the op entirely.
+    @pipeline_def(enable_checkpointing=True, enable_conditionals=True)
     def _pipe():
         return graph_fn(**graph_kw)
 
-    pipe = _pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    return _pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                  prefetch_queue_depth=prefetch, checkpoint=checkpoint)
+
+
+def build_pipeline(graph_fn, **kw):
+    pipe = define_pipeline(graph_fn, **kw)
     pipe.build()
     return pipe
 

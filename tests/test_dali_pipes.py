@@ -125,7 +125,8 @@ def test_pids_survive(unique_shards):
 
 @pytest.mark.parametrize("micle", [False, True])
 def test_resume_gives_identical_remaining_batches(multi_shards, micle):
-    kw = dict(batch_size=3, micle=micle, seed=11, augment="azizi")
+    # every op of the graph (crop, rotation, jitter, conditional blur, flip) carries RNG state to restore
+    kw = dict(batch_size=3, micle=micle, seed=11, augment=dp.AugmentConfig.preset("simclr-cxr", rotation_deg=10.0))
     ref = _pretrain(multi_shards, **kw)
     it = iter(ref)
     head = [next(it) for _ in range(2)]
@@ -299,7 +300,7 @@ def test_gpu_graph_traces_with_every_image_op_on_gpu(unique_shards, graph):
     """Without a GPU the gpu graph can still be *defined*: DALI validates every argument at definition, and each
     op between the decoder and the outputs must sit on the GPU (decoder 'mixed' -> gpu)."""
     from dali_pipes import pipelines as P
-    from nvidia.dali import pipeline_def, types
+    from nvidia.dali import types
 
     sh = load_manifest(unique_shards).shards("train")
     paths, idx = [str(s.path) for s in sh], [str(s.index_path) for s in sh]
@@ -312,11 +313,8 @@ def test_gpu_graph_traces_with_every_image_op_on_gpu(unique_shards, graph):
         fn_, kw = P.pretrain_graph, dict(paths=paths, index_paths=idx, rank=0, world_size=1, reader_seed=1,
                                          shuffle_buffer=8, cfg=dp.AugmentConfig.preset(graph), **common)
 
-    @pipeline_def(enable_checkpointing=True)
-    def pipe_fn():
-        return fn_(**kw)
-
-    pipe = pipe_fn(batch_size=2, num_threads=1, device_id=0, seed=0)  # defined, never built: needs no GPU
+    # defined, never built: needs no GPU
+    pipe = P.define_pipeline(fn_, batch_size=2, num_threads=1, device_id=0, seed=0, prefetch=2, **kw)
     nodes = _image_nodes_devices(pipe)
     assert len(nodes) >= 3
     assert all(d == "gpu" for _, d in nodes), nodes
@@ -362,7 +360,7 @@ def test_rank_outside_world_is_rejected(unique_shards):
 
 
 def test_skipped_blur_is_exact_identity(unique_shards):
-    # The branch-free blur gives skipped samples sigma 1e-3; that must leave pixels untouched.
+    # The blur runs under a DALI conditional: samples whose coin says no must come out of the merge untouched.
     base = dict(random_crop=False, rotation_deg=0.0, hflip_prob=0.0, jitter_prob=0.0)
     plain = dp.AugmentConfig.preset("moco-cxr", **base)
     never = dp.AugmentConfig.preset("moco-cxr", **base, blur_prob=1e-9)

@@ -1,0 +1,227 @@
+"""`python -m bench data`: DALI two-view pretraining pipeline (gpu / cpu) vs a torchvision + webdataset DataLoader
+doing the same augmentation on the same shards, side by side; samples/s, views/s and CPU cores actually used.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.harness import BenchReport, default_out_dir
+from dali_pipes import CXR_MEAN, CXR_STD, AugmentConfig, build_pretrain_loader
+from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, load_manifest
+from ingest.shards import write_shard
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def write_bench_shards(out: Path, *, num_images: int, size_px: int, samples_per_shard: int, seed: int = 0) -> Path:
+    """CXR-like gray JPEGs (shorter side ``size_px``, portrait 1.2 aspect) written with ingest's shard writer."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    h, w = int(size_px * 1.2), size_px
+    yy, xx = np.mgrid[0:h, 0:w]
+    samples = []
+    for i in range(num_images):
+        low = rng.normal(0, 1, (h // 16 + 1, w // 16 + 1)).astype(np.float32)
+        img = np.asarray(Image.fromarray(low, mode="F").resize((w, h), Image.BILINEAR))
+        lungs = ((xx - w * 0.3) ** 2 / (w * 0.18) ** 2 + (yy - h * 0.45) ** 2 / (h * 0.3) ** 2 < 1) | \
+                ((xx - w * 0.7) ** 2 / (w * 0.18) ** 2 + (yy - h * 0.45) ** 2 / (h * 0.3) ** 2 < 1)
+        img = np.clip(128 + 25 * img - 70 * lungs + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=90)
+        pid = i // 2
+        samples.append({"__key__": f"bench-p{pid:06d}-s{i:06d}-v1", "jpg": buf.getvalue(),
+                        "json": json.dumps({"patient_id": f"p{pid}", "view": "PA"}).encode(),
+                        "lbl": struct.pack("<1f", 0.0), "pid": struct.pack("<q", pid)})
+    shards = []
+    for k in range(0, num_images, samples_per_shard):
+        ws = write_shard(out / "train" / SHARD_PATTERN.format(index=k // samples_per_shard), samples[k:k + samples_per_shard])
+        shards.append({"name": ws.name, "num_samples": ws.num_samples, "sha256": ws.sha256, "num_bytes": ws.num_bytes})
+    manifest = {"format_version": FORMAT_VERSION, "datasets": ["bench"], "label_names": ["x"],
+                "num_patients": (num_images + 1) // 2, "rejects": [],
+                "splits": {"train": {"num_samples": num_images, "shards": shards}}}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+def torchvision_views(cfg: AugmentConfig, image_size: int, channels: int):
+    """The torchvision equivalent of dali_pipes.augment_view for ``cfg`` (PIL in, normalised tensor out)."""
+    from torchvision import transforms as T
+    ops = []
+    if cfg.random_crop:
+        ops.append(T.RandomResizedCrop(image_size, scale=(cfg.crop_scale_min, cfg.crop_scale_max), ratio=cfg.crop_ratio))
+    else:
+        ops += [T.Resize(image_size), T.CenterCrop(image_size)]
+    if cfg.rotation_deg > 0:
+        ops.append(T.RandomRotation(cfg.rotation_deg, interpolation=T.InterpolationMode.BILINEAR))
+    if channels == 3:
+        ops.append(T.Grayscale(num_output_channels=3))
+    if cfg.jitter_prob > 0:
+        ops.append(T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_prob))
+    if cfg.grayscale_prob > 0:
+        ops.append(T.RandomGrayscale(cfg.grayscale_prob))
+    if cfg.blur_prob > 0:
+        k = max(3, int(round(cfg.blur_kernel_frac * image_size))) | 1
+        ops.append(T.RandomApply([T.GaussianBlur(k, sigma=cfg.blur_sigma)], p=cfg.blur_prob))
+    if cfg.hflip_prob > 0:
+        ops.append(T.RandomHorizontalFlip(cfg.hflip_prob))
+    ops += [T.ToTensor(), T.Normalize([CXR_MEAN] * channels, [CXR_STD] * channels)]
+    return T.Compose(ops)
+
+
+class _TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample):
+        from PIL import Image
+        jpg, pid = sample
+        img = Image.open(io.BytesIO(jpg))
+        img.draft("L", img.size)  # no-op for gray JPEGs; keeps PIL from converting
+        img = img.convert("L")
+        return self.transform(img), self.transform(img), struct.unpack("<q", pid)[0]
+
+
+def baseline_loader(shard_root: Path, *, cfg, image_size, channels, batch_size, workers, shuffle_buffer=1000):
+    import webdataset as wds
+    urls = [str(s.path) for s in load_manifest(shard_root).shards("train")]
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(shuffle_buffer)
+          .to_tuple("jpg", "pid").map(_TwoViews(torchvision_views(cfg, image_size, channels))))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True,
+                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _measure(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int, batch_size: int, device) -> dict:
+    t0 = time.perf_counter()
+    it = make_iter()
+    next(it)  # DALI: pipeline build (what every set_epoch costs) + shuffle-buffer fill; DataLoader: worker start
+    first_batch_s = time.perf_counter() - t0
+    for _ in range(warmup_batches - 1):
+        next(it)
+    pids = [os.getpid(), *worker_pids()]
+    cpu0 = sum(_proc_cpu_s(p) for p in pids)
+    t0 = time.perf_counter()
+    for _ in range(timed_batches):
+        batch = next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    cpu = sum(_proc_cpu_s(p) for p in pids) - cpu0
+    del batch, it
+    n = timed_batches * batch_size
+    return {"samples_per_s": n / wall, "views_per_s": 2 * n / wall, "wall_s": wall, "cpu_s": cpu,
+            "cpu_cores_used": cpu / wall, "first_batch_s": first_batch_s}
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def run(args) -> BenchReport:
+    report = BenchReport("data", list(args.argv))
+    cfg = AugmentConfig.preset(args.augment)
+    tmp = None
+    if args.shards:
+        root = Path(args.shards)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
+        root = Path(tmp.name) / "shards"
+        t0 = time.perf_counter()
+        write_bench_shards(root, num_images=args.num_images, size_px=args.size_px, samples_per_shard=args.samples_per_shard)
+        report.notes.append(f"generated {args.num_images} synthetic {args.size_px}-px gray JPEG samples in "
+                            f"{time.perf_counter() - t0:.2f}s (temporary shards)")
+    common = dict(warmup_batches=args.warmup_batches, timed_batches=args.batches, batch_size=args.batch_size)
+    devices = [d for d in args.devices.split(",") if d]
+    if "gpu" in devices and not torch.cuda.is_available():
+        devices.remove("gpu")
+        report.notes.append("no CUDA GPU: DALI gpu rows skipped")
+    row_base = dict(augment=cfg.name, image_size=args.image_size, channels=args.channels, batch_size=args.batch_size)
+    for threads in args.threads:
+        for device in devices:
+            loader = build_pretrain_loader(root, batch_size=args.batch_size, device=device, augment=cfg,
+                                           image_size=args.image_size, channels=args.channels, dtype=torch.float32,
+                                           num_threads=threads, seed=0, shuffle_buffer=args.shuffle_buffer)
+            r = _measure(lambda: _cycle(loader), lambda: [], device=loader.torch_device, **common)
+            report.add(loader=f"dali-{device}", workers_or_threads=threads, **row_base, **r)
+        base = baseline_loader(root, cfg=cfg, image_size=args.image_size, channels=args.channels,
+                               batch_size=args.batch_size, workers=threads)
+        holder = {}
+
+        def make_iter():
+            holder["it"] = iter(_cycle_dl(base, holder))
+            return holder["it"]
+
+        r = _measure(make_iter, lambda: [w.pid for w in getattr(holder.get("dl_it"), "_workers", [])],
+                     device=torch.device("cpu"), **common)
+        report.add(loader="torchvision+webdataset", workers_or_threads=threads, **row_base, **r)
+        dali_cpu = [x for x in report.rows if x["loader"] == "dali-cpu" and x["workers_or_threads"] == threads]
+        if dali_cpu:
+            report.notes.append(f"{threads} core(s): dali-cpu / baseline = "
+                                f"{dali_cpu[0]['samples_per_s'] / r['samples_per_s']:.2f}x samples/s")
+    report.notes.append("samples/s counts source images; each yields 2 augmented views. cpu_cores_used = process "
+                        "(+ DataLoader worker) CPU seconds / wall seconds over the timed batches")
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+def _cycle_dl(loader, holder):
+    while True:
+        it = iter(loader)
+        holder["dl_it"] = it
+        yield from it
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__)
+    p.add_argument("--shards", help="existing shard folder (default: generate temporary 256-px shards)")
+    p.add_argument("--num-images", type=int, default=2048)
+    p.add_argument("--size-px", type=int, default=256, help="shorter side of generated shard images")
+    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--augment", default="simclr-cxr", choices=AugmentConfig.PRESETS)
+    p.add_argument("--threads", type=int, nargs="+", default=[len(os.sched_getaffinity(0))],
+                   help="DALI num_threads == DataLoader num_workers (equal cores), one row set per value")
+    p.add_argument("--devices", default="gpu,cpu", help="DALI devices to run, comma separated")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per row")
+    p.add_argument("--warmup-batches", type=int, default=3, help="untimed batches, including the first")
+    p.add_argument("--shuffle-buffer", type=int, default=1024)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (small images, few batches)")
+    p.add_argument("--out", help="write JSON here (file or folder); 'default' = bench/results/<gpu-name>/")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.quick:
+        args.num_images, args.size_px, args.samples_per_shard = 96, 96, 32
+        args.image_size, args.batch_size, args.batches, args.warmup_batches = 64, 8, 3, 1
+        args.shuffle_buffer = 32
+    if args.batches < 1 or args.warmup_batches < 1:
+        p.error("--batches and --warmup-batches must be >= 1")
+    report = run(args)
+    out = default_out_dir(report.env) if args.out == "default" else args.out
+    report.finish(out, columns=["loader", "workers_or_threads", "augment", "image_size", "batch_size",
+                                "samples_per_s", "views_per_s", "cpu_cores_used", "first_batch_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
