@@ -65,7 +65,8 @@ def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], 
     return manifest
 
 
-def summary_table(manifest: dict, file=sys.stdout) -> None:
+def summary_table(manifest: dict, file=None) -> None:
+    file = file or sys.stdout
     rows = [("split", "samples", "patients", "shards", "MiB")]
     for s in SPLITS:
         sp = manifest["splits"][s]
