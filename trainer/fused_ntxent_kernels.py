@@ -52,7 +52,7 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def _fwd(Q, K, RL, CL, LSE, CNT, LOSS, R, C, D, row_offset, stride_q, stride_k, scale2, inv_t,
+    def _fwd(Q, K, RL, CL, LSE, CNT, LOSS, R, C, D, row_offset, stride_q, stride_k, scale2,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
              DOT_F32: tl.constexpr):
         # One program owns BLOCK_M rows and streams every column tile past them: only (BLOCK_M,) stats persist.
@@ -67,7 +67,7 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
         self_col = rows + row_offset
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
         l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(x - m)
-        pos_sum = tl.zeros([BLOCK_M], tl.float32)  # sum of positive raw dot products
+        pos_sum = tl.zeros([BLOCK_M], tl.float32)  # sum of positive logits, log2 units like m
         pos_cnt = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, C, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -86,12 +86,15 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
             l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
             m = m_new
             pos = keep & (rl[:, None] == cl[None, :])
-            pos_sum += tl.sum(tl.where(pos, qk, 0.0), 1)
+            pos_sum += tl.sum(tl.where(pos, x, 0.0), 1)
             pos_cnt += tl.sum(pos.to(tl.float32), 1)
-        # natural-log LSE of the logits s/t; l >= 1 once any column is kept, and m = -inf (so LSE = -inf) otherwise
-        lse = (m + tl.log2(tl.maximum(l, 1e-30))) * 0.6931471805599453
-        loss = tl.where(pos_cnt > 0, lse - pos_sum * inv_t / tl.maximum(pos_cnt, 1.0), 0.0)
-        tl.store(LSE + rows, lse, mask=row_ok)
+        # base-2 LSE of the logits s/t; l >= 1 once any column is kept, and m = -inf (so LSE = -inf) otherwise.
+        # Kept in log2 units: the backward's exp2(x - lse2) then matches the forward's x bit for bit, and a
+        # round trip through natural log would cost ~1e-6 absolute, i.e. 1e-5 relative in dS where p ~ 1.
+        lse2 = m + tl.log2(tl.maximum(l, 1e-30))
+        # subtract before converting to natural log: lse2 and the positive logits cancel to a small loss
+        loss = tl.where(pos_cnt > 0, (lse2 - pos_sum / tl.maximum(pos_cnt, 1.0)) * 0.6931471805599453, 0.0)
+        tl.store(LSE + rows, lse2, mask=row_ok)
         tl.store(CNT + rows, pos_cnt, mask=row_ok)
         tl.store(LOSS + rows, loss, mask=row_ok)
 
@@ -109,7 +112,7 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
         if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
             q = q.to(tl.float32)
         rl = tl.load(RL + rows, mask=row_ok, other=0)
-        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0)
         coef = tl.load(COEF + rows, mask=row_ok, other=0.0) * DS_SCALE
         invp = tl.load(INVP + rows, mask=row_ok, other=0.0)
         active = invp > 0  # rows without positives have zero loss and zero gradient
@@ -141,7 +144,7 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
     def _bwd_cols(Q, K, RL, CL, LSE, COEF, INVP, SCALE, DK, R, C, D, row_offset, stride_q, stride_k, stride_dk,
                   scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   PRECISION: tl.constexpr, DS_SCALE: tl.constexpr, DS_SPLIT: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, S_LIKE_FWD: tl.constexpr):
         # dK_j = sum_i dS_ij Q_i: one program owns BLOCK_N columns and streams the row tiles (no atomics needed).
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
@@ -160,10 +163,15 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
             if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
                 q = q.to(tl.float32)
             rl = tl.load(RL + rows, mask=row_ok, other=0)
-            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0)
             coef = tl.load(COEF + rows, mask=row_ok, other=0.0) * DS_SCALE
             invp = tl.load(INVP + rows, mask=row_ok, other=0.0)
-            kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+            if S_LIKE_FWD:
+                # the forward's operand order, so exp2(x - lse2) sees the very logits the LSE was built from
+                # (fp32: otherwise a one-ulp disagreement shows up as ~1e-5 relative in dS where p ~ 1)
+                kq = tl.trans(tl.dot(q, tl.trans(k), input_precision=PRECISION))  # (BLOCK_N, BLOCK_M)
+            else:
+                kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
             keep = (invp > 0)[None, :] & col_ok[:, None] & (cols[:, None] != (rows + row_offset)[None, :])
             p = tl.where(keep, tl.exp2(kq * scale2 - lse2[None, :]), 0.0)
             pos = keep & (cl[:, None] == rl[None, :])
@@ -202,7 +210,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def forward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperature: float):
-    """Per-row (loss, lse, positive count), each (R,) fp32; inputs contiguous on one device, same dtype."""
+    """Per-row (loss, base-2 LSE of the logits, positive count), each (R,) fp32; inputs contiguous, one dtype."""
     import triton
     rows, dim = z_rows.shape
     cols = z_cols.shape[0]
@@ -212,7 +220,7 @@ def forward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperature
     loss = torch.empty_like(lse)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
     k.fwd[grid](z_rows, z_cols, row_labels, col_labels, lse, cnt, loss, rows, cols, dim, row_offset,
-                z_rows.stride(0), z_cols.stride(0), 1.4426950408889634 / temperature, 1.0 / temperature,
+                z_rows.stride(0), z_cols.stride(0), 1.4426950408889634 / temperature,
                 BLOCK_D=_block_d(dim), PRECISION=_precision(z_rows.dtype), **k.fixed)
     return loss, lse, cnt
 
@@ -245,5 +253,7 @@ def backward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperatur
         dz_cols = torch.empty_like(z_cols)
         grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
         k.bwd_cols[grid](z_rows, z_cols, row_labels, col_labels, lse, coef, inv_pos, coef_scale, dz_cols, rows, cols,
-                         dim, row_offset, z_rows.stride(0), z_cols.stride(0), dz_cols.stride(0), scale2, **common)
+                         dim, row_offset, z_rows.stride(0), z_cols.stride(0), dz_cols.stride(0), scale2,
+                         # 16-bit inputs skip the register transpose: their tolerance is 1e-2, not 1e-5
+                         S_LIKE_FWD=z_rows.dtype == torch.float32, **common)
     return dz_rows, dz_cols
