@@ -46,6 +46,9 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
             rejects.append(Reject(rel, f"not listed in {Path(opts.labels_csv).name}"))
             continue
         scanned.append((rel, h))
+    found = set(walk_files(root, root)) if csv_labels else set()
+    rejects += [Reject(p, f"listed in {Path(opts.labels_csv).name} but not found under --root")
+                for p in sorted(set(csv_labels) - found)]
     records, per_study = [], {}
     for rel, h in scanned:  # sorted by path: the view index inside a study is stable
         patient = pseudonymise(h["PatientID"], opts.pseudonym_salt, "d")
