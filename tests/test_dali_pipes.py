@@ -368,3 +368,13 @@ def test_skipped_blur_is_exact_identity(unique_shards):
     a, b, c = (next(iter(_pretrain(unique_shards, augment=cfg))) for cfg in (plain, never, always))
     assert torch.equal(a["view1"], b["view1"])
     assert not torch.equal(a["view1"], c["view1"])
+
+
+def test_zero_copy_batches_stay_valid_after_later_runs(unique_shards):
+    # fp32 batches are DLPack views of DALI's buffers; exec_dynamic must keep them intact while referenced.
+    kept, snapshots = [], []
+    for b in _pretrain(unique_shards, dtype=torch.float32):
+        kept.append(b["view1"])
+        snapshots.append(b["view1"].clone())
+    assert len({k.data_ptr() for k in kept}) == len(kept)
+    assert all(torch.equal(k, s) for k, s in zip(kept, snapshots))
