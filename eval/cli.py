@@ -275,9 +275,9 @@ def run_fractions(args) -> None:
 def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
     from eval.bootstrap import bootstrap_mean_over_runs
     from eval.finetune import finetune
-    from eval.sampling import fraction_subsets
+    from eval.sampling import fraction_subsets, split_patient_ids
     label_names = load_manifest(args.shards).label_names
-    train_pids = _features_pids(args, spec)
+    train_pids = split_patient_ids(args.shards, "train")
     runs: dict[float, list] = {f: [] for f in args.fractions}
     targets = test_pids = None
     for s in range(args.seeds):
@@ -290,7 +290,8 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                                      num_threads=args.num_threads, log=_log)
             targets, test_pids = preds["targets"], preds["pids"]
             runs[f].append({"scores": preds["scores"], "mean_auroc": result["mean_auroc"], "lr": result["chosen_lr"],
-                            "weight_decay": result["chosen_weight_decay"], "num_images": int(len(subsets[f]))})
+                            "weight_decay": result["chosen_weight_decay"], "num_images": int(len(subsets[f])),
+                            "in_memory": result["train_in_memory"]})
     curve = []
     for f in sorted(args.fractions):
         vals = np.array([r["mean_auroc"] if r["mean_auroc"] is not None else np.nan for r in runs[f]])
@@ -298,14 +299,10 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                       "seed_std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "mean_auroc_ci": bootstrap_mean_over_runs(targets, [r["scores"] for r in runs[f]], test_pids,
                                                                 num_replicates=args.bootstrap, seed=args.seed),
-                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]]})
+                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]],
+                      "train_in_memory": [r["in_memory"] for r in runs[f]]})
     return {"protocol": "fractions", "mode": "finetune", "uncertainty": args.uncertainty, "num_seeds": args.seeds, "curve": curve,
             "notes": [], "ci": "patient bootstrap of the test set, runs averaged inside each replicate"}
-
-
-def _features_pids(args, spec: EncoderSpec) -> np.ndarray:
-    # Patient ids of the training split: the feature pass (cached) is the one place they are read.
-    return _features(args, spec, "train").pids
 
 
 def run_compare(args) -> None:

@@ -69,7 +69,7 @@ def encoder_spec(encoder: str | Path | None = None, init: str | None = None, *, 
         return EncoderSpec("checkpoint", meta["arch"], ch, name or run_name, path=path)
     if init not in ("random", "imagenet"):
         raise EncoderError(f"unknown --init '{init}' (choose random or imagenet)")
-    arch = arch or ("resnet50")
+    arch = arch or "resnet50"
     ch = in_channels if in_channels is not None else (1 if init == "random" else 3)
     return EncoderSpec(init, arch, ch, name or f"{init}-{arch}", seed=seed)
 
@@ -155,10 +155,11 @@ class Transform:
         return {"image_size": self.image_size, "resize_size": self.resize_size}
 
 
-def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform) -> str:
+def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform, device: str = "cpu") -> str:
+    # The device is part of the key: GPU decoding (nvJPEG) and bf16 autocast give slightly different features.
     manifest_sha = _sha256_file(Path(shard_root) / MANIFEST_NAME)
     blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder_hash(spec), "manifest": manifest_sha, "split": split,
-                       "channels": spec.in_channels, **transform.as_dict()}, sort_keys=True)
+                       "channels": spec.in_channels, "device": device, **transform.as_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -205,7 +206,7 @@ def extract_features(spec: EncoderSpec, shard_root: str | Path, split: str, *, d
     manifest = load_manifest(shard_root)
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{spec.name}-{split}-{feature_cache_key(spec, shard_root, split, transform)}.npz"
+        cache_path = Path(cache_dir) / f"{spec.name}-{split}-{feature_cache_key(spec, shard_root, split, transform, device)}.npz"
         if cache_path.is_file():
             with np.load(cache_path) as z:
                 return FeatureSet(z["features"], z["labels"], z["pids"], [str(s) for s in z["label_names"]])

@@ -3,6 +3,7 @@ the inverse regularisation C picked on the validation split by grid search (vali
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,10 +30,9 @@ def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
-    import warnings
-    from sklearn.exceptions import ConvergenceWarning
     with warnings.catch_warnings():
         # Strong-C fits on separable tiny sets hit max_iter; the grid then simply prefers another C.
         warnings.simplefilter("ignore", ConvergenceWarning)

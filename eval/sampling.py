@@ -61,3 +61,19 @@ def _one_per_patient(idx: np.ndarray, pids: np.ndarray, rng: np.random.Generator
     idx = rng.permutation(idx)
     _, first = np.unique(pids[idx], return_index=True)
     return rng.permutation(idx[np.sort(first)])
+
+
+def split_patient_ids(shard_root, split: str) -> np.ndarray:
+    """(N,) int64 patient index of every sample of ``split``, read from the shards' ``.pid`` members with the
+    standard tar reader (no image decoding): what patient-level sampling needs before any model runs."""
+    import tarfile
+    from pathlib import Path
+
+    from ingest.schema import load_manifest
+    out = []
+    for shard in load_manifest(Path(shard_root)).shards(split):
+        with tarfile.open(shard.path) as tf:
+            for member in tf:
+                if member.name.endswith(".pid"):
+                    out.append(np.frombuffer(tf.extractfile(member).read(), dtype="<i8")[0])
+    return np.asarray(out, dtype=np.int64)

@@ -12,6 +12,7 @@ import pytest
 
 from eval.__main__ import main as eval_main
 from eval.features import Transform, encoder_spec, extract_features, feature_cache_key
+from eval.sampling import split_patient_ids
 
 FAST = ["--arch", "resnet18", "--image-size", "32", "--resize-size", "36", "--batch-size", "16", "--bootstrap", "200"]
 
@@ -79,6 +80,15 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert [c["fraction"] for c in frac["curve"]] == [0.25, 1.0]
     assert frac["curve"][1]["mean_auroc"] == pytest.approx(lin_random_mean(out), abs=1e-9)  # 100% = the linear probe
 
+    # End-to-end half of the curve; a 4-image memory budget forces the streamed (pid-filtered) training path.
+    rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.5,1", "--seeds", "1", "--mode", "finetune",
+                   "--epochs", "1", "--max-images-in-memory", "4")
+    assert rc == 0, err
+    ftc = json.loads((out / "fractions" / "random-resnet18-finetune.json").read_text())
+    half, full = ftc["curve"]
+    assert half["num_images"][0] < full["num_images"][0] == lin["num_images"]["train"]
+    assert half["train_in_memory"] == full["train_in_memory"] == [False]
+
     rc, err = _run(capsys, "finetune", *common, "--encoder", encoder_file, "--epochs", "1", "--grid", "0.01,0.05:0")
     assert rc == 0, err
     ft = json.loads((out / "finetune" / "ssl-run.json").read_text())
@@ -137,6 +147,8 @@ def test_features_drop_padding_and_cache_key(shards, tmp_path):
     assert key != feature_cache_key(spec, shards, "val", Transform(64, 72))
     assert key != feature_cache_key(encoder_spec(init="random", arch="resnet18", seed=2), shards, "val", t)
     assert key != feature_cache_key(spec, shards, "test", t)
+    assert key != feature_cache_key(spec, shards, "val", t, "gpu")
+    assert np.array_equal(np.sort(split_patient_ids(shards, "val")), np.sort(a.pids))
 
 
 def test_module_entry_point_help():
