@@ -30,7 +30,10 @@ class CsvRow:
 def read_labels_csv(csv_path: Path) -> tuple[tuple[str, ...], list[CsvRow]]:
     if not csv_path.is_file():
         raise SourceError(f"{csv_path}: labels CSV not found")
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise SourceError(f"{csv_path}: unreadable CSV ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if "path" not in df.columns:
         raise SourceError(f"{csv_path}: labels CSV needs a 'path' column (has {list(df.columns)})")
     class_mode = "label" in df.columns
