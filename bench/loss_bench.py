@@ -14,7 +14,7 @@ GPU_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_SIZES = [64, 128, 256]
 IMPLS = ("fused", "reference", "compiled")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-COLUMNS = ["n_views", "impl", "status", "median_ms", "p90_ms", "peak_mem_mib", "speedup_vs_best_torch",
+COLUMNS = ["n_views", "rows", "impl", "status", "median_ms", "p90_ms", "peak_mem_mib", "speedup_vs_best_torch",
            "loss_pct_of_resnet50_step"]
 
 
@@ -28,11 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--impls", nargs="+", choices=IMPLS,
                    help="default: all on a GPU; fused (interpreter, if TRITON_INTERPRET=1) + reference on the CPU")
+    p.add_argument("--world", type=int, default=1,
+                   help="time one rank of W: N / W rows against all N gathered columns (cross-GPU negatives)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, help="timed runs per point (default 20 on a GPU, 3 on the CPU)")
     p.add_argument("--resnet50-batch", type=int, default=0,
                    help="also time a ResNet-50 bf16 train step at this batch (GPU) and report the loss as a %% of "
-                        "the step for N views (step time scaled linearly to N images)")
+                        "a step over this rank's N / W views (step time scaled linearly in images)")
     p.add_argument("--out", help="JSON file or folder (default on a GPU: bench/results/<gpu>/loss.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON result")
     return p
@@ -43,34 +45,38 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def _loss_fn(impl: str, compiled_cache: dict):
+def _loss_fn(impl: str):
     from trainer.fused_ntxent import nt_xent_fused
     from trainer.losses import nt_xent_reference
     if impl == "fused":
         return nt_xent_fused
     if impl == "reference":
         return nt_xent_reference
-    if "fn" not in compiled_cache:
-        import torch
-        compiled_cache["fn"] = torch.compile(nt_xent_reference, dynamic=False)
-    return compiled_cache["fn"]
+    import torch
+    # a fresh compile per size: dynamo's per-function recompile limit (8) would silently fall back to eager
+    torch._dynamo.reset()
+    return torch.compile(nt_xent_reference, dynamic=False)
 
 
-def _measure(impl: str, n_views: int, args, device, dtype, compiled_cache: dict) -> dict:
-    """Time forward + backward of one implementation at N views; OOM becomes a row, not a crash."""
+def _measure(impl: str, n_views: int, args, device, dtype) -> dict:
+    """Time forward + backward of one implementation at N views; OOM becomes a row, not a crash.
+
+    With ``--world W`` this is one rank's share: its N / W rows against all N gathered columns.
+    """
     import torch
     from trainer.losses import simclr_labels
     gen = torch.Generator(device="cpu").manual_seed(n_views)
     z = torch.nn.functional.normalize(torch.randn(n_views, args.dim, generator=gen), dim=1)
     z = z.to(device=device, dtype=dtype).requires_grad_()  # (N, D)
     labels = simclr_labels(n_views // 2, device)
-    fn = _loss_fn(impl, compiled_cache)
+    rows = n_views // args.world  # rank 0's rows: a view of z, so its gradient reaches z with the columns'
+    fn = _loss_fn(impl)
 
     def step():
         z.grad = None
-        fn(z, z, labels, labels, 0, args.temperature, "mean").backward()
+        fn(z[:rows], z, labels[:rows], labels, 0, args.temperature, "mean").backward()
 
-    row = {"n_views": n_views, "impl": impl}
+    row = {"n_views": n_views, "rows": rows, "impl": impl}
     cuda = device.type == "cuda"
     try:
         step()  # compile / autotune outside the timed and the memory-measured region
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(n < 2 or n % 2 for n in sizes):
         print(f"bench loss: --sizes must be even and >= 2 (two views per sample), got {sizes}", file=sys.stderr)
         return 2
+    if args.world < 1 or any(n % args.world for n in sizes):
+        print(f"bench loss: --world {args.world} must divide every size {sizes}", file=sys.stderr)
+        return 2
     args.repeats = args.repeats or (20 if cuda else 3)
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if cuda else "fp32")])
     env = capture_env()
@@ -162,21 +171,21 @@ def main(argv: list[str] | None = None) -> int:
 
     impls, notes = _plan(args, device)
     report = BenchReport("loss", list(argv if argv is not None else sys.argv[2:]), env=env, notes=notes)
-    report.notes.append(f"D={args.dim} dtype={dtype} temperature={args.temperature}, SimCLR pairing, "
-                        f"forward+backward of the mean loss; peak_mem = max_memory_allocated delta over inputs")
+    report.notes.append(f"D={args.dim} dtype={dtype} temperature={args.temperature} world={args.world}, SimCLR "
+                        "pairing, forward+backward of the mean loss; peak_mem = max_memory_allocated delta over inputs")
     ms_per_image = _resnet50_ms_per_image(args.resnet50_batch, device) if cuda and args.resnet50_batch else None
     if ms_per_image is not None:
         report.notes.append(f"ResNet-50 bf16 step: {ms_per_image:.4f} ms/image at batch {args.resnet50_batch}")
-    compiled_cache: dict = {}
     with GpuSampler() as sampler:
         for n_views in sizes:
-            rows = [report.add(**_measure(impl, n_views, args, device, dtype, compiled_cache)) for impl in impls]
+            rows = [report.add(**_measure(impl, n_views, args, device, dtype)) for impl in impls]
             torch_ms = [r["median_ms"] for r in rows if r["impl"] != "fused" and r["status"] == "ok"]
             for r in rows:
                 if r["impl"] == "fused" and r["status"] == "ok":
                     r["speedup_vs_best_torch"] = min(torch_ms) / r["median_ms"] if torch_ms else None
                     if ms_per_image is not None:
-                        r["loss_pct_of_resnet50_step"] = 100 * r["median_ms"] / (ms_per_image * n_views)
+                        # this rank's step trains on its own rows' images
+                        r["loss_pct_of_resnet50_step"] = 100 * r["median_ms"] / (ms_per_image * r["rows"])
             print(f"N={n_views}: " + ", ".join(f"{r['impl']} {r.get('median_ms', r['status'])}" for r in rows),
                   file=sys.stderr, flush=True)
     report.env["gpu_sampler"] = sampler.summary()

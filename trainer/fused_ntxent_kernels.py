@@ -203,8 +203,9 @@ def _block_d(dim: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting, so fused and reference see the same rounding policy
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs follow torch's own matmul setting, so fused and reference see the same rounding policy;
+    # 16-bit operands always use the tensor cores and ignore it (tf32 is only triton's default spelled out)
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
