@@ -96,14 +96,14 @@ def to_gray_u8(im: Image.Image) -> tuple[Image.Image, list[str], dict]:
     return im.convert("L"), steps, flags
 
 
-def decode_pillow(data: bytes, size: int) -> tuple[Image.Image, int, int, int, str, list[str], dict, int]:
+def decode_pillow(data: bytes, size: int, draft: bool = True) -> tuple[Image.Image, int, int, int, str, list[str], dict, int]:
     """(gray image, original w, h, bit depth, photometric, steps, flags, DCT reduction factor 1/2/4/8)."""
     reduction = 1
     try:
         im = Image.open(io.BytesIO(data))
         width, height, mode, fmt = im.width, im.height, im.mode, im.format
         steps = [f"decode:{(fmt or '?').lower()}"]
-        if fmt == "JPEG" and size > 0 and mode in ("L", "RGB"):
+        if draft and fmt == "JPEG" and size > 0 and mode in ("L", "RGB"):
             want = target_size(width, height, size * DRAFT_MIN_REDUCTION)
             if want[0] < width:
                 im.draft(mode, want)  # libjpeg DCT scaling by 1/2, 1/4 or 1/8
@@ -126,8 +126,9 @@ def decode_pillow(data: bytes, size: int) -> tuple[Image.Image, int, int, int, s
     return gray, width, height, bit_depth, photometric, steps + more_steps, flags, reduction
 
 
-def process_bytes(data: bytes, kind: str, size: int, quality: int) -> Processed:
-    """Decode ``data`` (kind 'image' or 'dicom'; a DICOM preamble is recognised in either), resize, encode."""
+def process_bytes(data: bytes, kind: str, size: int, quality: int, draft: bool = True) -> Processed:
+    """Decode ``data`` (kind 'image' or 'dicom'; a DICOM preamble is recognised in either), resize, encode.
+    ``draft=False`` disables the DCT-scaled JPEG decoding (for comparisons)."""
     sha = hashlib.sha256(data).hexdigest()
     if kind == "dicom" or (len(data) > 132 and data[128:132] == b"DICM"):
         from ingest.dicom import DicomReject, decode_dicom
@@ -140,7 +141,7 @@ def process_bytes(data: bytes, kind: str, size: int, quality: int) -> Processed:
         photometric, steps, flags = info["photometric_interpretation"], ["decode:dicom", *info["steps"]], {}
         reduction = 1
     else:
-        gray, width, height, bit_depth, photometric, steps, flags, reduction = decode_pillow(data, size)
+        gray, width, height, bit_depth, photometric, steps, flags, reduction = decode_pillow(data, size, draft)
     new = target_size(width, height, size)
     if gray.size != new or reduction != 1:
         upscale = new[0] > width

@@ -1,0 +1,115 @@
+"""`python -m bench ingest`: ingest throughput. Per-core decode -> resize -> encode rate and `build-shards`
+end to end with 1, 2, ... workers (scaling), on CheXpert-small-like JPEGs (~320x390 gray), 1024x1024 PNGs,
+and big JPEGs with and without the draft (DCT-scaled) fast path. Inputs are generated in a temp folder."""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.harness import BenchReport, default_out_dir, time_fn
+
+SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _base_images(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Real CXRs from ../shared/data/pneumonia-mini when present, else smooth synthetic fields (gray, uint8)."""
+    real = sorted((SHARED_DATA / "pneumonia-mini" / "Normal").glob("*.jpeg"))[:n] if SHARED_DATA.is_dir() else []
+    if real:
+        return [np.asarray(Image.open(p).convert("L")) for p in real]
+    out = []
+    for _ in range(n):
+        low = rng.normal(0, 1, (40, 50)).astype(np.float32)
+        img = np.asarray(Image.fromarray(low, mode="F").resize((400, 300), Image.BICUBIC))
+        out.append(np.clip((img - img.min()) / (np.ptp(img) + 1e-6) * 255, 0, 255).astype(np.uint8))
+    return out
+
+
+def make_inputs(folder: Path, kind: str, count: int, seed: int = 0) -> Path:
+    """``folder/cls/NNNNN.ext`` images of one kind: 'jpeg320' (320x390 q90), 'png1024', 'jpeg2k' (2048x2500)."""
+    rng = np.random.default_rng(seed)
+    bases = _base_images(min(count, 64), rng)
+    (folder / "cls").mkdir(parents=True, exist_ok=True)
+    size, fmt, ext = {"jpeg320": ((320, 390), "JPEG", "jpg"), "png1024": ((1024, 1024), "PNG", "png"),
+                      "jpeg2k": ((2048, 2500), "JPEG", "jpg")}[kind]
+    variants = []
+    for b in bases:
+        img = np.asarray(Image.fromarray(b).resize(size, Image.BICUBIC)).astype(np.int16)
+        img = np.clip(img + rng.normal(0, 2.0, img.shape), 0, 255).astype(np.uint8)  # sensor noise: real entropy
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 6}))
+        variants.append(buf.getvalue())
+    for i in range(count):
+        (folder / "cls" / f"{i:05d}.{ext}").write_bytes(variants[i % len(variants)])
+    return folder
+
+
+def bench_process(report: BenchReport, root: Path, label: str, repeats: int, draft: bool = True) -> None:
+    from ingest.preprocess import process_bytes
+    datas = [p.read_bytes() for p in sorted((root / "cls").iterdir())]
+    t = time_fn(lambda: [process_bytes(d, "image", 256, 95, draft=draft) for d in datas], warmup=1, repeats=repeats,
+                sync=False)
+    report.add(input=label, stage="decode+resize+encode, 1 process" + ("" if draft else ", no draft"),
+               workers=1, images=len(datas), median_s=t.median_s,
+               images_per_s=len(datas) / t.median_s, images_per_s_per_worker=len(datas) / t.median_s, scaling=None)
+
+
+def bench_build(report: BenchReport, root: Path, label: str, workers_list: list[int], repeats: int, tmp: Path) -> None:
+    from ingest import build
+    n = sum(1 for _ in (root / "cls").iterdir())
+    base = None
+    for w in workers_list:
+        out = tmp / f"out-{label}-{w}"
+
+        def once():
+            shutil.rmtree(out, ignore_errors=True)
+            assert build.main(["--source", "folder", "--root", str(root), "--out", str(out), "--workers", str(w),
+                               "--no-progress", "--size", "256", "--quality", "95"]) == 0
+        import contextlib
+        with contextlib.redirect_stdout(io.StringIO()):
+            t = time_fn(once, warmup=1, repeats=repeats, sync=False)
+        ips = n / t.median_s
+        base = base or ips
+        report.add(input=label, stage="build-shards end to end", workers=w, images=n, median_s=t.median_s,
+                   images_per_s=ips, images_per_s_per_worker=ips / w, scaling=ips / base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench ingest", description=__doc__)
+    p.add_argument("--jpeg-images", type=int, default=2000, help="CheXpert-small-like 320x390 JPEGs")
+    p.add_argument("--png-images", type=int, default=120, help="1024x1024 PNGs")
+    p.add_argument("--big-jpeg-images", type=int, default=60, help="2048x2500 JPEGs (draft fast path)")
+    p.add_argument("--workers", default="1,2", help="comma list of worker counts for build-shards")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="JSON file or folder (default: print only; 'default' = bench/results/<machine>/)")
+    a = p.parse_args(argv)
+    workers = [int(w) for w in a.workers.split(",")]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    report = BenchReport("ingest", list(argv or []))
+    report.notes.append(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmpdir:
+        tmp = Path(tmpdir)
+        t0 = time.perf_counter()
+        jpeg = make_inputs(tmp / "jpeg320", "jpeg320", a.jpeg_images)
+        png = make_inputs(tmp / "png1024", "png1024", a.png_images)
+        big = make_inputs(tmp / "jpeg2k", "jpeg2k", a.big_jpeg_images)
+        report.notes.append(f"inputs generated in {time.perf_counter() - t0:.1f} s "
+                            f"({'real pneumonia-mini CXRs' if SHARED_DATA.is_dir() else 'synthetic fields'} + noise)")
+        bench_process(report, jpeg, "jpeg 320x390 gray", a.repeats)
+        bench_process(report, png, "png 1024x1024 gray", a.repeats)
+        bench_process(report, big, "jpeg 2048x2500 gray", a.repeats)
+        bench_process(report, big, "jpeg 2048x2500 gray", a.repeats, draft=False)
+        bench_build(report, jpeg, "jpeg 320x390 gray", workers, a.repeats, tmp)
+        bench_build(report, png, "png 1024x1024 gray", workers, a.repeats, tmp)
+    report.notes.append(f"load average after: {os.getloadavg()[0]:.2f}")
+    out = default_out_dir(report.env) if a.out == "default" else a.out
+    report.finish(out, columns=["input", "stage", "workers", "images", "median_s", "images_per_s",
+                                "images_per_s_per_worker", "scaling"])
+    return 0
