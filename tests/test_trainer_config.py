@@ -108,21 +108,27 @@ def test_lars_excludes_bn_and_bias():
 def test_lars_update_rule():
     torch.manual_seed(0)
     net = _net()
-    cfg = load_config(None, ["data.source=synthetic", "optim.weight_decay=0.01", "optim.trust_coefficient=0.001"]).optim
+    cfg = load_config(None, ["data.source=synthetic", "optim.weight_decay=0.01", "optim.trust_coefficient=0.001",
+                             "optim.momentum=0.9"]).optim
     opt = build_optimizer(net, cfg, lr=0.5)
     assert isinstance(opt, LARS)
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    net(torch.randn(2, 1, 6, 6)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
-    opt.step()
-    for n, p in net.named_parameters():
-        w, g = before[n], grads[n]
-        if p.ndim <= 1:  # excluded: plain momentum SGD, no decay, no trust ratio
-            expected = w - 0.5 * g
-        else:
-            d = g + 0.01 * w
-            expected = w - 0.5 * (0.001 * w.norm() / d.norm()) * d
-        torch.testing.assert_close(p.detach(), expected, msg=n)
+    expected = {n: p.detach().clone() for n, p in net.named_parameters()}
+    velocity = {}
+    for _ in range(3):  # momentum accumulates across steps
+        opt.zero_grad()
+        net(torch.randn(2, 1, 6, 6)).sum().backward()
+        for n, p in net.named_parameters():
+            w, g = expected[n], p.grad
+            if p.ndim <= 1:  # excluded: plain momentum SGD, no decay, no trust ratio
+                d = g
+            else:
+                d = g + 0.01 * w
+                d = (0.001 * w.norm() / d.norm()) * d
+            velocity[n] = d if n not in velocity else 0.9 * velocity[n] + d
+            expected[n] = w - 0.5 * velocity[n]
+        opt.step()
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[n], msg=n)
 
 
 def test_sgd_adamw_no_decay_on_excluded():

@@ -53,14 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pretrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    info = dist_utils.setup(cfg.run.device)
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     try:
+        info = dist_utils.setup(cfg.run.device)
         return train(cfg, info)
     except Stop as e:
         print(f"pretrain: {e}", file=sys.stderr, flush=True)
         return e.code
+    except RuntimeError as e:  # e.g. run.device=cuda without a GPU
+        if "CUDA" not in str(e):
+            raise
+        print(f"pretrain: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     finally:
         dist_utils.teardown()
+        # process-wide switches go back as they were (main() may be called in-process, e.g. by tests)
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.benchmark = flags[1]
 
 
 def train(cfg: Config, info: dist_utils.DistInfo) -> int:
@@ -73,7 +82,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     seed = cfg.run.seed
     random.seed(seed + rank)
     np.random.seed(seed + rank)
@@ -149,9 +159,16 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     step, epoch, batch_in_epoch = 0, 0, 0
     loader.set_epoch(0)
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, map_location=device)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            state = ckpt.load_checkpoint(resume_path, map_location=device)
+        except ValueError as e:
+            raise Stop(EXIT_BAD_INPUT, str(e)) from None
+        try:
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise Stop(EXIT_BAD_INPUT, f"{resume_path}: does not match this run's model/optimiser "
+                                       f"({str(e).splitlines()[0][:200]}); use another run.out") from None
         if step_fn.scaler is not None and state.get("scaler"):
             step_fn.scaler.load_state_dict(state["scaler"])
         step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
