@@ -91,9 +91,10 @@ def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> Anatomy:
     female = sex == "Female"
     n = lambda mu, sd, lo, hi: float(np.clip(rng.normal(mu, sd), lo, hi))  # noqa: E731
     tex = [rng.standard_normal((cells, cells)).astype(np.float32) for cells in (9, 16, 30, 60)]
+    thorax_hw = n(0.80 if female else 0.84, 0.03, 0.72, 0.92)
     return Anatomy(
         sex=sex, age=age,
-        thorax_hw=n(0.80 if female else 0.84, 0.03, 0.72, 0.92),
+        thorax_hw=thorax_hw,
         apex_y=n(-0.86, 0.04, -0.98, -0.74), base_y=n(0.50, 0.05, 0.38, 0.62),
         dome_h=n(0.20, 0.03, 0.12, 0.28), right_dome_up=n(0.04, 0.015, 0.0, 0.08),
         medi_hw=n(0.14, 0.015, 0.11, 0.18), ctr=n(0.44, 0.025, 0.38, 0.49),
@@ -103,7 +104,7 @@ def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> Anatomy:
         rib_gap_growth=n(0.004, 0.001, 0.002, 0.006), rib_rise=n(0.45, 0.06, 0.3, 0.6),
         rib_curve=n(0.9, 0.1, 0.65, 1.15),
         bone=n(1.0 - 0.004 * max(0, age - 40), 0.08, 0.55, 1.2),
-        soft=n(0.86, 0.06, 0.7, 1.05), body_hw=n(1.08, 0.06, 0.95, 1.25),
+        soft=n(0.86, 0.06, 0.7, 1.05), body_hw=thorax_hw + n(0.26, 0.06, 0.18, 0.42),   # chest wall + arms
         breast=n(0.10, 0.04, 0.0, 0.2) if female else 0.0,
         textures=tex,
     )

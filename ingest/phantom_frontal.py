@@ -117,8 +117,9 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
     # body: a soft-tissue cylinder with neck and shoulders
     shoulder = _ramp(y - (anat.apex_y - 0.2), 0.25)
     body_hw = 0.32 + (anat.body_hw - 0.32) * shoulder
-    body = np.sqrt(np.clip(1.0 - (x / body_hw) ** 2, 0.0, 1.0))
+    body = np.clip(1.0 - (x / body_hw) ** 2, 0.0, 1.0) ** 0.3   # flatter than a cylinder: chest wall stays bright
     mu = anat.soft * body * (0.92 + 0.04 * mid)
+    mu += 0.1 * body * _ramp(np.abs(x) - anat.thorax_hw, 0.08)   # chest-wall muscles seen tangentially
     if anat.breast > 0:
         for s in SIDES:
             d2 = ((x - s * 0.52) / 0.36) ** 2 + ((y - (anat.base_y - 0.12)) / 0.26) ** 2
