@@ -65,6 +65,16 @@ def pretrain_graph(*, paths, index_paths, rank, world_size, reader_seed, shuffle
     return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), pid
 
 
+def indexed_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype, device):
+    """Two views of each image served by a filtered index (``MicleSource(pairs=False)``), plus its patient id."""
+    from nvidia.dali import fn, types
+    jpg, pid = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                  dtype=[types.UINT8, types.INT64], ndim=[1, 1])
+    images = _decode(jpg, device)
+    kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
+    return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), pid
+
+
 def micle_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype, device):
     """MICLe: view 1 from the anchor image, view 2 from its same-patient partner (the same augmentation graph)."""
     from nvidia.dali import fn, types

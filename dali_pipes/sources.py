@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +62,15 @@ def build_image_table(manifest: Manifest, split: str, *, frontal_only: bool) -> 
         if len(index) != sh.num_samples:
             raise ShardFormatError(f"{sh.index_path}: {len(index)} samples indexed, manifest says {sh.num_samples}")
         with open(sh.path, "rb") as f:
-            fd = f.fileno()
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if sh.num_bytes else b""
             for entry in index:
                 if "jpg" not in entry or "pid" not in entry or "json" not in entry:
                     raise ShardFormatError(f"{sh.index_path}: a sample lacks jpg/json/pid ({sorted(entry)})")
                 (po, ps), (jo, js) = entry["pid"], entry["json"]
                 if ps != 8:
                     raise ShardFormatError(f"{sh.path}: .pid at offset {po} has {ps} bytes, expected 8 (int64)")
-                pid = int(np.frombuffer(os.pread(fd, 8, po), dtype="<i8")[0])
-                view = json.loads(os.pread(fd, js, jo)).get("view", "UNKNOWN")
+                pid = int.from_bytes(data[po : po + 8], "little", signed=True)
+                view = json.loads(data[jo : jo + js]).get("view", "UNKNOWN")
                 usable = (view in FRONTAL_VIEWS) if frontal_only else True
                 rows.append((si, entry["jpg"][0], entry["jpg"][1], pid, usable))
     arr = np.array([r[:4] for r in rows], dtype=np.int64).reshape(-1, 4)
@@ -89,15 +88,18 @@ class MicleSource:
     Each epoch: the usable images are permuted with a seeded RNG shared by all ranks and split into ``world_size``
     equal parts (the tail that does not fill a whole global batch is dropped); every anchor gets a partner drawn
     uniformly from the *other* usable images of its patient, or itself when the patient has only one.
-    Outputs per batch: jpg bytes of anchor, jpg bytes of partner, pid (int64), multi-instance flag (uint8).
+    Outputs per batch: jpg bytes of anchor, jpg bytes of partner, pid (B, 1) int64, multi-instance flag (B, 1) uint8.
+    With ``pairs=False`` only (anchor jpg, pid): the filtered single-image source for view-filtered SimCLR.
     """
 
-    def __init__(self, table: ImageTable, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):
+    def __init__(self, table: ImageTable, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                 pairs: bool = True):
+        self.pairs = pairs
         self.table, self.batch_size = table, batch_size
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         usable = np.flatnonzero(table.usable)
         if len(usable) == 0:
-            raise ShardFormatError(f"{table.shard_paths[0].parent}: no usable (frontal) images for MICLe")
+            raise ShardFormatError(f"{table.shard_paths[0].parent}: no usable (frontal) images in this split")
         self._usable = usable
         # Patient groups: images sorted by pid, so a patient's usable images are one contiguous run.
         order = usable[np.argsort(table.pid[usable], kind="stable")]
@@ -155,6 +157,8 @@ class MicleSource:
         anchors, partners = self._plan
         sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
         a, p = anchors[sl], partners[sl]
+        if not self.pairs:
+            return self._jpegs(a), self.table.pid[a].reshape(-1, 1)
         return (self._jpegs(a), self._jpegs(p), self.table.pid[a].reshape(-1, 1),
                 (a != p).astype(np.uint8).reshape(-1, 1))  # (B, 1) int64, (B, 1) uint8
 

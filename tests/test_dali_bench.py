@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from bench.data_bench import main
 
@@ -13,5 +14,6 @@ def test_bench_data_quick_writes_rows(tmp_path):
     loaders = {r["loader"] for r in doc["rows"]}
     assert loaders == {"dali-cpu", "torchvision+webdataset"}
     for r in doc["rows"]:
-        assert r["samples_per_s"] > 0 and r["views_per_s"] == 2 * r["samples_per_s"] and r["cpu_cores_used"] > 0
+        assert r["samples_per_s"] > 0 and math.isclose(r["views_per_s"], 2 * r["samples_per_s"])
+        assert r["cpu_cores_used"] >= 0  # /proc ticks are 10 ms: a tiny timed window may round to 0
     assert doc["command"].startswith("python -m bench data --quick")

@@ -188,6 +188,29 @@ def test_micle_pairs_share_patient_distinct_when_possible(tmp_path):
     assert all_views.usable.all()
 
 
+def test_frontal_filter_in_simclr_mode(tmp_path):
+    views = [["PA", "LAT"], ["PA", "AP", "LAT"], ["AP"], ["PA", "PA", "PA"], ["LAT", "LAT"], ["PA"], ["AP", "PA"]]
+    root = _write_views_shards(tmp_path / "v", views)
+    frontal_pids = sorted(p for p, vs in enumerate(views) for v in vs if v != "LAT")
+    loader = _pretrain(root, batch_size=5, frontal_only=True)
+    assert not loader._use_reader and len(loader) == 2
+    got = [torch.cat([b["pids"] for b in loader]) for _ in range(2)]  # two epochs
+    assert sorted(got[0].tolist()) == sorted(got[1].tolist()) == frontal_pids
+    assert got[0].tolist() != got[1].tolist()  # reshuffled
+    # exact resume on the filtered (external source) path
+    ref = _pretrain(root, batch_size=2, frontal_only=True, seed=4)
+    it = iter(ref)
+    next(it)
+    state = ref.state_dict()
+    tail = list(it)
+    again = _pretrain(root, batch_size=2, frontal_only=True, seed=4)
+    again.load_state_dict(state)
+    assert _same(list(again), tail)
+    everything = _pretrain(root, batch_size=7, frontal_only=False)  # 14 images, 2 full batches
+    assert everything._use_reader and len(everything) == 2
+    assert sorted(torch.cat([b["pids"] for b in everything]).tolist()) == sorted(p for p, vs in enumerate(views) for _ in vs)
+
+
 def test_micle_loader_second_view_is_partner_image(multi_shards):
     # With a no-op augmentation the two views are equal exactly when the pair is one image taken twice.
     ident = dp.AugmentConfig.preset("moco-cxr", rotation_deg=0.0, hflip_prob=0.0)
