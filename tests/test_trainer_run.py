@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, 
 
 @pytest.mark.parametrize("overrides", [
     ["loss.method=moco", "loss.moco_queue=16", "model.head_bn=false", "optim.name=sgd"],
-    ["loss.method=micle", "data.augment=azizi"],
+    ["loss.method=micle", "data.augment=azizi", "run.tensorboard=true"],
     ["optim.micro_batch=3", "loss.positives=patient", "optim.name=adamw", "optim.base_lr=0.001"],
 ])
 def test_methods_run(shards, tmp_path, overrides):
@@ -125,6 +125,7 @@ def test_methods_run(shards, tmp_path, overrides):
         assert "encoder_k.backbone.conv1.weight" in state["model"]
     if "loss.method=micle" in overrides:
         assert 0.0 <= rows[0]["micle_multi_instance"] <= 1.0
+        assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "config.toml").read_text().count("[") >= 5
 
 

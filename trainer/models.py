@@ -44,12 +44,17 @@ def torchvision_resnet(arch: str, in_channels: int = 1, num_classes: int = 1000)
 
 
 def imagenet_weights_path(arch: str) -> Path:
-    """Where torchvision would cache the ImageNet weights of ``arch`` (its DEFAULT weights)."""
+    """The cached ImageNet weights of ``arch`` in the torch hub cache: torchvision's DEFAULT file, or another
+    ImageNet release (e.g. ResNet-50 V1) when only that one is cached; DEFAULT's path when none is."""
     import torchvision
 
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    filename = weights.url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+    enum = torchvision.models.get_model_weights(arch)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    paths = [folder / w.url.rsplit("/", 1)[-1] for w in candidates]
+    return next((p for p in paths if p.is_file()), paths[0])
 
 
 def build_backbone(arch: str, in_channels: int = 1, init: str = "random") -> tuple[nn.Module, int]:
