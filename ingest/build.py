@@ -22,7 +22,7 @@ from ingest.plan import Plan, make_plan
 from ingest.preprocess import ImageReject, Processed, process_file
 from ingest.records import Record, parse_views_option
 from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS
-from ingest.shards import tar_archive_bytes, tar_member_bytes, write_shard
+from ingest.shards import EncodedSample, encode_sample, tar_archive_bytes, write_encoded_shard
 from ingest.sources import SOURCES, SourceError, SourceOptions, read_source
 from ingest.state import STATE_DIR, Segment, load_segments, read_plan_fingerprint, save_plan_fingerprint, save_segment
 
@@ -130,7 +130,7 @@ def pseudonym_salt(a: argparse.Namespace) -> bytes:
     return salt.encode()
 
 
-# ---- worker side -------------------------------------------------------------------------------------------
+# ---- worker side: decode, resize, encode and pre-build the sample's tar blocks (keeps the writer light) ----
 _WORKER: dict = {}
 
 
@@ -139,40 +139,39 @@ def _init_worker(root: str, size: int, quality: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _work(task: tuple[str, str]) -> tuple[bool, Processed | str]:
-    rel, kind = task
+def sample_task(rec: Record, split: str, plan: Plan) -> tuple:
+    """What a worker needs for one record: its file, and every metadata field known before decoding."""
+    labels = [rec.labels.get(n) for n in plan.label_names]
+    meta = {"dataset": rec.dataset, "patient_id": rec.patient_id, "study_id": rec.study_id, "view": rec.view,
+            "sex": rec.sex, "age": rec.age, "labels": dict(zip(plan.label_names, labels)), "split": split,
+            "source_path": rec.source_path, "flags": rec.flags}
+    lbl = struct.pack(f"<{len(labels)}f", *(math.nan if v is None else float(v) for v in labels))
+    pid = struct.pack("<q", plan.patient_index[rec.patient_id])
+    return rec.source_path, rec.kind, rec.key, meta, lbl, pid
+
+
+def make_sample(task: tuple, p: Processed) -> dict[str, bytes]:
+    _, _, key, meta, lbl, pid = task
+    meta = {**meta, "source_sha256": p.source_sha256, "original_width": p.original_width,
+            "original_height": p.original_height, "original_bit_depth": p.original_bit_depth,
+            "photometric_interpretation": p.photometric_interpretation, "preprocessing": p.steps,
+            "flags": {**meta["flags"], **p.flags}}
+    return {"__key__": key, "jpg": p.jpeg, "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
+            "lbl": lbl, "pid": pid}
+
+
+def _work(task: tuple) -> tuple[bool, EncodedSample | str]:
+    rel, kind = task[0], task[1]
     try:
-        return True, process_file(_WORKER["root"] / rel, kind, _WORKER["size"], _WORKER["quality"])
+        p = process_file(_WORKER["root"] / rel, kind, _WORKER["size"], _WORKER["quality"])
     except ImageReject as e:
         return False, str(e)
     except Exception as e:  # bad input must never stop the run; the reason names the failure
         return False, f"decoding failed ({type(e).__name__}: {e})"
+    return True, encode_sample(make_sample(task, p))
 
 
 # ---- main side ---------------------------------------------------------------------------------------------
-def make_sample(rec: Record, p: Processed, split: str, plan: Plan) -> dict[str, bytes]:
-    labels = [rec.labels.get(n) for n in plan.label_names]
-    meta = {
-        "dataset": rec.dataset, "patient_id": rec.patient_id, "study_id": rec.study_id, "view": rec.view,
-        "sex": rec.sex, "age": rec.age, "labels": dict(zip(plan.label_names, labels)), "split": split,
-        "source_path": rec.source_path, "source_sha256": p.source_sha256,
-        "original_width": p.original_width, "original_height": p.original_height,
-        "original_bit_depth": p.original_bit_depth, "photometric_interpretation": p.photometric_interpretation,
-        "preprocessing": p.steps, "flags": {**rec.flags, **p.flags},
-    }
-    return {
-        "__key__": rec.key,
-        "jpg": p.jpeg,
-        "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
-        "lbl": struct.pack(f"<{len(labels)}f", *(math.nan if v is None else float(v) for v in labels)),
-        "pid": struct.pack("<q", plan.patient_index[rec.patient_id]),
-    }
-
-
-def _sample_bytes(sample: dict[str, bytes]) -> int:
-    return sum(tar_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
-
-
 class SplitWriter:
     """Cuts one split's stream of samples into shards (deterministically, by the samples' own sizes)."""
 
@@ -181,13 +180,13 @@ class SplitWriter:
         self.segments = list(done)
         self.pos = done[-1].plan_end if done else 0
         self.start = self.pos
-        self.samples: list[dict] = []
+        self.samples: list[EncodedSample] = []
         self.members_bytes = 0
         self.rejects: list[list[str]] = []
 
-    def add(self, index: int, sample: dict | None, reject: tuple[str, str, str] | None) -> None:
+    def add(self, index: int, sample: EncodedSample | None, reject: tuple[str, str, str] | None) -> None:
         if sample is not None:
-            size = _sample_bytes(sample)
+            size = len(sample.blob)
             if self.samples and (len(self.samples) >= self.max_samples
                                  or tar_archive_bytes(self.members_bytes + size) > self.max_bytes):
                 self.flush(index)
@@ -203,7 +202,7 @@ class SplitWriter:
         shard = None
         if self.samples:
             n = sum(1 for s in self.segments if s.shard is not None)
-            w = write_shard(self.out / self.split / SHARD_PATTERN.format(index=n), self.samples)
+            w = write_encoded_shard(self.out / self.split / SHARD_PATTERN.format(index=n), self.samples)
             shard = {"name": w.name, "num_samples": w.num_samples, "sha256": w.sha256, "num_bytes": w.num_bytes}
         seg = Segment(self.split, len(self.segments), self.start, plan_end, shard, self.rejects)
         save_segment(self.out, seg)
@@ -256,7 +255,7 @@ def run(a: argparse.Namespace) -> int:
 
 def _process(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter], todo: list) -> None:
     from tqdm import tqdm
-    tasks = ((r.source_path, r.kind) for _, _, r in todo)
+    tasks = (sample_task(r, split, plan) for split, _, r in todo)
     init = (str(a.root), a.size, a.quality)
     pool = None
     if a.workers > 0:
@@ -273,7 +272,7 @@ def _process(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter],
             for (split, i, rec), (ok, payload) in zip(todo, results):
                 w = writers[split]
                 if ok:
-                    w.add(i, make_sample(rec, payload, split, plan), None)
+                    w.add(i, payload, None)
                 else:
                     w.add(i, None, (rec.key, rec.source_path, payload))
                 if w.pos == len(plan.order[split]):

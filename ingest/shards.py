@@ -130,3 +130,79 @@ def tar_member_bytes(payload_bytes: int) -> int:
 def tar_archive_bytes(members_bytes: int) -> int:
     """Size of the finished tar given the sum of ``tar_member_bytes`` (end-of-archive blocks and record padding)."""
     return -(-(members_bytes + 2 * _TAR_BLOCK_BYTES) // _TAR_RECORD_BYTES) * _TAR_RECORD_BYTES
+
+
+# ---- Pre-encoded samples: workers build a sample's tar blocks, the writer only concatenates them. ----------
+_USTAR_CHKSUM_AT = 148
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header tarfile writes for ``_tarinfo(name, size)`` (byte-identical, ~10x faster)."""
+    raw = name.encode("utf-8")
+    if len(raw) >= 100:
+        raise ValueError(f"tar member name too long for a plain ustar header: {name!r}")
+    h = bytearray(_TAR_BLOCK_BYTES)
+    h[0:len(raw)] = raw
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b"        "
+    h[156:157] = b"0"
+    h[257:265] = b"ustar\x0000"
+    h[_USTAR_CHKSUM_AT:_USTAR_CHKSUM_AT + 8] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+@dataclass
+class EncodedSample:
+    """One sample as finished tar blocks plus what its DALI index line needs (offsets relative to ``blob``)."""
+    key: str
+    blob: bytes
+    parts: list[tuple[str, int, int, str]]  # (ext, data offset in blob, size, member name)
+
+
+def encode_sample(sample: dict[str, bytes]) -> EncodedSample:
+    key = sample["__key__"]
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key must not contain '.' or '/': {key!r}")
+    chunks, parts, at = [], [], 0
+    for ext in COMPONENTS:
+        data = sample[ext]
+        name = f"{key}.{ext}"
+        pad = -len(data) % _TAR_BLOCK_BYTES
+        chunks += [ustar_header(name, len(data)), data, bytes(pad)]
+        parts.append((ext, at + _TAR_BLOCK_BYTES, len(data), name))
+        at += _TAR_BLOCK_BYTES + len(data) + pad
+    return EncodedSample(key, b"".join(chunks), parts)
+
+
+def write_encoded_shard(path: str | Path, samples: list[EncodedSample]) -> WrittenShard:
+    """Same files as ``write_shard`` (tar + DALI index, atomically) from pre-encoded samples."""
+    path = Path(path)
+    tmp_tar = path.with_name(path.name + ".tmp")
+    idx_path = path.with_suffix(INDEX_SUFFIX)
+    tmp_idx = idx_path.with_name(idx_path.name + ".tmp")
+    h = hashlib.sha256()
+    index_lines, offset = [], 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp_tar, "wb") as f:
+        for s in samples:
+            f.write(s.blob)
+            h.update(s.blob)
+            index_lines.append(" ".join(f"{ext} {offset + at} {size} {name}" for ext, at, size, name in s.parts))
+            offset += len(s.blob)
+        tail = bytes(tar_archive_bytes(offset) - offset)  # end-of-archive blocks + record padding
+        f.write(tail)
+        h.update(tail)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(tmp_idx, "w") as f:
+        f.write(f"{DALI_INDEX_VERSION} {len(index_lines)}\n")
+        f.write("\n".join(index_lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_idx, idx_path)
+    os.replace(tmp_tar, path)
+    return WrittenShard(path.name, len(samples), offset + len(tail), h.hexdigest(), [s.key for s in samples])
