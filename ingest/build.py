@@ -51,9 +51,26 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+EPILOG = """sources (--source):
+  chexpert  ROOT/train.csv, valid.csv (CheXpert v1.0 or v1.0-small); official split: valid.csv -> test,
+            train.csv -> train, with --val-frac of its patients hashed into val
+  nih       ROOT/Data_Entry_2017*.csv, PNGs in ROOT/, ROOT/images/ or ROOT/images_NNN/images/;
+            train_val_list.txt + test_list.txt honoured when present
+  mimic     ROOT/files/pXX/pNNN/sNNN/*.jpg + mimic-cxr-2.0.0-{metadata,split,chexpert}.csv[.gz]
+  dicom     every file under ROOT; PatientID / StudyInstanceUID replaced by salted hashes
+  folder    ROOT/<class>/**/image (one-hot labels over the class folders) or --labels-csv
+output: OUT/{train,val,test}/shard-NNNNNN.tar + .idx, patients.json, rejects.tsv, filtered.tsv, manifest.json
+(written last). inputs = written + rejected + filtered, always. A killed run continues when started again
+with the same arguments, and the result is byte-identical to an uninterrupted run."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ingest build-shards", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout under --root")
     p.add_argument("--root", required=True, type=Path, help="dataset folder (CSV paths are taken relative to it)")
     p.add_argument("--out", required=True, type=Path, help="output folder: SPLIT/shard-NNNNNN.tar + .idx, manifest.json")
@@ -73,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-csv", type=Path, help="folder / dicom: CSV with path [, patient, study, view, sex, age] "
                                                    "and a 'label' column or one column per label")
     p.add_argument("--dataset-name", help="folder / dicom: value of the 'dataset' field and key prefix")
-    p.add_argument("--pseudonym-salt", help="dicom: salt of the PatientID / StudyInstanceUID hash (default: a random "
-                                            f"salt kept in OUT/{SALT_FILE}; keep it private, never ship it)")
+    p.add_argument("--pseudonym-salt", default=argparse.SUPPRESS,
+                   help="dicom: salt (or @FILE holding it) of the PatientID / StudyInstanceUID hash (default: a random salt kept in "
+                        f"OUT/{SALT_FILE}; keep it private, never ship it)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any input is rejected")
     p.add_argument("--overwrite", action="store_true", help="replace a finished (or differently configured) output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,6 +137,11 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 def pseudonym_salt(a: argparse.Namespace) -> bytes:
     if a.pseudonym_salt:
+        if a.pseudonym_salt.startswith("@"):  # @FILE keeps the salt out of shell history and `ps`
+            try:
+                return Path(a.pseudonym_salt[1:]).read_text().strip().encode()
+            except OSError as e:
+                raise BuildError(f"{a.pseudonym_salt[1:]}: cannot read the pseudonym salt file ({e.strerror})") from None
         return a.pseudonym_salt.encode()
     path = a.out / SALT_FILE
     if path.is_file():
@@ -224,6 +247,10 @@ def _clean_partial_files(out: Path, done: dict[str, list[Segment]]) -> None:
 
 def run(a: argparse.Namespace) -> int:
     views = _check_args(a)
+    if not a.root.is_dir():
+        raise BuildError(f"{a.root}: --root is not a directory")
+    if a.labels_csv is not None and not a.labels_csv.is_file():
+        raise BuildError(f"{a.labels_csv}: --labels-csv not found")
     prepare_out(a.out, a.overwrite)
     salt = pseudonym_salt(a) if a.source == "dicom" else b""
     src = read_source(a.source, a.root, SourceOptions(a.labels_csv, salt, a.dataset_name))
@@ -321,6 +348,7 @@ def options_json(a: argparse.Namespace, plan: Plan) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.pseudonym_salt = getattr(a, "pseudonym_salt", None)
     try:
         return run(a)
     except (BuildError, SourceError) as e:
