@@ -3,6 +3,7 @@ non-finite stop, encoder export into torchvision, methods (MoCo, MICLe, GradCach
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -167,3 +168,23 @@ def test_init_imagenet_offline_and_from_checkpoint(tmp_path, monkeypatch):
     torch.save({"weights": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="junk.pt: not an encoder"):
         load_encoder(tmp_path / "junk.pt")
+
+
+def test_real_cxrs_through_ingest_dali_and_trainer(shared_data, tmp_path):
+    """Real radiographs (pneumonia-mini, linked not copied) -> ingest build-shards -> DALI CPU -> 2 SimCLR steps."""
+    root = tmp_path / "root"
+    for cls in ("Normal", "ViralPneumonia"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((shared_data / "pneumonia-mini" / cls).iterdir())[:12]:
+            (root / cls / src.name).symlink_to(src)
+    out = tmp_path / "shards"
+    built = subprocess.run([sys.executable, "-m", "ingest", "build-shards", "--source", "folder", "--root", str(root),
+                            "--out", str(out), "--size", "64", "--split-mode", "hash", "--val-frac", "0.1",
+                            "--test-frac", "0.1", "--workers", "1", "--no-progress"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-2000:]
+    run = tmp_path / "run"
+    assert main([DEBUG, f"data.shards={out}", f"run.out={run}", "optim.total_steps=2"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert load_encoder(run / "encoder.pt")[1]["step"] == 2
