@@ -249,6 +249,8 @@ def run(a: argparse.Namespace) -> int:
     views = _check_args(a)
     if not a.root.is_dir():
         raise BuildError(f"{a.root}: --root is not a directory")
+    if a.out.resolve().is_relative_to(a.root.resolve()):
+        raise BuildError(f"{a.out}: --out must not be inside --root (its files would become inputs)")
     if a.labels_csv is not None and not a.labels_csv.is_file():
         raise BuildError(f"{a.labels_csv}: --labels-csv not found")
     prepare_out(a.out, a.overwrite)

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ingest.schema import FRONTAL_VIEWS, VIEWS
+from ingest.schema import VIEWS
 
 # A label is exactly as in the source: 1 positive, 0 negative, -1 uncertain, None not mentioned (never 0).
 LabelValue = int | None
@@ -49,10 +49,6 @@ def normalise_view(code: str | None) -> str:
     if first in ("PA", "AP"):
         return first
     return "UNKNOWN"
-
-
-def is_frontal(view: str) -> bool:
-    return view in FRONTAL_VIEWS
 
 
 def parse_views_option(text: str) -> frozenset[str]:

@@ -202,7 +202,7 @@ def test_resume_after_crash_is_byte_identical(chexpert_root, tmp_path, monkeypat
     assert ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
 
 
-def test_kill_9_then_resume_is_byte_identical(shared_data, tmp_path):
+def test_kill_9_then_resume_is_byte_identical(tmp_path):
     root = tmp_path / "root"
     rng = np.random.default_rng(0)
     for cls, n in (("normal", 70), ("pneumonia", 50)):
@@ -251,6 +251,7 @@ def test_refuses_to_overwrite_and_strict(chexpert_root, tmp_path, capsys):
     assert "other arguments" in capsys.readouterr().err
     assert _build(root, tmp_path / "x", "--size", "-1") == 2
     assert _build(root, tmp_path / "y", "--views", "sideways") == 2
+    assert _build(root, root / "shards") == 2 and not (root / "shards").exists()
 
 
 def test_shards_are_size_targeted(chexpert_root, tmp_path):
