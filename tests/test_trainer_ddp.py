@@ -89,6 +89,16 @@ def _worker() -> None:
         for (name, p), p_ref in zip(model.module.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=f"{positives}: grad {name}")
 
+        if positives == "sample":  # GradCache under DDP (no_sync on all but the last micro-batch) is the same
+            from trainer.gradcache import gradcache_step
+
+            cached = DDP(make_model())
+            gradcache_step(cached, v1[sl], v2[sl],
+                           lambda a, b: contrastive_loss(a, b, None, 0.2, positives="sample", gather=True),
+                           micro_batch=2, no_sync=cached.no_sync)
+            for (name, p), p_ref in zip(cached.module.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=f"gradcache grad {name}")
+
     # MoCo shuffle-BN: keys computed on a batch permuted across ranks come back in this rank's order.
     torch.manual_seed(1)
     moco = MoCo(make_model(), queue_size=8, momentum=0.99, shuffle_bn=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -264,6 +265,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                    "data_wait_pct": t["data_wait_pct"]}
             if device.type == "cuda":
                 row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            else:  # host peak resident memory (Linux reports KiB)
+                row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             if cfg.loss.method == "micle":
                 row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
             line = logger.log(row)
