@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.harness import BenchReport, default_out_dir
+from bench.harness import BenchReport, GpuSampler, default_out_dir
 from dali_pipes import CXR_MEAN, CXR_STD, AugmentConfig, build_pretrain_loader
 from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, load_manifest
 from ingest.shards import write_shard
@@ -126,7 +126,8 @@ def _measure(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int,
     del batch, it
     n = timed_batches * batch_size
     return {"samples_per_s": n / wall, "views_per_s": 2 * n / wall, "wall_s": wall, "cpu_s": cpu,
-            "cpu_cores_used": cpu / wall, "first_batch_s": first_batch_s}
+            "cpu_cores_used": cpu / wall, "samples_per_cpu_s": n / cpu if cpu > 0 else None,
+            "first_batch_s": first_batch_s}
 
 
 def _cycle(loader):
@@ -147,19 +148,28 @@ def run(args) -> BenchReport:
         write_bench_shards(root, num_images=args.num_images, size_px=args.size_px, samples_per_shard=args.samples_per_shard)
         report.notes.append(f"generated {args.num_images} synthetic {args.size_px}-px gray JPEG samples in "
                             f"{time.perf_counter() - t0:.2f}s (temporary shards)")
-    common = dict(warmup_batches=args.warmup_batches, timed_batches=args.batches, batch_size=args.batch_size)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    common = dict(warmup_batches=args.warmup_batches, timed_batches=args.batches)
     devices = [d for d in args.devices.split(",") if d]
     if "gpu" in devices and not torch.cuda.is_available():
         devices.remove("gpu")
         report.notes.append("no CUDA GPU: DALI gpu rows skipped")
-    row_base = dict(augment=cfg.name, image_size=args.image_size, channels=args.channels, batch_size=args.batch_size)
+    row_base = dict(augment=cfg.name, image_size=args.image_size, channels=args.channels, dtype=args.dtype)
     for threads in args.threads:
         for device in devices:
-            loader = build_pretrain_loader(root, batch_size=args.batch_size, device=device, augment=cfg,
-                                           image_size=args.image_size, channels=args.channels, dtype=torch.float32,
-                                           num_threads=threads, seed=0, shuffle_buffer=args.shuffle_buffer)
-            r = _measure(lambda: _cycle(loader), lambda: [], device=loader.torch_device, **common)
-            report.add(loader=f"dali-{device}", workers_or_threads=threads, **row_base, **r)
+            for micle in (False, True) if args.micle else (False,):
+                batch = args.gpu_batch_size if device == "gpu" else args.batch_size
+                # frontal_only=False: the baseline reads every image too (and all bench images are PA anyway)
+                loader = build_pretrain_loader(root, batch_size=batch, device=device, augment=cfg, micle=micle,
+                                               frontal_only=False, image_size=args.image_size,
+                                               channels=args.channels, dtype=dtype, num_threads=threads, seed=0,
+                                               shuffle_buffer=args.shuffle_buffer)
+                with GpuSampler() as gpu:
+                    r = _measure(lambda: _cycle(loader), lambda: [], device=loader.torch_device, batch_size=batch,
+                                 **common)
+                name = f"dali-{device}" + ("-micle" if micle else "")
+                report.add(loader=name, workers_or_threads=threads, batch_size=batch, **row_base, **r,
+                           **({"gpu": gpu.summary()} if device == "gpu" else {}))
         base = baseline_loader(root, cfg=cfg, image_size=args.image_size, channels=args.channels,
                                batch_size=args.batch_size, workers=threads)
         holder = {}
@@ -169,8 +179,9 @@ def run(args) -> BenchReport:
             return holder["it"]
 
         r = _measure(make_iter, lambda: [w.pid for w in getattr(holder.get("dl_it"), "_workers", [])],
-                     device=torch.device("cpu"), **common)
-        report.add(loader="torchvision+webdataset", workers_or_threads=threads, **row_base, **r)
+                     device=torch.device("cpu"), batch_size=args.batch_size, **common)
+        report.add(loader="torchvision+webdataset", workers_or_threads=threads, batch_size=args.batch_size,
+                   **row_base, **r)
         dali_cpu = [x for x in report.rows if x["loader"] == "dali-cpu" and x["workers_or_threads"] == threads]
         if dali_cpu:
             report.notes.append(f"{threads} core(s): dali-cpu / baseline = "
@@ -197,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--channels", type=int, default=1, choices=(1, 3))
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="per-batch samples for CPU rows and the baseline")
+    p.add_argument("--gpu-batch-size", type=int, default=256, help="per-batch samples for DALI gpu rows")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--micle", action="store_true", help="also time the DALI MICLe pair pipeline")
     p.add_argument("--augment", default="simclr-cxr", choices=AugmentConfig.PRESETS)
     p.add_argument("--threads", type=int, nargs="+", default=[len(os.sched_getaffinity(0))],
                    help="DALI num_threads == DataLoader num_workers (equal cores), one row set per value")
@@ -213,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.num_images, args.size_px, args.samples_per_shard = 96, 96, 32
         args.image_size, args.batch_size, args.batches, args.warmup_batches = 64, 8, 3, 1
+        args.gpu_batch_size = 8
         args.shuffle_buffer = 32
     if args.batches < 1 or args.warmup_batches < 1:
         p.error("--batches and --warmup-batches must be >= 1")
     report = run(args)
     out = default_out_dir(report.env) if args.out == "default" else args.out
     report.finish(out, columns=["loader", "workers_or_threads", "augment", "image_size", "batch_size",
-                                "samples_per_s", "views_per_s", "cpu_cores_used", "first_batch_s"])
+                                "samples_per_s", "views_per_s", "cpu_cores_used", "samples_per_cpu_s",
+                                "first_batch_s"])
     return 0
 
 
