@@ -136,7 +136,10 @@ def test_bad_input_is_a_one_line_error_before_work(shards, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "unknown key optim.lr" in err and "\n" not in err and not run.exists()
     assert main([DEBUG, f"data.shards={tmp_path / 'nowhere'}", f"run.out={run}"]) == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0
+    err = capsys.readouterr().err.strip()
+    assert "nowhere: no manifest.json" in err and err.count("\n") == 0 and not run.exists()
+    assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "loss.method=moco", "loss.moco_queue=12"]) == 2
+    assert "multiple of data.batch_size=8" in capsys.readouterr().err
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "run.max_steps=1"]) == 0
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "run.resume=none"]) == 2  # no clobbering
     assert "run.overwrite=true" in capsys.readouterr().err

@@ -214,6 +214,8 @@ def validate(cfg: Config) -> None:
     need(not (cfg.optim.micro_batch and cfg.loss.method == "moco"),
          "optim.micro_batch (GradCache) applies to SimCLR/MICLe; MoCo's queue already decouples negatives from batch")
     need(len(cfg.optim.betas) == 2, "optim.betas must be two numbers")
+    need(cfg.loss.method != "moco" or cfg.loss.moco_queue % cfg.data.batch_size == 0,
+         f"loss.moco_queue={cfg.loss.moco_queue} must be a multiple of data.batch_size={cfg.data.batch_size}")
     need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
          "run.log_every, run.ckpt_every and run.keep_last must be > 0")
 

@@ -90,6 +90,18 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     np.random.seed(seed + rank)
     torch.manual_seed(seed)  # same model init on every rank
 
+    # ---- checks that need the world size or the device, before anything is written
+    if cfg.data.batch_size % world_size:
+        raise Stop(EXIT_BAD_INPUT, f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
+    if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
+        raise Stop(EXIT_BAD_INPUT, f"data.shards={cfg.data.shards}: no manifest.json (not an ingest shard folder)")
+    if cfg.loss.impl == "fused" and cfg.loss.method != "moco":
+        from trainer.fused_ntxent import fused_available
+
+        if not fused_available(device):
+            raise Stop(EXIT_BAD_INPUT, f"loss.impl=fused needs triton and a CUDA device (this run is on "
+                                       f"{device.type}); use loss.impl=auto or reference")
+
     # ---- run folder: resume, refuse to clobber, write the resolved config
     resume_path = _resume_path(cfg, run_dir)
     if info.is_main:
@@ -98,8 +110,6 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     dist_utils.barrier()
 
     # ---- data
-    if cfg.data.batch_size % world_size:
-        raise Stop(EXIT_BAD_INPUT, f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
     per_rank_batch = cfg.data.batch_size // world_size
     input_dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
     try:
@@ -116,22 +126,12 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, cfg.optim.lr_scaling)
     min_lr = peak_lr * cfg.optim.min_lr_ratio
 
-    if cfg.loss.impl == "fused" and cfg.loss.method != "moco":
-        from trainer.fused_ntxent import fused_available
-
-        if not fused_available(device):
-            raise Stop(EXIT_BAD_INPUT, f"loss.impl=fused needs triton and a CUDA device (this run is on "
-                                       f"{device.type}); use loss.impl=auto or reference")
-
     # ---- model (MoCo wraps the query encoder with a momentum copy and a queue)
     try:
         model = build_contrastive_model(cfg.model)
     except (FileNotFoundError, ValueError) as e:
         raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
     if cfg.loss.method == "moco":
-        if cfg.loss.moco_queue % cfg.data.batch_size:
-            raise Stop(EXIT_BAD_INPUT, f"loss.moco_queue={cfg.loss.moco_queue} must be a multiple of "
-                                       f"data.batch_size={cfg.data.batch_size}")
         model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn)
     if cfg.model.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
