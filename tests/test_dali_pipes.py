@@ -419,4 +419,4 @@ def test_eval_pixels_match_a_pil_reference(unique_shards):
             top, left = (ref.shape[0] - S) // 2, (ref.shape[1] - S) // 2
             ref = (ref[top : top + S, left : left + S] / 255.0 - dp.CXR_MEAN) / dp.CXR_STD
             diff = np.abs(img[0].numpy() - ref)
-            assert diff.mean() < 1 / 255 / dp.CXR_STD, diff.mean()  # ~0.01 seen; a mirrored crop gives ~0.4
+            assert diff.mean() < 2 / 255 / dp.CXR_STD, diff.mean()  # ~0.01 seen; a mirrored crop gives ~0.4
