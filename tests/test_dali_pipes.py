@@ -420,3 +420,11 @@ def test_eval_pixels_match_a_pil_reference(unique_shards):
             ref = (ref[top : top + S, left : left + S] / 255.0 - dp.CXR_MEAN) / dp.CXR_STD
             diff = np.abs(img[0].numpy() - ref)
             assert diff.mean() < 2 / 255 / dp.CXR_STD, diff.mean()  # ~0.01 seen; a mirrored crop gives ~0.4
+
+
+def test_hflip_mirrors_width_and_can_be_disabled(unique_shards):
+    base = dict(random_crop=False, rotation_deg=0.0, jitter_prob=0.0, blur_prob=0.0)
+    no_flip = next(iter(_pretrain(unique_shards, augment=dp.AugmentConfig.preset("moco-cxr", **base, hflip_prob=0.0))))
+    flip = next(iter(_pretrain(unique_shards, augment=dp.AugmentConfig.preset("moco-cxr", **base, hflip_prob=1.0))))
+    assert torch.equal(flip["view1"], no_flip["view1"].flip(-1))  # left-right (W), never up-down
+    assert not torch.equal(flip["view1"], no_flip["view1"])
