@@ -7,6 +7,7 @@ import argparse
 import io
 import json
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -48,9 +49,43 @@ def check_index(tar: Path, num_samples: int, samples: list[dict]) -> str | None:
     return None
 
 
-def verify(out: Path) -> tuple[list[str], dict]:
-    """All problems found (empty when the folder is good) and a few totals."""
+_PATIENTS: dict = {}  # the patient table, set once per worker process (not pickled with every job)
+
+
+def _set_patients(patients: list | None) -> None:
+    _PATIENTS["table"] = patients
+
+
+def check_shard(job: tuple) -> tuple[list[str], list[tuple[str, str]], int]:
+    """One shard on its own: (problems, [(key, patient id)], samples read). Runs in a worker process."""
     import webdataset as wds
+    sh, split, size, num_labels, num_patients = job
+    patients = _PATIENTS.get("table")
+    where = f"{split}/{sh.path.name}"
+    problems: list[str] = []
+    if sh.path.stat().st_size != sh.num_bytes:
+        problems.append(f"{where}: {sh.path.stat().st_size} bytes, manifest says {sh.num_bytes}")
+    if sha256_file(sh.path) != sh.sha256:
+        problems.append(f"{where}: sha256 differs from the manifest")
+    try:
+        samples = list(wds.WebDataset(str(sh.path), shardshuffle=False))
+    except Exception as e:
+        return problems + [f"{where}: webdataset cannot read it ({type(e).__name__}: {e})"], [], 0
+    if len(samples) != sh.num_samples:
+        problems.append(f"{where}: {len(samples)} samples, manifest says {sh.num_samples}")
+    problem = check_index(sh.path, len(samples), samples)
+    if problem:
+        problems.append(f"{where}: {problem}")
+    seen = []
+    for s in samples:
+        sample_problems, patient = check_sample(s, split, size, num_labels, patients, num_patients)
+        problems += [f"{where} {s['__key__']}: {p}" for p in sample_problems]
+        seen.append((s["__key__"], patient))
+    return problems, seen, len(samples)
+
+
+def verify(out: Path, workers: int = 1) -> tuple[list[str], dict]:
+    """All problems found (empty when the folder is good) and a few totals."""
     problems: list[str] = []
     try:
         m = load_manifest(out)
@@ -58,7 +93,6 @@ def verify(out: Path) -> tuple[list[str], dict]:
         return [str(e)], {}
     data = m.data
     size = int(data.get("options", {}).get("size", 0) or 0)
-    num_labels = len(m.label_names)
     patients = None
     table = data.get("patient_table")
     if table:
@@ -71,9 +105,7 @@ def verify(out: Path) -> tuple[list[str], dict]:
     counts = data.get("counts")
     if counts and counts["inputs"] != counts["written"] + counts["rejected"] + counts["filtered"]:
         problems.append(f"manifest counts: inputs {counts['inputs']} != written + rejected + filtered")
-    patient_split: dict[str, str] = {}
-    keys: set[str] = set()
-    total = 0
+    jobs = []
     for split in SPLITS:
         if split not in data["splits"]:
             continue
@@ -82,50 +114,51 @@ def verify(out: Path) -> tuple[list[str], dict]:
         folder = out / split
         if folder.is_dir():
             problems += [f"{p}: not listed in the manifest" for p in sorted(folder.iterdir()) if p.name not in listed]
-        split_count = 0
-        for sh in shards:
-            where = f"{split}/{sh.path.name}"
-            if sh.path.stat().st_size != sh.num_bytes:
-                problems.append(f"{where}: {sh.path.stat().st_size} bytes, manifest says {sh.num_bytes}")
-            if sha256_file(sh.path) != sh.sha256:
-                problems.append(f"{where}: sha256 differs from the manifest")
-            try:
-                samples = list(wds.WebDataset(str(sh.path), shardshuffle=False))
-            except Exception as e:
-                problems.append(f"{where}: webdataset cannot read it ({type(e).__name__}: {e})")
-                continue
-            if len(samples) != sh.num_samples:
-                problems.append(f"{where}: {len(samples)} samples, manifest says {sh.num_samples}")
-            problem = check_index(sh.path, len(samples), samples)
-            if problem:
-                problems.append(f"{where}: {problem}")
-            for s in samples:
-                problems += [f"{where} {s['__key__']}: {p}" for p in
-                             check_sample(s, split, size, num_labels, patients, m.num_patients, patient_split, keys)]
-            split_count += len(samples)
-        if split_count != data["splits"][split]["num_samples"]:
-            problems.append(f"{split}: {split_count} samples in shards, manifest says {data['splits'][split]['num_samples']}")
-        total += split_count
-    return problems, {"samples": total, "patients": len(patient_split)}
+        jobs += [(sh, split, size, len(m.label_names), m.num_patients) for sh in shards]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(workers, len(jobs)), initializer=_set_patients, initargs=(patients,)) as pool:
+            results = pool.map(check_shard, jobs, chunksize=1)
+    else:
+        _set_patients(patients)
+        results = [check_shard(j) for j in jobs]
+    # Cross-shard rules: unique keys, a patient in one split only, counts per split.
+    patient_split: dict[str, str] = {}
+    keys: set[str] = set()
+    per_split: dict[str, int] = {}
+    for job, (shard_problems, seen, n) in zip(jobs, results):
+        split = job[1]
+        problems += shard_problems
+        per_split[split] = per_split.get(split, 0) + n
+        for key, patient in seen:
+            if key in keys:
+                problems.append(f"{split}/{job[0].path.name} {key}: duplicate key")
+            keys.add(key)
+            prev = patient_split.setdefault(patient, split)
+            if prev != split:
+                problems.append(f"{split}/{job[0].path.name} {key}: patient {patient} is in both {prev} and {split}")
+    for split in data["splits"]:
+        if per_split.get(split, 0) != data["splits"][split]["num_samples"]:
+            problems.append(f"{split}: {per_split.get(split, 0)} samples in shards, "
+                            f"manifest says {data['splits'][split]['num_samples']}")
+    return problems, {"samples": sum(per_split.values()), "patients": len(patient_split)}
 
 
-def check_sample(s: dict, split: str, size: int, num_labels: int, patients: list | None, num_patients: int,
-                 patient_split: dict[str, str], keys: set[str]) -> list[str]:
+def check_sample(s: dict, split: str, size: int, num_labels: int, patients: list | None,
+                 num_patients: int) -> tuple[list[str], str | None]:
+    """(problems, patient id) of one sample read back from a shard."""
     out = []
-    key = s["__key__"]
-    if key in keys:
-        out.append("duplicate key")
-    keys.add(key)
     have = {k for k in s if not k.startswith("__")}
     if have != set(COMPONENTS):
-        return out + [f"components {sorted(have)}, expected {list(COMPONENTS)}"]
+        return [f"components {sorted(have)}, expected {list(COMPONENTS)}"], None
     problem = check_jpeg(s["jpg"], size)
     if problem:
         out.append(problem)
     try:
         meta = json.loads(s["json"])
     except ValueError as e:
-        return out + [f"metadata is not JSON ({e})"]
+        return out + [f"metadata is not JSON ({e})"], None
     if meta.get("split") != split:
         out.append(f"metadata split {meta.get('split')!r} in the {split} folder")
     if len(s["lbl"]) != 4 * num_labels:
@@ -134,25 +167,23 @@ def check_sample(s: dict, split: str, size: int, num_labels: int, patients: list
         values = struct.unpack(f"<{num_labels}f", s["lbl"])
         if any(not (math.isnan(v) or v in (1.0, 0.0, -1.0)) for v in values):
             out.append(f".lbl values {values} are not 1 / 0 / -1 / NaN")
+    patient = meta.get("patient_id")
     if len(s["pid"]) != 8:
-        return out + [f".pid has {len(s['pid'])} bytes, expected 8"]
+        return out + [f".pid has {len(s['pid'])} bytes, expected 8"], patient
     (pid,) = struct.unpack("<q", s["pid"])
     if not 0 <= pid < num_patients:
         out.append(f".pid {pid} outside the patient table (size {num_patients})")
-    elif patients is not None and patients[pid] != meta.get("patient_id"):
-        out.append(f".pid {pid} is {patients[pid]!r} in the table, metadata says {meta.get('patient_id')!r}")
-    patient = meta.get("patient_id")
-    prev = patient_split.setdefault(patient, split)
-    if prev != split:
-        out.append(f"patient {patient} is in both {prev} and {split}")
-    return out
+    elif patients is not None and patients[pid] != patient:
+        out.append(f".pid {pid} is {patients[pid]!r} in the table, metadata says {patient!r}")
+    return out, patient
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ingest verify", description=__doc__)
     p.add_argument("out", type=Path, help="an ingest output folder (holding manifest.json)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="shards checked in parallel")
     a = p.parse_args(argv)
-    problems, totals = verify(a.out)
+    problems, totals = verify(a.out, a.workers)
     for line in problems[:MAX_PROBLEMS_SHOWN]:
         print(f"ingest verify: {line}", file=sys.stderr)
     if len(problems) > MAX_PROBLEMS_SHOWN:

@@ -300,3 +300,27 @@ def test_stats_counts(chexpert_root, tmp_path, capsys):
     for n in CHEXPERT_LABELS:
         want = Counter("blank" if r[n] == "" else str(int(float(r[n]))) for r in kept)
         assert {k: v for k, v in train["labels"][n].items() if v} == dict(want)
+
+
+def test_verify_catches_patient_in_two_splits_and_bad_pid(chexpert_root, tmp_path, capsys):
+    from ingest.shards import write_shard
+    root, _, _ = chexpert_root
+    out = tmp_path / "out"
+    assert _build(root, out, "--workers", "0", "--size", "32", "--val-frac", "0.4") == 0
+    m = load_manifest(out)
+    train = next(iter_shard(m.shards("train")[0].path))
+    moved = dict(train, json=json.dumps({**json.loads(train["json"]), "split": "val"}).encode())
+    bad_pid = dict(moved, __key__=train["__key__"] + "x", pid=struct.pack("<q", m.num_patients + 5))
+    val = m.shards("val")[0]
+    samples = list(iter_shard(val.path)) + [moved, bad_pid]
+    w = write_shard(val.path, samples)
+    data = json.loads((out / "manifest.json").read_text())
+    data["splits"]["val"]["shards"][0].update(num_samples=w.num_samples, sha256=w.sha256, num_bytes=w.num_bytes)
+    data["splits"]["val"]["num_samples"] += 2
+    (out / "manifest.json").write_text(json.dumps(data))
+    assert verify.main([str(out), "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{train['__key__']}: duplicate key" in err
+    assert "is in both train and val" in err
+    assert f".pid {m.num_patients + 5} outside the patient table" in err
+    assert "sha256" not in err  # the manifest was updated: only the real problems are reported
