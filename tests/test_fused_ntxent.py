@@ -223,6 +223,20 @@ def test_argument_errors_and_cpu_dispatch():
             nt_xent(z, z, labels, labels, 0, 0.1, impl="fused")
 
 
+@pytest.mark.skipif(INTERPRETING, reason="triton.language was imported in interpreter mode; compiling needs it off")
+@pytest.mark.parametrize("arch,dtype,dim", [(90, torch.bfloat16, 128), (80, torch.float32, 32)])
+def test_kernels_compile_for_gpu_targets_without_a_gpu(arch, dtype, dim):
+    """The interpreter never lowers to PTX: compile for H100 / A100 here so a kernel that cannot is caught in CI."""
+    pytest.importorskip("triton")
+    from trainer.fused_ntxent_kernels import compile_for_target
+    try:
+        shared = compile_for_target(arch, dtype, dim)
+    except (ImportError, FileNotFoundError) as err:  # a triton build without the CUDA backend or its ptxas
+        pytest.skip(f"triton cannot compile for CUDA here: {err}")
+    assert set(shared) == {"fwd", "bwd_rows", "bwd_cols"}
+    assert all(0 < b <= 227 * 1024 for sizes in shared.values() for b in sizes)  # fits an SM's shared memory
+
+
 def test_module_imports_and_reference_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"

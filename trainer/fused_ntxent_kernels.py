@@ -258,3 +258,38 @@ def backward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperatur
                          # 16-bit inputs skip the register transpose: their tolerance is 1e-2, not 1e-5
                          S_LIKE_FWD=z_rows.dtype == torch.float32, **common)
     return dz_rows, dz_cols
+
+
+def compile_for_target(arch: int, dtype: torch.dtype, dim: int, all_configs: bool = False) -> dict:
+    """Compile every kernel for CUDA compute capability ``arch`` (e.g. 90) without a GPU; {name: [shared bytes]}.
+
+    Lets CI on a CPU catch what the interpreter cannot: a kernel that fails to lower for the real target.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    block_d = _block_d(dim)
+    k = build_kernels(False, block_d)
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    inputs = {"Q": ptr, "K": ptr, "RL": "*i64", "CL": "*i64", "LSE": "*fp32"}
+    sizes = {"R": "i32", "C": "i32", "D": "i32", "row_offset": "i32", "stride_q": "i32", "stride_k": "i32"}
+    grads = {"COEF": "*fp32", "INVP": "*fp32", "SCALE": "*fp32"}
+    common = {"BLOCK_D": block_d, "PRECISION": _precision(dtype), "DOT_F32": False}
+    bwd = dict(common, DS_SCALE=256.0 if dtype == torch.float16 else 1.0, DS_SPLIT=dtype == torch.bfloat16)
+    specs = {
+        "fwd": (k.fwd, {**inputs, "CNT": "*fp32", "LOSS": "*fp32", **sizes, "scale2": "fp32"}, common),
+        "bwd_rows": (k.bwd_rows, {**inputs, **grads, "DQ": ptr, **sizes, "stride_dq": "i32", "scale2": "fp32"}, bwd),
+        "bwd_cols": (k.bwd_cols, {**inputs, **grads, "DK": ptr, **sizes, "stride_dk": "i32", "scale2": "fp32"},
+                     dict(bwd, S_LIKE_FWD=dtype == torch.float32)),
+    }
+    out = {}
+    for name, (tuned, signature, constants) in specs.items():
+        out[name] = []
+        for cfg in tuned.configs if all_configs else tuned.configs[-1:]:
+            consts = {**constants, **cfg.kwargs}
+            src = ASTSource(tuned.fn, {**signature, **{c: "constexpr" for c in consts}}, consts)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                               "enable_fp_fusion": True})
+            out[name].append(compiled.metadata.shared)
+    return out
