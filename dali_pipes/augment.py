@@ -96,16 +96,15 @@ def _odd(n: float) -> int:
     return k if k % 2 else k + 1
 
 
-def _coin(p: float):
-    from nvidia.dali import fn, types
-    return fn.random.coin_flip(probability=p)  # int32 0/1; arithmetic with floats promotes to float
-
-
-def _gated_factor(strength: float, p: float):
-    """Per-sample factor uniform in [1-s, 1+s] with probability p, else exactly 1 (no-op)."""
+def _uniform(low: float, high: float):
+    """A per-sample uniform draw, or the constant when the range is empty (DALI rejects low == high)."""
     from nvidia.dali import fn
-    u = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
-    return u if p >= 1.0 else 1.0 + _coin(p) * (u - 1.0)
+    return float(low) if low >= high else fn.random.uniform(range=[float(low), float(high)])
+
+
+def _coin(p: float):
+    from nvidia.dali import fn
+    return fn.random.coin_flip(probability=p)  # int32 0/1; arithmetic with floats promotes to float
 
 
 def geometric(images, *, image_size: int, resize_size: int, device: str, cfg: AugmentConfig | None):
@@ -144,23 +143,29 @@ def augment_view(images, cfg: AugmentConfig, *, image_size: int, channels: int, 
     from nvidia.dali import fn, types
     x = geometric(images, image_size=image_size, resize_size=image_size, device=device, cfg=cfg)
     if cfg.rotation_deg > 0:
-        angle = fn.random.uniform(range=[-cfg.rotation_deg, cfg.rotation_deg])
+        angle = _uniform(-cfg.rotation_deg, cfg.rotation_deg)
         x = fn.rotate(x, device=device, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
     replicated = False
     if channels == 3 and cfg.needs_color:
         x, replicated = replicate_channels(x, device), True
-    if cfg.jitter_prob > 0 and (cfg.brightness > 0 or cfg.contrast > 0):
-        # One jitter coin gates all jitter factors together, as torchvision's RandomApply(ColorJitter, p).
+    color = replicated and (cfg.saturation > 0 or cfg.hue > 0)
+    if cfg.jitter_prob > 0 and (cfg.brightness > 0 or cfg.contrast > 0 or color):
+        # One coin gates all jitter factors together, as torchvision's RandomApply([ColorJitter], p).
         on = _coin(cfg.jitter_prob)
-        b = 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - cfg.brightness), 1 + cfg.brightness]) - 1.0)
-        c = 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - cfg.contrast), 1 + cfg.contrast]) - 1.0)
-        x = fn.brightness_contrast(x, device=device, brightness=b, contrast=c)
-        if replicated and (cfg.saturation > 0 or cfg.hue > 0 or cfg.grayscale_prob > 0):
-            s = 1.0 + on * (fn.random.uniform(range=[max(0.0, 1 - cfg.saturation), 1 + cfg.saturation]) - 1.0)
-            h = on * fn.random.uniform(range=[-360.0 * cfg.hue, 360.0 * cfg.hue])
+
+        def factor(strength: float):  # uniform in [1-s, 1+s] when on, exactly 1 when off (DALI rejects empty ranges)
+            if strength <= 0:
+                return 1.0
+            return 1.0 + on * (_uniform(max(0.0, 1 - strength), 1 + strength) - 1.0)
+
+        if cfg.brightness > 0 or cfg.contrast > 0:
+            x = fn.brightness_contrast(x, device=device, brightness=factor(cfg.brightness), contrast=factor(cfg.contrast))
+        if color or (replicated and cfg.grayscale_prob > 0):
+            s = factor(cfg.saturation)
             if cfg.grayscale_prob > 0:
                 s = s * (1.0 - _coin(cfg.grayscale_prob))  # saturation 0 == grayscale, fused into one HSV op
-            x = fn.hsv(x, device=device, saturation=s, hue=h)
+            hue = on * _uniform(-360.0 * cfg.hue, 360.0 * cfg.hue) if cfg.hue > 0 else 0.0
+            x = fn.hsv(x, device=device, saturation=s, hue=hue)
     elif replicated and cfg.grayscale_prob > 0:
         x = fn.hsv(x, device=device, saturation=1.0 - _coin(cfg.grayscale_prob))
     if cfg.blur_prob > 0:
@@ -178,7 +183,7 @@ def _random_blur(x, cfg: AugmentConfig, *, image_size: int, device: str):
     from nvidia.dali import fn
     window = _odd(cfg.blur_kernel_frac * image_size)
     if cfg.blur_prob >= 1.0:
-        return fn.gaussian_blur(x, device=device, sigma=fn.random.uniform(range=list(cfg.blur_sigma)), window_size=window)
+        return fn.gaussian_blur(x, device=device, sigma=_uniform(*cfg.blur_sigma), window_size=window)
     if fn.random.coin_flip(probability=cfg.blur_prob):
-        x = fn.gaussian_blur(x, device=device, sigma=fn.random.uniform(range=list(cfg.blur_sigma)), window_size=window)
+        x = fn.gaussian_blur(x, device=device, sigma=_uniform(*cfg.blur_sigma), window_size=window)
     return x

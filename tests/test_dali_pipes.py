@@ -428,3 +428,13 @@ def test_hflip_mirrors_width_and_can_be_disabled(unique_shards):
     flip = next(iter(_pretrain(unique_shards, augment=dp.AugmentConfig.preset("moco-cxr", **base, hflip_prob=1.0))))
     assert torch.equal(flip["view1"], no_flip["view1"].flip(-1))  # left-right (W), never up-down
     assert not torch.equal(flip["view1"], no_flip["view1"])
+
+
+@pytest.mark.parametrize("overrides", [dict(saturation=0.5, hue=0.0, grayscale_prob=0.0),
+                                       dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1),
+                                       dict(jitter_prob=0.0, grayscale_prob=0.5), dict(contrast=0.0),
+                                       dict(crop_scale_min=1.0, crop_ratio=(1.0, 1.0), blur_sigma=(1.0, 1.0))])
+def test_colour_option_combinations_run(unique_shards, overrides):
+    cfg = dp.AugmentConfig.preset("simclr", **overrides)
+    b = next(iter(_pretrain(unique_shards, augment=cfg, channels=3)))
+    assert b["view1"].shape == (4, 3, S, S) and torch.isfinite(b["view1"]).all()
