@@ -396,10 +396,14 @@ def test_skipped_blur_is_exact_identity(unique_shards):
 def test_zero_copy_batches_stay_valid_after_later_runs(unique_shards):
     # fp32 batches are DLPack views of DALI's buffers; exec_dynamic must keep them intact while referenced.
     kept, snapshots = [], []
-    for b in _pretrain(unique_shards, dtype=torch.float32):
+    loader = _pretrain(unique_shards, dtype=torch.float32)
+    for b in loader:
         kept.append(b["view1"])
         snapshots.append(b["view1"].clone())
     assert len({k.data_ptr() for k in kept}) == len(kept)
+    import gc
+    gc.collect()  # the epoch's pipeline is gone now; its outputs must outlive it
+    list(loader)  # and a new pipeline allocating fresh buffers must not reuse theirs
     assert all(torch.equal(k, s) for k, s in zip(kept, snapshots))
 
 
