@@ -333,6 +333,9 @@ def _finish(a: argparse.Namespace, plan: Plan, src, writers: dict[str, SplitWrit
                              num_inputs=plan.num_inputs, options=options_json(a, plan), extra=extra)
     shutil.rmtree(a.out / STATE_DIR, ignore_errors=True)
     summary_table(manifest)
+    if manifest["counts"]["written"] == 0:
+        print(f"ingest build-shards: no sample written from {a.root} (see {a.out / REJECTS_NAME})", file=sys.stderr)
+        return 1
     if rejects:
         print(f"{len(rejects):,} inputs rejected: see {a.out / REJECTS_NAME}", file=sys.stderr)
         if a.strict:

@@ -324,3 +324,14 @@ def test_verify_catches_patient_in_two_splits_and_bad_pid(chexpert_root, tmp_pat
     assert "is in both train and val" in err
     assert f".pid {m.num_patients + 5} outside the patient table" in err
     assert "sha256" not in err  # the manifest was updated: only the real problems are reported
+
+
+def test_nothing_usable_is_an_error(tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "cls").mkdir(parents=True)
+    (root / "cls" / "a.png").write_bytes(b"")
+    (root / "cls" / "b.txt").write_text("x")
+    assert build.main(["--source", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "0",
+                       "--no-progress"]) == 1
+    assert "no sample written" in capsys.readouterr().err
+    assert load_manifest(tmp_path / "out").data["counts"] == {"inputs": 2, "written": 0, "rejected": 2, "filtered": 0}
