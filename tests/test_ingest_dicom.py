@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import build
+from ingest import build, verify
 from ingest.dicom import decode_dicom, pseudonymise
 from ingest.schema import load_manifest
 from ingest.shards import iter_shard
@@ -100,6 +100,7 @@ def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path):
     assert reasons["noid.dcm"].startswith("DICOM without PatientID")
     assert reasons["cut.dcm"].startswith("cannot decode DICOM pixel data")
     assert m.data["counts"] == {"inputs": 7, "written": 3, "rejected": 4, "filtered": 0}
+    assert m.label_names == [] and verify.main([str(out)]) == 0  # no labels: empty .lbl, still a valid shard
     samples = [s for sh in m.shards("train") for s in iter_shard(sh.path)]
     metas = {json.loads(s["json"])["source_path"]: json.loads(s["json"]) for s in samples}
     pid = pseudonymise("MRN-0012345", b"s3cret", "d")
