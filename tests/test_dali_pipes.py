@@ -442,3 +442,32 @@ def test_colour_option_combinations_run(unique_shards, overrides):
     cfg = dp.AugmentConfig.preset("simclr", **overrides)
     b = next(iter(_pretrain(unique_shards, augment=cfg, channels=3)))
     assert b["view1"].shape == (4, 3, S, S) and torch.isfinite(b["view1"]).all()
+
+
+def test_real_cxr_jpegs_through_both_loaders(shared_data, tmp_path):
+    """Real radiographs (8-bit gray baseline JPEGs, 400x300) written as shards as-is: both loaders run and the eval
+    view matches the PIL reference, on images the synthetic fixtures do not resemble."""
+    files = sorted((shared_data / "pneumonia-mini" / "Normal").glob("*.jpeg"))[:8]
+    if len(files) < 8:
+        pytest.skip("pneumonia-mini/Normal has fewer than 8 images")
+    samples = [{"__key__": f"real-p{i}-s1-v1", "jpg": f.read_bytes(), "json": json.dumps({"view": "PA"}).encode(),
+                "lbl": struct.pack("<1f", 0.0), "pid": struct.pack("<q", i // 2)} for i, f in enumerate(files)]
+    root = tmp_path / "real"
+    for split in ("train", "val"):
+        w = write_shard(root / split / SHARD_PATTERN.format(index=0), samples)
+        entry = {"num_samples": w.num_samples, "shards": [{"name": w.name, "num_samples": w.num_samples,
+                                                          "sha256": w.sha256, "num_bytes": w.num_bytes}]}
+        manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).exists() else {
+            "format_version": FORMAT_VERSION, "datasets": ["real"], "label_names": ["x"], "num_patients": 4,
+            "rejects": [], "splits": {}}
+        manifest["splits"][split] = entry
+        (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+    micle = _pretrain(root, micle=True, batch_size=4, image_size=64)
+    assert [b["view1"].shape for b in micle] == [(4, 1, 64, 64)] * 2 and micle.multi_instance_fraction == 1.0
+    loader = dp.build_eval_loader(root, "val", batch_size=8, image_size=64, resize_size=72, num_threads=1)
+    b = next(iter(loader))
+    for img, f in zip(b["images"], files):
+        src = Image.open(f).convert("L")  # 400 x 300: shorter side (height) -> 72
+        ref = np.asarray(src.resize((96, 72), Image.BILINEAR), dtype=np.float32)[4:68, 16:80]
+        ref = (ref / 255.0 - dp.CXR_MEAN) / dp.CXR_STD
+        assert np.abs(img[0].numpy() - ref).mean() < 2 / 255 / dp.CXR_STD
