@@ -42,6 +42,15 @@ def _gpu_configs(triton, block_d: int, backward: bool) -> list:
     return [cfg({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def _prune_configs(configs: list, named_args: dict, **_) -> list:
+    # fp32 (FMA or TF32) tiles need twice the registers and shared memory, and each one compiles for ~10-30 s:
+    # try only the small ones
+    if named_args["Q"].dtype == torch.float32:
+        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        return small or configs[-1:]
+    return configs
+
+
 @functools.lru_cache(maxsize=4)
 def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
     """Compile-ready kernels for one embedding width; autotuned over tile shapes on a GPU, fixed tiles otherwise.
@@ -188,9 +197,10 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
     if interpret:
         fixed = {"BLOCK_M": INTERPRET_BLOCK_MN, "BLOCK_N": INTERPRET_BLOCK_MN, "DOT_F32": True}
         return SimpleNamespace(fwd=_fwd, bwd_rows=_bwd_rows, bwd_cols=_bwd_cols, fixed=fixed)
-    # R and C are in the key: the best tile depends on how many programs fill the GPU (training shapes are fixed).
-    key = ["R", "C", "D"]
-    tune = functools.partial(triton.autotune, key=key)
+    # R and C are in the key: the best tile depends on how many programs fill the GPU (training shapes are fixed);
+    # results are cached on disk so a restarted run does not re-tune.
+    tune = functools.partial(triton.autotune, key=["R", "C", "D"], cache_results=True,
+                             prune_configs_by={"early_config_prune": _prune_configs})
     return SimpleNamespace(fwd=tune(configs=_gpu_configs(triton, block_d, False))(_fwd),
                            bwd_rows=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_rows),
                            bwd_cols=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_cols),
