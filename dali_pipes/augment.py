@@ -1,7 +1,5 @@
-"""Augmentation config (presets for SimCLR / MICLe-style CXR recipes) and the one DALI graph that applies it.
-
-`augment_view` builds the same operator chain for ``device="cpu"`` and ``device="gpu"``; calling it twice on the
-same decoded images gives two views with independent random draws (each call creates its own random operators).
+"""Augmentation config (SimCLR / MICLe / MoCo-CXR presets) and the one DALI graph that applies it on cpu or gpu.
+Calling `augment_view` twice on the same decoded images gives two views with independent random draws.
 """
 from __future__ import annotations
 

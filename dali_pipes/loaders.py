@@ -1,14 +1,4 @@
-"""Epoch-aware loaders around the DALI pipelines: pretraining (SimCLR / MICLe) and evaluation.
-
-Pretraining builds one pipeline per epoch from (seed, epoch, rank): the tar order is permuted globally (same on
-every rank) and the reader / augmentation RNGs are reseeded, so epoch ``e`` is reproducible without replaying
-epochs ``0..e-1``; mid-epoch position is saved with DALI checkpointing (``state_dict``).
-
-Why rebuild: a long-lived DALI webdataset reader does redraw its shuffle buffer every epoch and (without
-``stick_to_shard``) moves each rank to the next data shard, but the order then depends on every epoch before it
-and ``shuffle_after_epoch`` may shuffle differently with checkpointing enabled (DALI docs). A rebuild costs about
-0.55 s (graph + build) + 0.13 s (first batch) on the 2-core CI box at 224 px; negligible against real epochs.
-"""
+"""Epoch-aware loaders around the DALI pipelines: pretraining (SimCLR / MICLe, exact resume) and evaluation."""
 from __future__ import annotations
 
 import base64
@@ -40,7 +30,15 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
 
 class PretrainLoader:
     """Iterate one epoch -> ``{"view1", "view2": (B, C, H, W) channels-last, "pids": (B,) int64}`` on the device
-    (MICLe adds ``"multi_instance": (B,) bool``). ``state_dict`` is rank-local: save one per rank."""
+    (MICLe adds ``"multi_instance": (B,) bool``). ``state_dict`` is rank-local: save one per rank.
+
+    One pipeline per epoch, built from (seed, epoch, rank): the tar order is permuted globally (same on every rank)
+    and the reader / augmentation RNGs are reseeded, so epoch ``e`` is reproducible without replaying epochs
+    ``0..e-1``; the mid-epoch position is a DALI checkpoint. Why rebuild: a long-lived webdataset reader does redraw
+    its shuffle buffer every epoch and (without ``stick_to_shard``) moves each rank to the next data shard, but the
+    order then depends on every earlier epoch, and ``shuffle_after_epoch`` may shuffle differently with
+    checkpointing on (DALI docs). A rebuild costs ~0.55 s build + ~0.13 s first batch on the 2-core CI box at 224 px.
+    """
 
     def __init__(self, shard_root, split: str, *, batch_size: int, device: str, augment: AugmentConfig | str,
                  micle: bool, frontal_only: bool, image_size: int, channels: int, dtype: torch.dtype, rank: int,

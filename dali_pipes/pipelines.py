@@ -1,12 +1,4 @@
-"""DALI graph definitions (pretrain, MICLe, eval) and the hand-off of DALI outputs to torch.
-
-nvJPEG and single-channel JPEGs: DALI's ``decoders.image(device="mixed")`` goes through nvImageCodec, whose
-hardware-decoder plugin (``extensions/nvjpeg/hw_decoder.cpp``, NVIDIA/nvImageCodec) lists
-``NVIMGCODEC_SAMPLING_GRAY`` among its supported chroma subsamplings next to 4:4:4/4:2:2/4:2:0/4:4:0, then asks
-``nvjpegDecodeBatchedSupportedEx`` per image; the nvJPEG docs state hardware acceleration for *baseline* JPEG on
-A100/H100. So our baseline 8-bit grayscale shards are eligible for the A100/H100 hardware decoder (``hw_decoder_load``
-sets the share sent to it, the rest goes to the CUDA hybrid decoder); not measured here (no GPU on the CI box).
-"""
+"""DALI graph definitions (pretrain, filtered-index, MICLe, eval) and the hand-off of DALI outputs to torch."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,6 +37,14 @@ def seed_for(*parts: int) -> int:
 
 
 def _decode(jpg, device: str):
+    """Gray decode; ``gpu`` uses nvJPEG via ``decoders.image(device="mixed")``.
+
+    Hardware decoder and single-channel JPEGs: DALI's decoder goes through nvImageCodec, whose hardware plugin
+    (NVIDIA/nvImageCodec ``extensions/nvjpeg/hw_decoder.cpp``) lists ``NVIMGCODEC_SAMPLING_GRAY`` among its
+    supported chroma subsamplings next to 4:4:4/4:2:2/4:2:0/4:4:0, then asks ``nvjpegDecodeBatchedSupportedEx``
+    per image; the nvJPEG docs give hardware acceleration for *baseline* JPEG on A100/H100. So our baseline 8-bit
+    gray shards are eligible for the A100/H100 JPEG engines. Not measured (no GPU on the CI box).
+    """
     from nvidia.dali import fn, types
     if device == "gpu":
         # hw_decoder_load: share of each batch sent to the A100/H100 JPEG engine; the rest uses CUDA cores.

@@ -1,7 +1,5 @@
-"""Random access into shards by the DALI ``.idx`` offsets, patient grouping, and the MICLe pair source.
-
-The pair source is a stateless callable of DALI's ``BatchInfo``: batch ``i`` of an epoch is a pure function of
-(seed, epoch, rank, i), so DALI checkpointing restores it exactly and no tar is ever parsed at run time.
+"""Random access into shards by the DALI ``.idx`` offsets, patient grouping, and the MICLe pair source
+(a stateless callable of DALI's BatchInfo, so checkpointing restores it exactly; no tar parsing at run time).
 """
 from __future__ import annotations
 
