@@ -18,7 +18,7 @@ import torch
 
 from bench.harness import BenchReport, GpuSampler, default_out_dir
 from dali_pipes import CXR_MEAN, CXR_STD, AugmentConfig, build_pretrain_loader
-from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, load_manifest
+from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, ShardFormatError, load_manifest
 from ingest.shards import write_shard
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -86,9 +86,7 @@ class _TwoViews:
     def __call__(self, sample):
         from PIL import Image
         jpg, pid = sample
-        img = Image.open(io.BytesIO(jpg))
-        img.draft("L", img.size)  # no-op for gray JPEGs; keeps PIL from converting
-        img = img.convert("L")
+        img = Image.open(io.BytesIO(jpg)).convert("L")
         return self.transform(img), self.transform(img), struct.unpack("<q", pid)[0]
 
 
@@ -231,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         args.shuffle_buffer = 32
     if args.batches < 1 or args.warmup_batches < 1:
         p.error("--batches and --warmup-batches must be >= 1")
-    report = run(args)
+    try:
+        report = run(args)
+    except (ShardFormatError, ValueError, RuntimeError) as e:  # bad shards / sizes: one line, no traceback
+        print(f"bench data: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     out = default_out_dir(report.env) if args.out == "default" else args.out
     report.finish(out, columns=["loader", "workers_or_threads", "augment", "image_size", "batch_size",
                                 "samples_per_s", "views_per_s", "cpu_cores_used", "samples_per_cpu_s",
