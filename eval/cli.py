@@ -52,6 +52,8 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-threads", type=int, default=2, help="DALI CPU threads")
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default OUT/cache)")
+    p.add_argument("--probe-backend", choices=("auto", "sklearn", "torch"), default="auto",
+                   help="logistic regression solver: scikit-learn, or the same objective by L-BFGS in torch (auto: torch on gpu)")
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -176,6 +178,13 @@ def _prepare(args) -> tuple[list[EncoderSpec], list[str]]:
     return _encoders(args), tasks
 
 
+def _probe(args) -> dict:
+    backend = args.probe_backend
+    if backend == "auto":
+        backend = "torch" if args.device == "gpu" else "sklearn"
+    return {"backend": backend, "device": args.device}
+
+
 def _auto_device() -> str:
     import torch
     return "gpu" if torch.cuda.is_available() else "cpu"
@@ -189,7 +198,7 @@ def run_linear(args) -> None:
     for spec in specs:
         train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
         result, preds = linear_protocol(train, val, test, tasks, policy=args.uncertainty, c_grid=args.c_grid or DEFAULT_C_GRID,
-                                        num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards))
+                                        num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards), probe=_probe(args))
         result.update(_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
         _save_predictions(args.out / "linear" / f"{spec.name}.npz", preds, tasks)
@@ -204,7 +213,7 @@ def run_fewshot(args) -> None:
     for spec in specs:
         train, test = _features(args, spec, "train"), _features(args, spec, "test")
         result = fewshot_protocol(train, test, tasks, k=args.k, num_seeds=args.seeds, policy=args.uncertainty, c=args.c,
-                                  seed=args.seed, source=str(args.shards))
+                                  seed=args.seed, source=str(args.shards), probe=_probe(args))
         result.update(_context(args, spec, tasks))
         _write_json(args.out / "fewshot" / f"{spec.name}-k{args.k}.json", result)
         m = result["mean_auroc"]
@@ -262,7 +271,7 @@ def run_fractions(args) -> None:
             train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
             result = fractions_linear(train, val, test, tasks, fractions=args.fractions, num_seeds=args.seeds,
                                       policy=args.uncertainty, c_grid=args.c_grid or DEFAULT_C_GRID,
-                                      num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards))
+                                      num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards), probe=_probe(args))
             result.update(_context(args, spec, tasks))
             _write_json(args.out / "fractions" / f"{spec.name}-linear.json", result)
             _log(f"fractions linear {spec.name}: " + ", ".join(f"{c['fraction']:g}: {c['mean_auroc']:.3f}" for c in result["curve"]))

@@ -71,6 +71,8 @@ def encoder_spec(encoder: str | Path | None = None, init: str | None = None, *, 
         raise EncoderError(f"unknown --init '{init}' (choose random or imagenet)")
     arch = arch or "resnet50"
     ch = in_channels if in_channels is not None else (1 if init == "random" else 3)
+    if init == "imagenet":
+        imagenet_weights_file(arch)  # fail before any encoder is evaluated, not halfway through a run
     return EncoderSpec(init, arch, ch, name or f"{init}-{arch}", seed=seed)
 
 

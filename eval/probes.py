@@ -30,6 +30,7 @@ def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
+    """scikit-learn's L2 logistic regression (lbfgs) -> predict(x) -> P(y = 1)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
@@ -37,18 +38,47 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
         # Strong-C fits on separable tiny sets hit max_iter; the grid then simply prefers another C.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x, y)
-    return clf
+    return lambda z: clf.predict_proba(z)[:, 1]
+
+
+def _fit_torch(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int, device: str = "cpu"):
+    """The same objective as scikit-learn's (C * sum of log-losses + ||w||^2 / 2, intercept unpenalised), solved
+    by full-batch L-BFGS in torch: on a GPU this keeps probes on 100k x 2048 feature sets to seconds."""
+    import torch
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    dtype = torch.float32 if dev.type == "cuda" else torch.float64
+    xt = torch.as_tensor(x, dtype=dtype, device=dev)
+    yt = torch.as_tensor(y, dtype=dtype, device=dev)
+    w = torch.zeros(x.shape[1], dtype=dtype, device=dev, requires_grad=True)
+    b = torch.zeros((), dtype=dtype, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = c * torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="sum") + 0.5 * (w @ w)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    w_np, b_np = w.detach().cpu().numpy().astype(np.float64), float(b.detach().cpu())
+    return lambda z: 1.0 / (1.0 + np.exp(-(np.asarray(z, dtype=np.float64) @ w_np + b_np)))
 
 
 def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, task_names: list[str], *,
                       val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
                       c_grid: tuple[float, ...] = DEFAULT_C_GRID, fixed_c: float | None = None,
-                      seed: int = 0, max_iter: int = 1000) -> ProbeResult:
+                      seed: int = 0, max_iter: int = 1000, backend: str = "sklearn", device: str = "cpu") -> ProbeResult:
     """Train one probe per task on (``train_x`` (N, D), ``train_y`` (N, T) with NaN masked) and score ``test_x``.
 
     C: ``fixed_c`` if given, else the grid value with the best validation AUROC (ties: the smaller C, i.e.
     stronger regularisation); the chosen probe is the one fitted on the training split.
+    ``backend``: "sklearn" (lbfgs, CPU) or "torch" (same objective, L-BFGS on ``device`` "cpu" | "gpu").
     """
+    if backend not in ("sklearn", "torch"):
+        raise ValueError(f"unknown probe backend '{backend}' (choose sklearn or torch)")
+
+    def fit(x, y, c):
+        return _fit(x, y, c, seed, max_iter) if backend == "sklearn" else _fit_torch(x, y, c, seed, max_iter, device)
     if fixed_c is None and (val_x is None or val_y is None):
         raise ValueError("choosing C needs a validation split (val_x, val_y) or a fixed_c")
     has_val = val_x is not None
@@ -67,19 +97,19 @@ def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
             continue
         if fixed_c is not None:
             best_c, best_val = fixed_c, None
-            best = _fit(tr[keep], y, fixed_c, seed, max_iter)
+            best = fit(tr[keep], y, fixed_c)
         else:
             vkeep = ~np.isnan(val_y[:, j])
             best, best_c, best_val = None, None, -np.inf
             for c in sorted(c_grid):
-                clf = _fit(tr[keep], y, c, seed, max_iter)
-                v = auroc(val_y[vkeep, j], clf.predict_proba(va[vkeep])[:, 1]) if vkeep.any() else float("nan")
+                clf = fit(tr[keep], y, c)
+                v = auroc(val_y[vkeep, j], clf(va[vkeep])) if vkeep.any() else float("nan")
                 if best is None or (np.isfinite(v) and v > best_val):
                     best, best_c, best_val = clf, c, (v if np.isfinite(v) else -np.inf)
             if not np.isfinite(best_val):
                 result.notes.append(f"{name}: validation split has one class; C = {best_c} (smallest in grid)")
                 best_val = None
-        scores[:, j] = best.predict_proba(te)[:, 1]
+        scores[:, j] = best(te)
         result.chosen_c[name] = float(best_c)
         result.val_auroc[name] = None if best_val is None else float(best_val)
     return result

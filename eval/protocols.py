@@ -30,25 +30,27 @@ def merge_ci(evaluation: dict, ci: dict) -> dict:
 
 
 def linear_protocol(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks: list[str], *, policy: str = "u-ignore",
-                    c_grid=DEFAULT_C_GRID, num_replicates: int = 1000, seed: int = 0, source: str = "shards") -> tuple[dict, dict]:
+                    c_grid=DEFAULT_C_GRID, num_replicates: int = 1000, seed: int = 0, source: str = "shards",
+                    probe: dict | None = None) -> tuple[dict, dict]:
     """Logistic-regression probe per task (C on val), test AUROC/AUPRC with patient-bootstrap CIs.
     Returns (result dict, predictions {"targets", "scores", "pids"} on the test split)."""
     y_tr = targets_of(train, tasks, policy, "train", source)
     y_va = targets_of(val, tasks, policy, "val", source, require=False)
     y_te = targets_of(test, tasks, policy, "test", source)
-    probe = fit_linear_probes(train.features, y_tr, test.features, tasks, val_x=val.features, val_y=y_va,
-                              c_grid=c_grid, seed=seed)
-    ev = evaluate(y_te, probe.test_scores, tasks)
-    result = merge_ci(ev.to_dict(), bootstrap_ci(y_te, probe.test_scores, test.pids, tasks, num_replicates=num_replicates, seed=seed))
-    result["notes"] = probe.notes + result["notes"]
-    result.update(protocol="linear", chosen_c=probe.chosen_c, val_auroc=probe.val_auroc, uncertainty=policy,
+    fitted = fit_linear_probes(train.features, y_tr, test.features, tasks, val_x=val.features, val_y=y_va,
+                              c_grid=c_grid, seed=seed, **(probe or {}))
+    ev = evaluate(y_te, fitted.test_scores, tasks)
+    result = merge_ci(ev.to_dict(), bootstrap_ci(y_te, fitted.test_scores, test.pids, tasks, num_replicates=num_replicates, seed=seed))
+    result["notes"] = fitted.notes + result["notes"]
+    result.update(protocol="linear", chosen_c=fitted.chosen_c, val_auroc=fitted.val_auroc, uncertainty=policy,
                   num_images={"train": len(train), "val": len(val), "test": len(test)},
                   num_patients={s: int(len(np.unique(f.pids))) for s, f in (("train", train), ("val", val), ("test", test))})
-    return result, {"targets": y_te, "scores": probe.test_scores, "pids": test.pids}
+    return result, {"targets": y_te, "scores": fitted.test_scores, "pids": test.pids}
 
 
 def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k: int = 10, num_seeds: int = 20,
-                     policy: str = "u-ignore", c: float = 1.0, seed: int = 0, source: str = "shards") -> dict:
+                     policy: str = "u-ignore", c: float = 1.0, seed: int = 0, source: str = "shards",
+                     probe: dict | None = None) -> dict:
     """k positives + k negatives per task (distinct patients), a probe with fixed C (no validation labels in a
     k-shot budget), scored on a balanced test set fixed across seeds; mean, spread and 95% range over seeds."""
     y_tr = targets_of(train, tasks, policy, "train", source)
@@ -68,8 +70,9 @@ def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k
             if idx is None:
                 notes.append(f"{name}: skipped: fewer than {k} positive and {k} negative training patients")
                 break
-            probe = fit_linear_probes(train.features[idx], y_tr[idx][:, [j]], test.features[test_idx], [name], fixed_c=c, seed=seed + s)
-            p = probe.test_scores[:, 0]
+            fitted = fit_linear_probes(train.features[idx], y_tr[idx][:, [j]], test.features[test_idx], [name], fixed_c=c,
+                                       seed=seed + s, **(probe or {}))
+            p = fitted.test_scores[:, 0]
             aurocs[s, j] = auroc(y_te[test_idx, j], p)
             accs[s, j] = accuracy(y_te[test_idx, j], p)
         if np.isfinite(aurocs[:, j]).all():
@@ -92,7 +95,7 @@ def _spread(values: np.ndarray, name: str) -> dict:
 
 def fractions_linear(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks: list[str], *, fractions, num_seeds: int = 3,
                      policy: str = "u-ignore", c_grid=DEFAULT_C_GRID, num_replicates: int = 1000, seed: int = 0,
-                     source: str = "shards") -> dict:
+                     source: str = "shards", probe: dict | None = None) -> dict:
     """Linear probe on nested patient-level label fractions of the training split, several sampling seeds.
     A task a small fraction cannot train (one class) scores as chance (0.5) for that run, with a note."""
     y_tr = targets_of(train, tasks, policy, "train", source)
@@ -104,12 +107,12 @@ def fractions_linear(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks
     for s, subsets in enumerate(subsets_by_seed):
         for f in sorted(fractions):
             idx = subsets[f]
-            probe = fit_linear_probes(train.features[idx], y_tr[idx], test.features, tasks, val_x=val.features,
-                                      val_y=y_va, c_grid=c_grid, seed=seed + s)
-            scores = probe.test_scores.copy()
+            fitted = fit_linear_probes(train.features[idx], y_tr[idx], test.features, tasks, val_x=val.features,
+                                       val_y=y_va, c_grid=c_grid, seed=seed + s, **(probe or {}))
+            scores = fitted.test_scores.copy()
             untrained = np.isnan(scores).all(axis=0)
             scores[:, untrained] = 0.5
-            notes += [f"fraction {f:g}, seed {seed + s}: {n} (scored as chance)" for n in probe.notes if "not trained" in n]
+            notes += [f"fraction {f:g}, seed {seed + s}: {n} (scored as chance)" for n in fitted.notes if "not trained" in n]
             runs[f].append({"scores": scores, "num_images": int(len(idx)), "num_patients": int(len(np.unique(train.pids[idx]))),
                             "mean_auroc": evaluate(y_te, scores, tasks).mean_auroc})
     curve = []

@@ -69,7 +69,7 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert rc == 0, err
     assert [p.stat().st_mtime_ns for p in cache_files] == mtimes
 
-    rc, err = _run(capsys, "fewshot", *common, "--init", "random", "--k", "2", "--seeds", "20")
+    rc, err = _run(capsys, "fewshot", *common, "--init", "random", "--k", "2", "--seeds", "20", "--probe-backend", "torch")
     assert rc == 0, err
     few = json.loads((out / "fewshot" / "random-resnet18-k2.json").read_text())
     assert few["num_seeds"] == 20 and all(len(v) == 20 for v in few["per_seed_auroc"].values())

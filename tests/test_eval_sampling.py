@@ -101,3 +101,15 @@ def test_probe_picks_c_on_val_and_learns():
     assert auroc(y[225:, 0], res.test_scores[:, 0]) > 0.85
     one_class = fit_linear_probes(x[:20], np.ones((20, 1)), x[225:], ["t"], fixed_c=1.0)
     assert np.isnan(one_class.test_scores).all() and "one class" in one_class.notes[0]
+
+
+def test_torch_probe_backend_matches_sklearn():
+    rng = np.random.default_rng(1)
+    n, d = 240, 20
+    x = rng.normal(size=(n, d))
+    y = (x[:, :2].sum(axis=1) + rng.normal(size=n) > 0).astype(float)[:, None]
+    kw = dict(val_x=x[120:180], val_y=y[120:180], c_grid=(1e-3, 1e-1, 10.0))
+    sk = fit_linear_probes(x[:120], y[:120], x[180:], ["t"], **kw)
+    th = fit_linear_probes(x[:120], y[:120], x[180:], ["t"], backend="torch", **kw)
+    assert sk.chosen_c == th.chosen_c
+    assert np.allclose(sk.test_scores, th.test_scores, atol=2e-3)
