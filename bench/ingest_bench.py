@@ -61,6 +61,25 @@ def bench_process(report: BenchReport, root: Path, label: str, repeats: int, dra
                images_per_s=len(datas) / t.median_s, images_per_s_per_worker=len(datas) / t.median_s, scaling=None)
 
 
+def _process_path(path: str) -> int:
+    from ingest.preprocess import process_file
+    return len(process_file(path, "image", 256, 95).jpeg)
+
+
+def bench_pool(report: BenchReport, root: Path, label: str, workers_list: list[int], repeats: int) -> None:
+    """Decode -> resize -> encode from files in a process pool (no shard writing): the workers' own scaling."""
+    import multiprocessing as mp
+    paths = [str(p) for p in sorted((root / "cls").iterdir())]
+    base = None
+    for w in workers_list:
+        with mp.get_context("fork").Pool(w) as pool:
+            t = time_fn(lambda: sum(pool.imap(_process_path, paths, chunksize=16)), warmup=1, repeats=repeats, sync=False)
+        ips = len(paths) / t.median_s
+        base = base or ips
+        report.add(input=label, stage="decode+resize+encode, process pool", workers=w, images=len(paths),
+                   median_s=t.median_s, images_per_s=ips, images_per_s_per_worker=ips / w, scaling=ips / base)
+
+
 def bench_build(report: BenchReport, root: Path, label: str, workers_list: list[int], repeats: int, tmp: Path) -> None:
     from ingest import build
     n = sum(1 for _ in (root / "cls").iterdir())
@@ -106,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_process(report, png, "png 1024x1024 gray", a.repeats)
         bench_process(report, big, "jpeg 2048x2500 gray", a.repeats)
         bench_process(report, big, "jpeg 2048x2500 gray", a.repeats, draft=False)
+        bench_pool(report, jpeg, "jpeg 320x390 gray", workers, a.repeats)
         bench_build(report, jpeg, "jpeg 320x390 gray", workers, a.repeats, tmp)
         bench_build(report, png, "png 1024x1024 gray", workers, a.repeats, tmp)
     report.notes.append(f"load average after: {os.getloadavg()[0]:.2f}")
