@@ -27,6 +27,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     crop_scale_min: float = 0.6      # random resized crop area range (of the eval view)
+    crop_ratio_max: float = 4 / 3    # aspect ratio drawn log-uniformly in [1 / max, max]
     hflip_prob: float = 0.5
     rotation_deg: float = 10.0
     brightness: float = 0.1          # additive jitter in normalised units
@@ -46,7 +47,7 @@ def augment(x, gen, cfg: FinetuneConfig):
     def u(lo, hi):
         return torch.rand(b, generator=gen, device="cpu").to(dev) * (hi - lo) + lo
     area = u(cfg.crop_scale_min, 1.0)
-    log_ratio = u(math.log(3 / 4), math.log(4 / 3))
+    log_ratio = u(-math.log(cfg.crop_ratio_max), math.log(cfg.crop_ratio_max))
     sx = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
     sy = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
     tx, ty = u(-1, 1) * (1 - sx), u(-1, 1) * (1 - sy)

@@ -93,6 +93,8 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert rc == 0, err
     ft = json.loads((out / "finetune" / "ssl-run.json").read_text())
     assert len(ft["grid"]) == 2 and ft["chosen_lr"] in (0.01, 0.05) and ft["train_in_memory"]
+    chosen = max(ft["grid"], key=lambda g: g["best_val_mean_auroc"])
+    assert ft["best_val_mean_auroc"] == chosen["best_val_mean_auroc"] == max(h["val_mean_auroc"] for h in chosen["history"])
 
     rc, err = _run(capsys, "compare", "--out", out, "--a", "ssl-run", "--b", "random-resnet18", "--bootstrap", "200")
     assert rc == 0, err
