@@ -123,7 +123,7 @@ def _predict(model, head, source: ImageSource, batch_size: int, torch_device) ->
         for images, lbl in source.batches(batch_size):
             x = images.to(torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             scores.append(torch.sigmoid(head(model(x)).float()).cpu().numpy())
-            labels.append(lbl.numpy())
+            labels.append(lbl.float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(labels)
 
 
@@ -157,7 +157,7 @@ def train_one(spec: EncoderSpec, train: ImageSource, val: ImageSource, tasks: li
         model.train()
         t0, loss_sum, n_seen = time.perf_counter(), 0.0, 0
         for images, raw in train.batches(cfg.batch_size, gen):
-            y = torch.from_numpy(select_targets(raw.numpy(), label_names, tasks, policy)).to(torch_device)
+            y = torch.from_numpy(select_targets(raw.float().cpu().numpy(), label_names, tasks, policy)).to(torch_device)
             mask = ~torch.isnan(y)
             if not mask.any() or images.shape[0] < 2:  # BatchNorm needs 2+ samples
                 continue

@@ -202,3 +202,16 @@ def test_gpu_features_match_cpu(shards):
     # GPU decode (nvJPEG) and bf16 autocast differ slightly from the CPU path; features must still agree closely.
     cos = np.sum(cpu.features * gpu.features, 1) / (np.linalg.norm(cpu.features, axis=1) * np.linalg.norm(gpu.features, axis=1))
     assert cos.min() > 0.98
+
+
+@pytest.mark.gpu
+def test_gpu_linear_and_finetune_cli(shards, tmp_path, capsys):
+    out = tmp_path / "eval"
+    common = ["--shards", shards, "--out", out, "--init", "random", "--device", "gpu", *FAST]
+    rc, err = _run(capsys, "linear", *common)  # --probe-backend auto -> torch L-BFGS on the GPU
+    assert rc == 0, err
+    # streamed training path (device-resident batches straight from DALI) and the in-memory one
+    for budget in ("4", "20000"):
+        rc, err = _run(capsys, "finetune", *common, "--epochs", "1", "--max-images-in-memory", budget, "--overwrite")
+        assert rc == 0, err
+    assert json.loads((out / "finetune" / "random-resnet18.json").read_text())["train_in_memory"]
