@@ -111,6 +111,22 @@ def test_kernel_rows_without_positives_contribute_nothing(reduction):
 
 
 @needs_kernels
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_split_loops_match_reference(monkeypatch, splits, dtype):
+    """Few rows against many columns (one rank of many): the loops are cut into splits merged on the host.
+
+    5 splits of 3-4 tiles leave some splits empty, which must contribute nothing.
+    """
+    from trainer import fused_ntxent_kernels
+    monkeypatch.setattr(fused_ntxent_kernels, "FORCE_SPLITS", splits)
+    labels = torch.randint(0, 20, (60,), generator=torch.Generator().manual_seed(splits))
+    labels[40] = 99  # a row whose only positive would be itself
+    _assert_close(20, 60, 32, 25, labels, dtype, reduction="none")
+    _assert_close(37, 60, 32, 23, labels, dtype, reduction="mean")
+
+
+@needs_kernels
 def test_kernel_single_column_row_has_zero_loss_and_finite_grads():
     # the row's only column is itself: no positive, empty denominator (the reference's gradient is NaN here)
     z = _embeddings(1, 8, torch.zeros(1, dtype=torch.long), 0).requires_grad_()
@@ -233,7 +249,7 @@ def test_kernels_compile_for_gpu_targets_without_a_gpu(arch, dtype, dim):
         shared = compile_for_target(arch, dtype, dim)
     except (ImportError, FileNotFoundError) as err:  # a triton build without the CUDA backend or its ptxas
         pytest.skip(f"triton cannot compile for CUDA here: {err}")
-    assert set(shared) == {"fwd", "bwd_rows", "bwd_cols"}
+    assert set(shared) == {"fwd", "fwd_split", "bwd_rows", "bwd_cols"}
     assert all(0 < b <= 227 * 1024 for sizes in shared.values() for b in sizes)  # fits an SM's shared memory
 
 

@@ -61,11 +61,16 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def _fwd(Q, K, RL, CL, LSE, CNT, LOSS, R, C, D, row_offset, stride_q, stride_k, scale2,
+    def _fwd(Q, K, RL, CL, LSE, CNT, LOSS, PART, R, C, D, row_offset, stride_q, stride_k, scale2,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-             DOT_F32: tl.constexpr):
-        # One program owns BLOCK_M rows and streams every column tile past them: only (BLOCK_M,) stats persist.
+             DOT_F32: tl.constexpr, SPLIT: tl.constexpr):
+        # One program owns BLOCK_M rows and streams the column tiles of its split past them: only (BLOCK_M,)
+        # stats persist. With SPLIT, the (m, l, pos_sum, cnt) of each column split go to PART (4, splits, R).
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split, n_split = tl.program_id(1), tl.num_programs(1)
+        tiles_per_split = tl.cdiv(tl.cdiv(C, BLOCK_N), n_split)
+        col_lo = split * tiles_per_split * BLOCK_N
+        col_hi = tl.minimum(col_lo + tiles_per_split * BLOCK_N, C)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < R
         dim_ok = dims < D
@@ -78,9 +83,9 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
         l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(x - m)
         pos_sum = tl.zeros([BLOCK_M], tl.float32)  # sum of positive logits, log2 units like m
         pos_cnt = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, C, BLOCK_N):
+        for start in range(col_lo, col_hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < C
+            col_ok = cols < col_hi
             k = tl.load(K + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                         other=0.0)
             if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
@@ -100,20 +105,32 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
         # base-2 LSE of the logits s/t; l >= 1 once any column is kept, and m = -inf (so LSE = -inf) otherwise.
         # Kept in log2 units: the backward's exp2(x - lse2) then matches the forward's x bit for bit, and a
         # round trip through natural log would cost ~1e-6 absolute, i.e. 1e-5 relative in dS where p ~ 1.
-        lse2 = m + tl.log2(tl.maximum(l, 1e-30))
-        # subtract before converting to natural log: lse2 and the positive logits cancel to a small loss
-        loss = tl.where(pos_cnt > 0, (lse2 - pos_sum / tl.maximum(pos_cnt, 1.0)) * 0.6931471805599453, 0.0)
-        tl.store(LSE + rows, lse2, mask=row_ok)
-        tl.store(CNT + rows, pos_cnt, mask=row_ok)
-        tl.store(LOSS + rows, loss, mask=row_ok)
+        if SPLIT:
+            part = PART + split * R + rows
+            tl.store(part, m, mask=row_ok)
+            tl.store(part + n_split * R, l, mask=row_ok)
+            tl.store(part + 2 * n_split * R, pos_sum, mask=row_ok)
+            tl.store(part + 3 * n_split * R, pos_cnt, mask=row_ok)
+        else:
+            lse2 = m + tl.log2(tl.maximum(l, 1e-30))
+            # subtract before converting to natural log: lse2 and the positive logits cancel to a small loss
+            loss = tl.where(pos_cnt > 0, (lse2 - pos_sum / tl.maximum(pos_cnt, 1.0)) * 0.6931471805599453, 0.0)
+            tl.store(LSE + rows, lse2, mask=row_ok)
+            tl.store(CNT + rows, pos_cnt, mask=row_ok)
+            tl.store(LOSS + rows, loss, mask=row_ok)
 
     @triton.jit
     def _bwd_rows(Q, K, RL, CL, LSE, COEF, INVP, SCALE, DQ, R, C, D, row_offset, stride_q, stride_k, stride_dq,
-                  scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  stride_split, scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   PRECISION: tl.constexpr, DS_SCALE: tl.constexpr, DS_SPLIT: tl.constexpr,
                   DOT_F32: tl.constexpr):
-        # dQ_i = sum_j dS_ij K_j with dS_ij = coef_i (softmax_ij - [j positive] / P_i), recomputed tile by tile.
+        # dQ_i = sum_j dS_ij K_j with dS_ij = coef_i (softmax_ij - [j positive] / P_i), recomputed tile by tile;
+        # column split s writes its partial sum at DQ + s * stride_split (the host adds them, in order)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
+        tiles_per_split = tl.cdiv(tl.cdiv(C, BLOCK_N), tl.num_programs(1))
+        col_lo = split * tiles_per_split * BLOCK_N
+        col_hi = tl.minimum(col_lo + tiles_per_split * BLOCK_N, C)
         dims = tl.arange(0, BLOCK_D)
         row_ok = rows < R
         dim_ok = dims < D
@@ -127,9 +144,9 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
         active = invp > 0  # rows without positives have zero loss and zero gradient
         self_col = rows + row_offset
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, C, BLOCK_N):
+        for start in range(col_lo, col_hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < C
+            col_ok = cols < col_hi
             k = tl.load(K + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                         other=0.0)
             if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
@@ -146,16 +163,20 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
                 ds_lo = (ds - ds_hi.to(tl.float32)).to(Q.dtype.element_ty)
                 acc += tl.dot(ds_lo.to(k.dtype), k, input_precision=PRECISION)
         acc = acc * (tl.load(SCALE) / DS_SCALE)
-        tl.store(DQ + rows[:, None] * stride_dq + dims[None, :], acc.to(DQ.dtype.element_ty),
+        tl.store(DQ + split * stride_split + rows[:, None] * stride_dq + dims[None, :], acc.to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & dim_ok[None, :])
 
     @triton.jit
     def _bwd_cols(Q, K, RL, CL, LSE, COEF, INVP, SCALE, DK, R, C, D, row_offset, stride_q, stride_k, stride_dk,
-                  scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  stride_split, scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   PRECISION: tl.constexpr, DS_SCALE: tl.constexpr, DS_SPLIT: tl.constexpr,
                   DOT_F32: tl.constexpr, S_LIKE_FWD: tl.constexpr):
         # dK_j = sum_i dS_ij Q_i: one program owns BLOCK_N columns and streams the row tiles (no atomics needed).
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)  # row split: partial sums at DK + split * stride_split, as in _bwd_rows
+        tiles_per_split = tl.cdiv(tl.cdiv(R, BLOCK_M), tl.num_programs(1))
+        row_lo = split * tiles_per_split * BLOCK_M
+        row_hi = tl.minimum(row_lo + tiles_per_split * BLOCK_M, R)
         dims = tl.arange(0, BLOCK_D)
         col_ok = cols < C
         dim_ok = dims < D
@@ -164,9 +185,9 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
             k = k.to(tl.float32)
         cl = tl.load(CL + cols, mask=col_ok, other=0)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for start in range(0, R, BLOCK_M):
+        for start in range(row_lo, row_hi, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < R
+            row_ok = rows < row_hi
             q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                         other=0.0)
             if DOT_F32:  # triton 3.9's interpreter multiplies bf16 tiles as raw uint16: widen
@@ -191,7 +212,7 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
                 ds_lo = (ds - ds_hi.to(tl.float32)).to(Q.dtype.element_ty)
                 acc += tl.dot(ds_lo.to(q.dtype), q, input_precision=PRECISION)
         acc = acc * (tl.load(SCALE) / DS_SCALE)
-        tl.store(DK + cols[:, None] * stride_dk + dims[None, :], acc.to(DK.dtype.element_ty),
+        tl.store(DK + split * stride_split + cols[:, None] * stride_dk + dims[None, :], acc.to(DK.dtype.element_ty),
                  mask=col_ok[:, None] & dim_ok[None, :])
 
     if interpret:
@@ -220,19 +241,55 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Tests (and tuning experiments) set this to force a number of splits; None picks one from the GPU's size.
+FORCE_SPLITS: int | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _splits(outer: int, inner: int, device: torch.device) -> int:
+    """How many pieces to cut the inner loop into so that few outer tiles still fill the GPU.
+
+    A rank's R rows against C >> R gathered columns gives only R / BLOCK_M programs: with splits, each also takes
+    a slice of the columns and the host merges the partial results (deterministically, in split order).
+    """
+    if FORCE_SPLITS is not None:
+        return FORCE_SPLITS
+    if device.type != "cuda":
+        return 1
+    outer_tiles = -(-outer // 64)  # the tile is autotuned later; 64 is the common choice
+    inner_tiles = -(-inner // 64)
+    wanted = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+               // outer_tiles)
+    return max(1, min(wanted, inner_tiles // 4, 64))  # >= 4 tiles per split keep the load pipeline busy
+
+
 def forward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperature: float):
     """Per-row (loss, base-2 LSE of the logits, positive count), each (R,) fp32; inputs contiguous, one dtype."""
     import triton
     rows, dim = z_rows.shape
     cols = z_cols.shape[0]
     k = build_kernels(interpreting(), _block_d(dim))
+    splits = _splits(rows, cols, z_rows.device)
     lse = torch.empty(rows, device=z_rows.device, dtype=torch.float32)
     cnt = torch.empty_like(lse)
     loss = torch.empty_like(lse)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
-    k.fwd[grid](z_rows, z_cols, row_labels, col_labels, lse, cnt, loss, rows, cols, dim, row_offset,
+    part = torch.empty(4, splits, rows, device=z_rows.device, dtype=torch.float32) if splits > 1 else lse
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)  # noqa: E731
+    k.fwd[grid](z_rows, z_cols, row_labels, col_labels, lse, cnt, loss, part, rows, cols, dim, row_offset,
                 z_rows.stride(0), z_cols.stride(0), 1.4426950408889634 / temperature,
-                BLOCK_D=_block_d(dim), PRECISION=_precision(z_rows.dtype), **k.fixed)
+                BLOCK_D=_block_d(dim), PRECISION=_precision(z_rows.dtype), SPLIT=splits > 1, **k.fixed)
+    if splits == 1:
+        return loss, lse, cnt
+    m, l, pos_sum, cnt = part.unbind(0)  # each (splits, R), log2 units like the kernel
+    m_max = m.amax(0)
+    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)  # rows with no kept column
+    lse = m_max + torch.log2((l * torch.exp2(m - m_safe)).sum(0).clamp(min=1e-30))
+    pos_sum, cnt = pos_sum.sum(0), cnt.sum(0)
+    loss = torch.where(cnt > 0, (lse - pos_sum / cnt.clamp(min=1.0)) * 0.6931471805599453, torch.zeros_like(lse))
     return loss, lse, cnt
 
 
@@ -242,6 +299,8 @@ def backward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperatur
 
     ``coef`` (R,) is each row's upstream gradient / temperature divided by ``coef_scale`` (a 1-element fp32 tensor,
     the largest |coef|), so dS stays O(1) before it is rounded to 16 bits for the tensor-core matmul.
+    dz_cols has its own column-major kernel rather than atomics into a shared buffer: the sums then have a fixed
+    order (bitwise reproducible), and it costs one more recomputation of the logits than a fused pass would.
     """
     import triton
     rows, dim = z_rows.shape
@@ -253,20 +312,27 @@ def backward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperatur
                   # dS in bf16 alone costs ~4x the reference's gradient error (cancellation between softmax and
                   # positive terms); a second bf16 matmul on the remainder costs ~1/3 more backward time
                   DS_SPLIT=split_bf16 and z_rows.dtype == torch.bfloat16, **k.fixed)
+    args = (z_rows, z_cols, row_labels, col_labels, lse, coef, inv_pos, coef_scale)
     scale2 = 1.4426950408889634 / temperature
     dz_rows = dz_cols = None
     if need_rows:
-        dz_rows = torch.empty_like(z_rows)
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)  # noqa: E731
-        k.bwd_rows[grid](z_rows, z_cols, row_labels, col_labels, lse, coef, inv_pos, coef_scale, dz_rows, rows, cols,
-                         dim, row_offset, z_rows.stride(0), z_cols.stride(0), dz_rows.stride(0), scale2, **common)
+        splits = _splits(rows, cols, z_rows.device)
+        out = torch.empty(splits, rows, dim, device=z_rows.device, dtype=torch.float32) if splits > 1 \
+            else torch.empty_like(z_rows)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), splits)  # noqa: E731
+        k.bwd_rows[grid](*args, out, rows, cols, dim, row_offset, z_rows.stride(0), z_cols.stride(0), dim,
+                         rows * dim, scale2, **common)
+        dz_rows = out.sum(0).to(z_rows.dtype) if splits > 1 else out
     if need_cols:
-        dz_cols = torch.empty_like(z_cols)
-        grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
-        k.bwd_cols[grid](z_rows, z_cols, row_labels, col_labels, lse, coef, inv_pos, coef_scale, dz_cols, rows, cols,
-                         dim, row_offset, z_rows.stride(0), z_cols.stride(0), dz_cols.stride(0), scale2,
+        splits = _splits(cols, rows, z_rows.device)
+        out = torch.empty(splits, cols, dim, device=z_rows.device, dtype=torch.float32) if splits > 1 \
+            else torch.empty_like(z_cols)
+        grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_N"]), splits)  # noqa: E731
+        k.bwd_cols[grid](*args, out, rows, cols, dim, row_offset, z_rows.stride(0), z_cols.stride(0), dim,
+                         cols * dim, scale2,
                          # 16-bit inputs skip the register transpose: their tolerance is 1e-2, not 1e-5
                          S_LIKE_FWD=z_rows.dtype == torch.float32, **common)
+        dz_cols = out.sum(0).to(z_cols.dtype) if splits > 1 else out
     return dz_rows, dz_cols
 
 
@@ -285,12 +351,15 @@ def compile_for_target(arch: int, dtype: torch.dtype, dim: int, all_configs: boo
     sizes = {"R": "i32", "C": "i32", "D": "i32", "row_offset": "i32", "stride_q": "i32", "stride_k": "i32"}
     grads = {"COEF": "*fp32", "INVP": "*fp32", "SCALE": "*fp32"}
     common = {"BLOCK_D": block_d, "PRECISION": _precision(dtype), "DOT_F32": False}
+    fwd_signature = {**inputs, "CNT": "*fp32", "LOSS": "*fp32", "PART": "*fp32", **sizes, "scale2": "fp32"}
     bwd = dict(common, DS_SCALE=256.0 if dtype == torch.float16 else 1.0, DS_SPLIT=dtype == torch.bfloat16)
     specs = {
-        "fwd": (k.fwd, {**inputs, "CNT": "*fp32", "LOSS": "*fp32", **sizes, "scale2": "fp32"}, common),
-        "bwd_rows": (k.bwd_rows, {**inputs, **grads, "DQ": ptr, **sizes, "stride_dq": "i32", "scale2": "fp32"}, bwd),
-        "bwd_cols": (k.bwd_cols, {**inputs, **grads, "DK": ptr, **sizes, "stride_dk": "i32", "scale2": "fp32"},
-                     dict(bwd, S_LIKE_FWD=dtype == torch.float32)),
+        "fwd": (k.fwd, fwd_signature, dict(common, SPLIT=False)),
+        "fwd_split": (k.fwd, fwd_signature, dict(common, SPLIT=True)),
+        "bwd_rows": (k.bwd_rows, {**inputs, **grads, "DQ": ptr, **sizes, "stride_dq": "i32", "stride_split": "i32",
+                                  "scale2": "fp32"}, bwd),
+        "bwd_cols": (k.bwd_cols, {**inputs, **grads, "DK": ptr, **sizes, "stride_dk": "i32", "stride_split": "i32",
+                                  "scale2": "fp32"}, dict(bwd, S_LIKE_FWD=dtype == torch.float32)),
     }
     out = {}
     for name, (tuned, signature, constants) in specs.items():
