@@ -260,11 +260,12 @@ def _splits(outer: int, inner: int, device: torch.device) -> int:
         return FORCE_SPLITS
     if device.type != "cuda":
         return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     outer_tiles = -(-outer // 64)  # the tile is autotuned later; 64 is the common choice
+    if outer_tiles >= sms:  # a full wave already: splitting would only add partial buffers to merge
+        return 1
     inner_tiles = -(-inner // 64)
-    wanted = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-               // outer_tiles)
-    return max(1, min(wanted, inner_tiles // 4, 64))  # >= 4 tiles per split keep the load pipeline busy
+    return max(1, min(-(-2 * sms // outer_tiles), inner_tiles // 4, 64))  # >= 4 tiles per split keep loads busy
 
 
 def forward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperature: float):
