@@ -30,11 +30,21 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="eval folder (results, predictions, feature cache, report)")
     p.add_argument("--overwrite", action="store_true", help="replace finished output in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="patient bootstrap replicates (default 1000)")
+    p.add_argument("--bootstrap", type=_positive, default=1000, metavar="B", help="patient bootstrap replicates (default 1000)")
     if not needs_encoders:
         return
     p.add_argument("--shards", required=True, type=Path, help="shard folder written by `ingest build-shards`")
@@ -47,23 +57,23 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--tasks", default="all", help="'all' (every label of the shards), 'chexpert5', or comma-separated label names")
     p.add_argument("--uncertainty", choices=UNCERTAINTY_POLICIES, default="u-ignore", help="policy for -1 labels (default u-ignore)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="DALI pipeline + model device (default: gpu if CUDA is available)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=_positive, default=224)
     p.add_argument("--resize-size", type=int, default=None, help="shorter side before the centre crop (default image-size * 8/7)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-threads", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--num-threads", type=_positive, default=2, help="DALI CPU threads")
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default OUT/cache)")
     p.add_argument("--probe-backend", choices=("auto", "sklearn", "torch"), default="auto",
                    help="logistic regression solver: scikit-learn, or the same objective by L-BFGS in torch (auto: torch on gpu)")
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_positive, default=10)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--grid", default="none", help="'none', 'azizi' (7 lr x 4 weight decay) or 'LR,LR,...:WD,WD,...'")
     p.add_argument("--crop-scale-min", type=float, default=0.6)
     p.add_argument("--hflip-prob", type=float, default=0.5)
-    p.add_argument("--max-images-in-memory", type=int, default=20000)
+    p.add_argument("--max-images-in-memory", type=_positive, default=20000)
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -75,14 +85,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     elif command == "fewshot":
         p.description = "k positives + k negatives per task, a probe per seed, balanced test set; mean and spread over seeds."
         _common(p)
-        p.add_argument("--k", type=int, default=10)
-        p.add_argument("--seeds", type=int, default=20, help="repetitions (>= 20 recommended)")
+        p.add_argument("--k", type=_positive, default=10)
+        p.add_argument("--seeds", type=_positive, default=20, help="repetitions (>= 20 recommended)")
         p.add_argument("--C", type=float, default=1.0, dest="c", help="probe inverse regularisation (fixed: no validation labels)")
     elif command == "fractions":
         p.description = "Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or end-to-end."
         _common(p)
         p.add_argument("--fractions", type=_floats, default=DEFAULT_FRACTIONS)
-        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--seeds", type=_positive, default=3)
         p.add_argument("--mode", choices=("linear", "finetune", "both"), default="linear")
         p.add_argument("--c-grid", type=_floats, default=None)
         _finetune_args(p)
@@ -150,7 +160,7 @@ def _context(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                         "in_channels": spec.in_channels, "path": str(spec.path) if spec.path else None,
                         "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec)},
             "shards": str(args.shards.resolve()), "task_names": tasks, "device": args.device,
-            "transform": _transform(args).as_dict(), "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "transform": _transform(args).as_dict(), "argv": getattr(args, "argv", sys.argv[1:]), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _transform(args) -> Transform:
@@ -362,6 +372,7 @@ def main(argv: list[str]) -> int:
         print(f"eval: unknown subcommand '{command}'", file=sys.stderr)
         return 2
     args = build_parser(command).parse_args(rest)
+    args.argv = list(argv)  # recorded in every result JSON
     try:
         RUNNERS[command](args)
     except (UsageError, TaskError, EncoderError, ShardFormatError, FileNotFoundError, FileExistsError, ImportError) as e:
