@@ -255,7 +255,7 @@ def run(a: argparse.Namespace) -> int:
         raise BuildError(f"{a.labels_csv}: --labels-csv not found")
     prepare_out(a.out, a.overwrite)
     salt = pseudonym_salt(a) if a.source == "dicom" else b""
-    src = read_source(a.source, a.root, SourceOptions(a.labels_csv, salt, a.dataset_name))
+    src = read_source(a.source, a.root, SourceOptions(a.labels_csv, salt, a.dataset_name, a.workers))
     if not src.has_official_split:
         a.split_mode = "hash"  # recorded as what was actually done
     options = {k: getattr(a, k) for k in OUTPUT_OPTIONS}

@@ -136,3 +136,23 @@ def test_unsupported_photometric_reason(bad):
     from ingest.dicom import DicomReject
     with pytest.raises(DicomReject, match=f"unsupported photometric interpretation '{bad}'"):
         decode_dicom(buf.getvalue())
+
+
+def test_many_dicoms_scan_in_parallel_with_identical_output(tmp_path):
+    root = tmp_path / "tree"
+    rng = np.random.default_rng(1)
+    for i in range(260):  # above the threshold where headers are read in a process pool
+        folder = root / f"pt{i % 40:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        make_dicom(folder / f"im{i:03d}.dcm", rng.integers(0, 4096, (16, 16)).astype(np.uint16),
+                   PatientID=f"MRN{i % 40:04d}", StudyInstanceUID=f"1.2.3.{i % 40}.{i % 3}", PatientName="Doe^Jane")
+    (root / "pt00" / "junk.bin").write_bytes(b"\x00" * 200)
+    args = ["--source", "dicom", "--root", str(root), "--size", "16", "--no-progress", "--pseudonym-salt", "x",
+            "--shard-max-samples", "64"]
+    assert build.main([*args, "--out", str(tmp_path / "a"), "--workers", "0"]) == 0
+    assert build.main([*args, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a == b
+    m = load_manifest(tmp_path / "a")
+    assert m.num_patients == 40 and m.data["counts"] == {"inputs": 261, "written": 260, "rejected": 1, "filtered": 0}

@@ -26,6 +26,7 @@ class SourceOptions:
     labels_csv: Path | None = None      # folder / dicom: CSV with path [+ patient] + label columns
     pseudonym_salt: bytes = b""         # dicom: salt of the PatientID / StudyInstanceUID hash
     dataset_name: str | None = None     # folder / dicom: the `dataset` field (default: the source name)
+    workers: int = 0                    # dicom: processes reading headers (0: in-process)
 
 
 @dataclass

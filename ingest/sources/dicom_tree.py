@@ -12,6 +12,24 @@ from ingest.sources.folder import walk_files
 from ingest.sources.labels_csv import read_labels_csv
 
 
+def _header_or_reason(path: Path) -> dict | str:
+    try:
+        return read_header(path)
+    except DicomReject as e:
+        return str(e)
+
+
+def _headers(root: Path, files: list[str], workers: int):
+    """Header dicts (or reject reasons) in file order; many files are read in a process pool."""
+    paths = [root / rel for rel in files]
+    if workers <= 1 or len(paths) < 256:
+        return [_header_or_reason(p) for p in paths]
+    import multiprocessing as mp
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers) as pool:
+        return pool.map(_header_or_reason, paths, chunksize=64)
+
+
 def read(root: Path, opts: SourceOptions) -> SourceResult:
     if not opts.pseudonym_salt:
         raise SourceError("the dicom source needs a pseudonym salt (internal error: build sets one)")
@@ -27,14 +45,13 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
             else:
                 csv_labels[row.path] = row.labels
     csv_path = Path(opts.labels_csv).resolve() if opts.labels_csv is not None else None
+    all_files = walk_files(root, root)
+    # The labels CSV itself may sit inside the tree: it is not an input.
+    files = [rel for rel in all_files if csv_path is None or (root / rel).resolve() != csv_path]
     scanned = []
-    for rel in walk_files(root, root):
-        if csv_path is not None and (root / rel).resolve() == csv_path:
-            continue  # the labels CSV itself, when kept inside the tree
-        try:
-            h = read_header(root / rel)
-        except DicomReject as e:
-            rejects.append(Reject(rel, str(e)))
+    for rel, h in zip(files, _headers(root, files, opts.workers)):
+        if isinstance(h, str):
+            rejects.append(Reject(rel, h))
             continue
         if not h["PatientID"].strip():
             rejects.append(Reject(rel, "DICOM without PatientID (patient-level splits need it)"))
@@ -46,7 +63,7 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
             rejects.append(Reject(rel, f"not listed in {Path(opts.labels_csv).name}"))
             continue
         scanned.append((rel, h))
-    found = set(walk_files(root, root)) if csv_labels else set()
+    found = set(all_files)
     rejects += [Reject(p, f"listed in {Path(opts.labels_csv).name} but not found under --root")
                 for p in sorted(set(csv_labels) - found)]
     records, per_study = [], {}
