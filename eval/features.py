@@ -110,6 +110,8 @@ def build_encoder(spec: EncoderSpec):
             model, dim = models.build_backbone(spec.arch, spec.in_channels, "imagenet")
         except Exception as e:  # noqa: BLE001 - offline download failures surface as many exception types
             raise EncoderError(f"ImageNet weights for {spec.arch} could not be loaded offline: {str(e).splitlines()[0][:160]}") from e
+        from eval.imagenet_input import ImageNetInput
+        model = torch.nn.Sequential(ImageNetInput(spec.in_channels), model)
     return model.eval(), int(dim)
 
 

@@ -215,3 +215,27 @@ def test_gpu_linear_and_finetune_cli(shards, tmp_path, capsys):
         rc, err = _run(capsys, "finetune", *common, "--epochs", "1", "--max-images-in-memory", budget, "--overwrite")
         assert rc == 0, err
     assert json.loads((out / "finetune" / "random-resnet18.json").read_text())["train_in_memory"]
+
+
+def test_imagenet_encoder_from_offline_cache(shards, tmp_path, capsys, monkeypatch):
+    """--init imagenet reads the torch hub cache only (here a stand-in weights file) and re-normalises inputs."""
+    import torch
+    import torchvision
+
+    import dali_pipes
+    from eval.imagenet_input import IMAGENET_MEAN, IMAGENET_STD, ImageNetInput
+    from trainer.models import imagenet_weights_path
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = imagenet_weights_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    out = tmp_path / "eval"
+    rc, err = _run(capsys, "linear", "--shards", shards, "--out", out, "--init", "imagenet", *FAST)
+    assert rc == 0, err
+    res = json.loads((out / "linear" / "imagenet-resnet18.json").read_text())
+    assert res["encoder"]["category"] == "ImageNet" and res["encoder"]["in_channels"] == 3
+    raw = torch.rand(2, 3, 4, 4)
+    x_cxr = (raw - dali_pipes.CXR_MEAN) / dali_pipes.CXR_STD
+    expected = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(ImageNetInput(3)(x_cxr), expected, atol=1e-5)
