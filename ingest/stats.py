@@ -1,5 +1,5 @@
-"""`ingest stats OUT`: counts per split, label state (1 / 0 / -1 / blank) per label, view, and patients with
-2+ images (the MICLe positives), read from the shards' metadata."""
+"""`ingest stats OUT`: counts per split, label state (1 / 0 / -1 / blank) per label, view, patients with
+2+ images (the MICLe positives) and metadata flags (view contradictions, colour inputs), read from the shards."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,7 @@ def collect(out: Path) -> dict:
     for split in m.splits():
         per_patient: Counter = Counter()
         views: Counter = Counter()
+        flags: Counter = Counter()
         labels = {n: Counter() for n in names}
         samples = 0
         for sh in m.shards(split):
@@ -35,7 +36,9 @@ def collect(out: Path) -> dict:
                 samples += 1
                 (pid,) = struct.unpack("<q", s["pid"])
                 per_patient[pid] += 1
-                views[json.loads(s["json"]).get("view", "UNKNOWN")] += 1
+                meta = json.loads(s["json"])
+                views[meta.get("view", "UNKNOWN")] += 1
+                flags.update(meta.get("flags", {}).keys())
                 for n, v in zip(names, struct.unpack(f"<{len(names)}f", s["lbl"])):
                     labels[n][_state(v)] += 1
         multi = [c for c in per_patient.values() if c >= 2]
@@ -43,6 +46,7 @@ def collect(out: Path) -> dict:
             "samples": samples, "patients": len(per_patient), "patients_2plus": len(multi),
             "images_of_patients_2plus": sum(multi), "views": {v: views.get(v, 0) for v in VIEWS},
             "labels": {n: {st: labels[n].get(st, 0) for st in LABEL_STATES} for n in names},
+            "flags": dict(sorted(flags.items())),
         }
     return result
 
@@ -62,6 +66,10 @@ def render(stats: dict) -> str:
         rows.append((s, f"{d['samples']:,}", f"{d['patients']:,}", f"{d['patients_2plus']:,}",
                      f"{d['images_of_patients_2plus']:,}", *(f"{d['views'][v]:,}" for v in VIEWS)))
     parts = [_table(rows)]
+    flag_names = sorted({f for s in splits for f in sp[s]["flags"]})
+    if flag_names:
+        parts.append(_table([("flag", *splits)] + [(f, *(f"{sp[s]['flags'].get(f, 0):,}" for s in splits))
+                                                   for f in flag_names]))
     if stats["label_names"]:
         head = ("label", *(f"{s}:{st}" for s in splits for st in LABEL_STATES))
         lrows = [head] + [(n, *(f"{sp[s]['labels'][n][st]:,}" for s in splits for st in LABEL_STATES))

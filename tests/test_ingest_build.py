@@ -131,7 +131,10 @@ def test_chexpert_build_roundtrip(chexpert_root, tmp_path, capsys):
                 assert meta["view"] == row["AP/PA"]
     assert verify.main([str(out)]) == 0
     assert stats.main([str(out)]) == 0
-    assert "patients 2+ images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "patients 2+ images" in printed and "view_contradiction" in printed
+    flagged = sum(stats.collect(out)["splits"][s]["flags"].get("view_contradiction", 0) for s in ("train", "val"))
+    assert flagged == sum(r["AP/PA"] == "LL" for r in rows) == 1
     _dali_roundtrip(out, "train")
 
 
