@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +27,7 @@ def test_gathered_gradients_equal_single_process():
     assert out.stdout.count("DDP-GRADIENTS-OK") == 2, out.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_pretrain_two_ranks_checkpoint_and_resume(tmp_path):
     """The real entry point on two gloo ranks: per-rank loader/RNG states saved, and a resume continues the curve."""
     base = ["trainer/pretrain.py", "trainer/configs/debug_cpu.toml", "data.source=synthetic",

@@ -72,13 +72,18 @@ class GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         rank, world_size = world()
         ctx.rank, ctx.rows = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)  # (world * rows, ...)
+        out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))  # (world * rows, ...)
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":  # sum over ranks, and each rank receives only its own slice
+            out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        grad = grad.clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
@@ -96,9 +101,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     world_size = world()[1]
     if world_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

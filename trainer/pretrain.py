@@ -161,7 +161,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     loader.set_epoch(0)
     if resume_path is not None:
         try:
-            state = ckpt.load_checkpoint(resume_path, map_location=device)
+            state = ckpt.load_checkpoint(resume_path, map_location="cpu")  # load_state_dict copies to device
         except ValueError as e:
             raise Stop(EXIT_BAD_INPUT, str(e)) from None
         try:
