@@ -259,15 +259,28 @@ def run_finetune(args) -> None:
     _guard([args.out / "finetune" / f"{s.name}.json" for s in specs], args.overwrite)
     label_names = load_manifest(args.shards).label_names
     for spec in specs:
-        result, preds = finetune(spec, args.shards, tasks, label_names, _finetune_cfg(args), grid=grid, policy=args.uncertainty,
-                                 device=args.device, transform=_transform(args), num_threads=args.num_threads, log=_log)
+        result, preds, state = finetune(spec, args.shards, tasks, label_names, _finetune_cfg(args), grid=grid,
+                                        policy=args.uncertainty, device=args.device, transform=_transform(args),
+                                        num_threads=args.num_threads, log=_log)
         result = merge_ci(result, bootstrap_ci(preds["targets"], preds["scores"], preds["pids"], tasks,
                                                num_replicates=args.bootstrap, seed=args.seed))
         result.update(_context(args, spec, tasks))
         (args.out / "finetune").mkdir(parents=True, exist_ok=True)
         _save_predictions(args.out / "finetune" / f"{spec.name}.npz", preds, tasks)
+        _save_finetuned(args.out / "finetune" / f"{spec.name}.pt", state, spec, tasks, result)
         _write_json(args.out / "finetune" / f"{spec.name}.json", result)
         _log(f"finetune {spec.name}: mean AUROC {_fmt(result['mean_auroc'])} 95% CI {_fmt_ci(result['mean_auroc_ci'])}")
+
+
+def _save_finetuned(path: Path, state: dict, spec: EncoderSpec, tasks: list[str], result: dict) -> None:
+    # The selected checkpoint (best validation mean AUROC), loadable with torch.load(weights_only=True).
+    import torch
+    doc = {"arch": spec.arch, "in_channels": spec.in_channels, "encoder": spec.name, "category": spec.category,
+           "tasks": list(tasks), "lr": result["chosen_lr"], "weight_decay": result["chosen_weight_decay"],
+           "epoch": result["best_epoch"], "backbone": state["backbone"], "head": state["head"]}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(doc, tmp)
+    tmp.replace(path)
 
 
 def run_fractions(args) -> None:
@@ -304,7 +317,7 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
         for f in sorted(args.fractions):
             cfg = _finetune_cfg(args)
             cfg.seed = args.seed + s
-            result, preds = finetune(spec, args.shards, tasks, label_names, cfg, grid=_grid(args.grid), policy=args.uncertainty,
+            result, preds, _ = finetune(spec, args.shards, tasks, label_names, cfg, grid=_grid(args.grid), policy=args.uncertainty,
                                      device=args.device, transform=_transform(args), train_patients=np.unique(train_pids[subsets[f]]),
                                      num_threads=args.num_threads, log=_log)
             targets, test_pids = preds["targets"], preds["pids"]

@@ -193,10 +193,10 @@ def _num(x: float) -> float | None:
 def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[str], cfg: FinetuneConfig, *,
              grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None, policy: str = "u-ignore", device: str = "cpu",
              transform: Transform = Transform(), train_patients: np.ndarray | None = None, num_threads: int = 2,
-             loader_factory=None, log=print) -> tuple[dict, dict]:
+             loader_factory=None, log=print) -> tuple[dict, dict, dict]:
     """Fine-tune over the grid (or cfg.lr / cfg.weight_decay), pick the run and epoch with the best validation mean
     AUROC, score the test split with it. ``train_patients`` restricts training to those patient ids (label fractions).
-    Returns (result dict, test predictions {"targets", "scores", "pids"})."""
+    Returns (result dict, test predictions {"targets", "scores", "pids"}, best weights {"backbone", "head"} on CPU)."""
     import torch
     make = loader_factory or eval_loader
 
@@ -234,7 +234,7 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
                   grid=[{"lr": r.lr, "weight_decay": r.weight_decay, "best_val_mean_auroc": _num(r.best_val_auroc),
                          "best_epoch": r.best_epoch, "history": r.history} for r in runs],
                   config={k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
-    return result, {"targets": targets, "scores": scores, "pids": np.concatenate(pids)}
+    return result, {"targets": targets, "scores": scores, "pids": np.concatenate(pids)}, best.state
 
 
 def replace_cfg(cfg: FinetuneConfig, **kw) -> FinetuneConfig:

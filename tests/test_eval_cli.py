@@ -93,6 +93,9 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert rc == 0, err
     ft = json.loads((out / "finetune" / "ssl-run.json").read_text())
     assert len(ft["grid"]) == 2 and ft["chosen_lr"] in (0.01, 0.05) and ft["train_in_memory"]
+    import torch
+    best = torch.load(out / "finetune" / "ssl-run.pt", weights_only=True)
+    assert best["lr"] == ft["chosen_lr"] and best["epoch"] == ft["best_epoch"] and best["head"]["weight"].shape == (3, 512)
     chosen = max(ft["grid"], key=lambda g: g["best_val_mean_auroc"])
     assert ft["best_val_mean_auroc"] == chosen["best_val_mean_auroc"] == max(h["val_mean_auroc"] for h in chosen["history"])
 
