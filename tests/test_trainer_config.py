@@ -137,3 +137,14 @@ def test_sgd_adamw_no_decay_on_excluded():
         cfg = load_config(None, ["data.source=synthetic", f"optim.name={name}", "optim.weight_decay=0.1"]).optim
         opt = build_optimizer(net, cfg, lr=0.1)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_every_config_key_is_documented():
+    import dataclasses
+
+    from trainer.config import Config
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    missing = [f"{sec.name}.{f.name}" for sec in dataclasses.fields(Config)
+               for f in dataclasses.fields(sec.default_factory) if f"`{sec.name}.{f.name}`" not in readme]
+    assert not missing, f"trainer/README.md does not document {missing}"

@@ -52,7 +52,7 @@ class LossConfig:
     method: str = "simclr"           # "simclr" | "moco" | "micle" (SimCLR loss on two images of one patient)
     temperature: float = 0.1
     positives: str = "sample"        # "sample": the two views; "patient": every same-patient view in the global batch
-    impl: str = "reference"          # "reference" | "fused" (Triton, trainer.fused_ntxent) | "auto"
+    impl: str = "auto"               # "auto" (fused on a CUDA GPU, else reference) | "reference" | "fused"
     gather: bool = True              # negatives from every rank (with gradient)
     moco_queue: int = 65536
     moco_momentum: float = 0.999
