@@ -11,7 +11,7 @@ import torch
 
 # Tiles used under TRITON_INTERPRET=1: the smallest tl.dot accepts, so small test sizes still cross tile edges.
 INTERPRET_BLOCK_MN = 16
-MAX_DIM = 512
+MAX_DIM = 256  # widest embedding with tile configs checked to fit (q and k tiles are BLOCK x D)
 
 
 def interpreting() -> bool:
