@@ -81,17 +81,18 @@ def test_killed_run_resumes_to_the_same_loss_curve(shards, tmp_path):
     assert meta["config"]["model"]["arch"] == "resnet18"
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(shards, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_cleanly(shards, tmp_path, sig):
     run = tmp_path / "run"
     proc = _spawn([f"data.shards={shards}", f"run.out={run}", "optim.total_steps=500", "run.ckpt_every=1000"])
     deadline = time.time() + 120
     while (not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 2) \
             and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped by SIGTERM" in out
+    assert f"stopped by {sig.name}" in out
     steps = [s for s, _ in _losses(run)]
     ckpts = list_checkpoints(run)
     assert len(ckpts) == 1 and ckpts[0].name == f"step-{steps[-1]:06d}.pt" and 2 <= steps[-1] < 500
