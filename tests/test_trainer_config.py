@@ -45,6 +45,8 @@ def test_precedence_defaults_file_overrides(tmp_path):
     ('[data]\nshards = "/x"\n', ["loss.temperature=0"], "loss.temperature must be > 0"),
     ('[data]\n', [], "data.shards is required"),
     ('[data\nshards = 1', [], "not valid TOML"),
+    ('[data]\nshards = "/x"\n', ['optim.betas=["a", 0.9]'], "optim.betas must be two numbers"),
+    ('[data]\nshards = "/x"\n[optim]\nbetas = 0.9\n', [], "optim.betas: expected list"),
 ])
 def test_bad_config_is_one_line_error(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:

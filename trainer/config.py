@@ -213,7 +213,9 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.micro_batch >= 0, "optim.micro_batch must be >= 0")
     need(not (cfg.optim.micro_batch and cfg.loss.method == "moco"),
          "optim.micro_batch (GradCache) applies to SimCLR/MICLe; MoCo's queue already decouples negatives from batch")
-    need(len(cfg.optim.betas) == 2, "optim.betas must be two numbers")
+    need(len(cfg.optim.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           and 0 <= b < 1 for b in cfg.optim.betas),
+         f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
     need(cfg.loss.method != "moco" or cfg.loss.moco_queue % cfg.data.batch_size == 0,
          f"loss.moco_queue={cfg.loss.moco_queue} must be a multiple of data.batch_size={cfg.data.batch_size}")
     need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
