@@ -279,7 +279,7 @@ def run(a: argparse.Namespace) -> int:
     writers = {s: SplitWriter(a.out, s, done[s], a.shard_max_bytes, a.shard_max_samples) for s in SPLITS}
     todo = [(s, i, plan.order[s][i]) for s in SPLITS for i in range(writers[s].pos, len(plan.order[s]))]
     _process(a, plan, writers, todo)
-    return _finish(a, plan, src, writers, salt)
+    return _finish(a, plan, writers)
 
 
 def _process(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter], todo: list) -> None:
@@ -313,7 +313,7 @@ def _process(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter],
             pool.join()
 
 
-def _finish(a: argparse.Namespace, plan: Plan, src, writers: dict[str, SplitWriter], salt: bytes) -> int:
+def _finish(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter]) -> int:
     splits, rejects = {}, [(r.source_path, r.reason) for r in plan.scan_rejects]
     for s in SPLITS:
         segs = writers[s].segments
@@ -330,7 +330,7 @@ def _finish(a: argparse.Namespace, plan: Plan, src, writers: dict[str, SplitWrit
             "salt": "given with --pseudonym-salt" if a.pseudonym_salt else f"random, kept in {SALT_FILE} (private)"}
     manifest = write_outputs(a.out, dataset=plan.dataset, label_names=plan.label_names, patients=plan.patients,
                              splits=splits, rejects=rejects, filtered=[(f.source_path, f.reason) for f in plan.filtered],
-                             num_inputs=plan.num_inputs, options=options_json(a, plan), extra=extra)
+                             num_inputs=plan.num_inputs, options=options_json(a), extra=extra)
     shutil.rmtree(a.out / STATE_DIR, ignore_errors=True)
     summary_table(manifest)
     if manifest["counts"]["written"] == 0:
@@ -344,7 +344,8 @@ def _finish(a: argparse.Namespace, plan: Plan, src, writers: dict[str, SplitWrit
     return 0
 
 
-def options_json(a: argparse.Namespace, plan: Plan) -> dict:
+def options_json(a: argparse.Namespace) -> dict:
+    """The options that shaped the output, as recorded in the manifest (not --workers: it changes nothing)."""
     out = {k: getattr(a, k) for k in OUTPUT_OPTIONS}
     out["views"] = a.views
     out["labels_csv"] = a.labels_csv.name if a.labels_csv is not None else None
