@@ -197,110 +197,116 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             print(f"pretrain: {run_dir} already finished ({step}/{total_steps} steps); nothing to do", flush=True)
         return 0
 
-    # ---- preemption: SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits
-    received: list[int] = []
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    logger = bar = None
+    previous_handlers: dict = {}
+    try:
+        # ---- preemption: SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits
+        received: list[int] = []
+        previous_handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                             for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
-    def save(at_step: int) -> Path | None:
-        rank_state = {"rng": ckpt.rng_state(), "loader": ckpt.to_plain(loader.state_dict())}
-        ranks = dist_utils.all_gather_state(rank_state)
-        path = None
-        if info.is_main:
-            path = ckpt.save_checkpoint(run_dir, at_step, {
-                "format": "cxr-ssl-train/1", "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else {},
-                "schedule": {"peak_lr": peak_lr, "min_lr": min_lr, "warmup_steps": warmup_steps,
-                             "total_steps": total_steps},
-                "config": to_dict(cfg), "world_size": world_size, "ranks": ranks,
-            }, keep_last=cfg.run.keep_last)
-        dist_utils.barrier()
-        return path
-
-    # ---- the loop
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
-                           resume_step=step if resume_path is not None else None, device=device)
-    bar = _progress(cfg.run.progress and info.is_main, total_steps, step)
-    if info.is_main:
-        arch = f"{cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px"
-        print(f"pretrain: {cfg.loss.method} {arch} | {world_size} rank(s) on {device.type} | {precision} | global "
-              f"batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | peak lr {peak_lr:.4g} "
-              f"| {run_dir}", flush=True)
-    timer, loss_sum, nonfinite = StepTimer(), torch.zeros((), device=device), torch.zeros((), device=device,
-                                                                                          dtype=torch.bool)
-    last_saved, stop_reason = -1, None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    batches = iter(loader)
-    while step < total_steps:
-        t_wait = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            epoch, batch_in_epoch = epoch + 1, 0
-            loader.set_epoch(epoch)
-            batches = iter(loader)
-            batch = next(batches)
-        timer.add_data_wait(time.perf_counter() - t_wait)
-        batch_in_epoch += 1
-
-        lr = warmup_cosine(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr)
-        loss = step_fn(batch, lr)
-        step += 1
-        timer.step()
-        loss_sum += loss
-        nonfinite |= ~torch.isfinite(loss)
-        if bar is not None:
-            bar.update(1)
-
-        must_save = step % cfg.run.ckpt_every == 0 or step == total_steps or step == cfg.run.max_steps
-        if step % cfg.run.log_every == 0 or must_save:
-            _check_finite(nonfinite, step, run_dir)
-            mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()  # the only host sync
-            t = timer.summary()
-            images_per_s = cfg.data.batch_size * timer.steps / t["wall_s"]
-            row = {"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch, "loss": mean_loss, "lr": lr,
-                   "images_per_s": images_per_s, "views_per_s": 2 * images_per_s, "step_ms": t["step_ms"],
-                   "data_wait_pct": t["data_wait_pct"]}
-            if device.type == "cuda":
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            else:  # host peak resident memory (Linux reports KiB)
-                row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            if cfg.loss.method == "micle":
-                row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
-            line = logger.log(row)
+        def save(at_step: int) -> Path | None:
+            rank_state = {"rng": ckpt.rng_state(), "loader": ckpt.to_plain(loader.state_dict())}
+            ranks = dist_utils.all_gather_state(rank_state)
+            path = None
             if info.is_main:
-                (bar.write if bar is not None else print)(line)
-            timer.reset()
-            loss_sum.zero_()
-        if must_save:
+                path = ckpt.save_checkpoint(run_dir, at_step, {
+                    "format": "cxr-ssl-train/1", "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else {},
+                    "schedule": {"peak_lr": peak_lr, "min_lr": min_lr, "warmup_steps": warmup_steps,
+                                 "total_steps": total_steps},
+                    "config": to_dict(cfg), "world_size": world_size, "ranks": ranks,
+                }, keep_last=cfg.run.keep_last)
+            dist_utils.barrier()
+            return path
+
+        # ---- the loop
+        logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
+                               resume_step=step if resume_path is not None else None, device=device)
+        bar = _progress(cfg.run.progress and info.is_main, total_steps, step)
+        if info.is_main:
+            arch = f"{cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px"
+            print(f"pretrain: {cfg.loss.method} {arch} | {world_size} rank(s) on {device.type} | {precision} | global "
+                  f"batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | peak lr {peak_lr:.4g} "
+                  f"| {run_dir}", flush=True)
+        timer, loss_sum, nonfinite = StepTimer(), torch.zeros((), device=device), torch.zeros((), device=device,
+                                                                                              dtype=torch.bool)
+        last_saved, stop_reason = -1, None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batches = iter(loader)
+        while step < total_steps:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                epoch, batch_in_epoch = epoch + 1, 0
+                loader.set_epoch(epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            timer.add_data_wait(time.perf_counter() - t_wait)
+            batch_in_epoch += 1
+
+            lr = warmup_cosine(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr)
+            loss = step_fn(batch, lr)
+            step += 1
+            timer.step()
+            loss_sum += loss
+            nonfinite |= ~torch.isfinite(loss)
+            if bar is not None:
+                bar.update(1)
+
+            must_save = step % cfg.run.ckpt_every == 0 or step == total_steps or step == cfg.run.max_steps
+            if step % cfg.run.log_every == 0 or must_save:
+                _check_finite(nonfinite, step, run_dir)
+                mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()  # the only host sync
+                t = timer.summary()
+                images_per_s = cfg.data.batch_size * timer.steps / t["wall_s"]
+                row = {"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch, "loss": mean_loss, "lr": lr,
+                       "images_per_s": images_per_s, "views_per_s": 2 * images_per_s, "step_ms": t["step_ms"],
+                       "data_wait_pct": t["data_wait_pct"]}
+                if device.type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                else:  # host peak resident memory (Linux reports KiB)
+                    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                if cfg.loss.method == "micle":
+                    row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
+                line = logger.log(row)
+                if info.is_main:
+                    (bar.write if bar is not None else print)(line)
+                loss_sum.zero_()
+            if must_save:
+                _check_finite(nonfinite, step, run_dir)
+                save(step)
+                last_saved = step
+            if timer.steps and (step % cfg.run.log_every == 0 or must_save):
+                timer.reset()  # after the checkpoint, so its write does not count as step time
+            every = 1 if world_size == 1 else cfg.run.signal_check_every
+            if step % every == 0 and dist_utils.any_rank(bool(received), device):
+                stop_reason = signal.Signals(received[0]).name if received else "a peer's signal"
+                break
+            if step == cfg.run.max_steps:
+                stop_reason = f"run.max_steps={cfg.run.max_steps}"
+                break
+
+        if last_saved != step:
             _check_finite(nonfinite, step, run_dir)
             save(step)
-            last_saved = step
-        every = 1 if world_size == 1 else cfg.run.signal_check_every
-        if step % every == 0 and dist_utils.any_rank(bool(received), device):
-            stop_reason = signal.Signals(received[0]).name if received else "a peer's signal"
-            break
-        if step == cfg.run.max_steps:
-            stop_reason = f"run.max_steps={cfg.run.max_steps}"
-            break
-
-    if bar is not None:
-        bar.close()
-    if last_saved != step:
-        _check_finite(nonfinite, step, run_dir)
-        save(step)
-    if info.is_main:
-        backbone = raw_model.encoder_q.backbone if isinstance(raw_model, MoCo) else raw_model.backbone
-        ckpt.save_encoder(run_dir / "encoder.pt", backbone, cfg.model.arch, cfg.model.in_channels,
-                          {"config": to_dict(cfg), "step": step, "finished": step >= total_steps})
-        why = f"stopped by {stop_reason}" if stop_reason else "finished"
-        print(f"pretrain: {why} at step {step}/{total_steps}; checkpoint {ckpt.ckpt_path(run_dir, step)}, "
-              f"encoder {run_dir / 'encoder.pt'}", flush=True)
-    logger.close()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+        if info.is_main:
+            backbone = raw_model.encoder_q.backbone if isinstance(raw_model, MoCo) else raw_model.backbone
+            ckpt.save_encoder(run_dir / "encoder.pt", backbone, cfg.model.arch, cfg.model.in_channels,
+                              {"config": to_dict(cfg), "step": step, "finished": step >= total_steps})
+            why = f"stopped by {stop_reason}" if stop_reason else "finished"
+            print(f"pretrain: {why} at step {step}/{total_steps}; checkpoint {ckpt.ckpt_path(run_dir, step)}, "
+                  f"encoder {run_dir / 'encoder.pt'}", flush=True)
+    finally:  # also on a Stop: flush TensorBoard, close the bar, give the signals back
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 
