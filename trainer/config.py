@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclass sections data/model/loss/optim/run, a TOML file plus `section.key=value` overrides.
+"""Typed run configuration: sections data/model/loss/optim/run from a TOML file plus `section.key=value` overrides.
 
 Unknown keys and values of the wrong type are rejected with a one-line `ConfigError` before any work starts.
 """

@@ -117,13 +117,15 @@ class MetricsLogger:
             self.tb.close()
 
 
+_LINE_FORMATS = (  # key -> how it reads on the console line
+    ("epoch", "epoch {:.2f}"), ("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("images_per_s", "{:,.0f} img/s"),
+    ("views_per_s", "{:,.0f} views/s"), ("step_ms", "{:.1f} ms"), ("data_wait_pct", "wait {:.1f}%"),
+    ("peak_mem_gib", "{:.2f} GiB"), ("peak_rss_gib", "rss {:.2f} GiB"), ("gpu_util_pct", "gpu {:.0f}%"),
+    ("gpu_power_w", "{:.0f} W"),
+)
+
+
 def format_line(row: dict) -> str:
     parts = [f"step {row['step']:>7d}"]
-    for key, fmt in (("epoch", "{:.2f}"), ("loss", "{:.4f}"), ("lr", "{:.3e}"), ("images_per_s", "{:,.0f} img/s"),
-                     ("views_per_s", "{:,.0f} views/s"), ("step_ms", "{:.1f} ms"), ("data_wait_pct", "wait {:.1f}%"),
-                     ("peak_mem_gib", "{:.2f} GiB"), ("peak_rss_gib", "rss {:.2f} GiB"), ("gpu_util_pct", "gpu {:.0f}%"), ("gpu_power_w", "{:.0f} W")):
-        if key in row and row[key] is not None:
-            label = "" if key in ("images_per_s", "views_per_s", "step_ms", "data_wait_pct", "peak_mem_gib", "peak_rss_gib",
-                                  "gpu_util_pct", "gpu_power_w") else f"{key} "
-            parts.append(label + fmt.format(row[key]))
+    parts += [fmt.format(row[key]) for key, fmt in _LINE_FORMATS if row.get(key) is not None]
     return " | ".join(parts)

@@ -1,4 +1,4 @@
-"""Optimisers: LARS (BatchNorm and bias parameters excluded from weight decay and trust-ratio adaptation), SGD, AdamW."""
+"""Optimisers: LARS (BatchNorm and bias parameters excluded from weight decay and trust-ratio scaling), SGD, AdamW."""
 from __future__ import annotations
 
 import torch

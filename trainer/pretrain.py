@@ -1,7 +1,8 @@
 """Self-supervised pretraining entry point: `torchrun --nproc_per_node=N trainer/pretrain.py CONFIG.toml key=value ...`.
 
 Reads top to bottom: config -> process group -> run folder -> data -> model -> optimiser -> resume -> loop with
-logging, checkpoints, preemption signals and a non-finite-loss stop -> encoder export. Also `python trainer/pretrain.py`.
+logging, checkpoints, preemption signals and a non-finite-loss stop -> encoder export.
+Also runs as `python trainer/pretrain.py` (one process).
 """
 from __future__ import annotations
 
