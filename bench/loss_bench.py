@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     impls, notes = _plan(args, device)
+    if "fused" in impls and args.dim > 256:
+        print(f"bench loss: the fused kernels support D <= 256, got --dim {args.dim}", file=sys.stderr)
+        return 2
     report = BenchReport("loss", list(argv if argv is not None else sys.argv[2:]), env=env, notes=notes)
     report.notes.append(f"D={args.dim} dtype={dtype} temperature={args.temperature} world={args.world}, SimCLR "
                         "pairing, forward+backward of the mean loss; peak_mem = max_memory_allocated delta over inputs")
