@@ -277,13 +277,13 @@ def test_bench_loss_cli_smoke(tmp_path):
     out = tmp_path / "loss.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "bench", "loss", "--device", "cpu", "--sizes", "16", "32", "--dim", "16",
-           "--warmup", "0", "--repeats", "1", "--out", str(out)]
+           "--world", "2", "--warmup", "0", "--repeats", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "loss"
     got = {(r["n_views"], r["impl"]): r for r in doc["rows"]}
     assert set(got) == {(n, i) for n in (16, 32) for i in ("fused", "reference")}
-    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in got.values())
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["rows"] == n // 2 for (n, _), r in got.items())
     assert got[32, "fused"]["speedup_vs_best_torch"] > 0
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr
