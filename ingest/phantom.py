@@ -77,6 +77,7 @@ class Pose:
     shift_y: float = 0.0
     inspiration: float = 0.0      # + lowers the diaphragm
     exposure: float = 2.6         # film-curve steepness
+    level: float = 0.56           # attenuation shown as mid-grey (kVp / mAs / processing LUT)
     gamma: float = 1.0
     window_lo: float = 0.0
     window_hi: float = 1.0
@@ -104,7 +105,7 @@ def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> Anatomy:
         rib_gap_growth=n(0.004, 0.001, 0.002, 0.006), rib_rise=n(0.45, 0.06, 0.3, 0.6),
         rib_curve=n(0.9, 0.1, 0.65, 1.15),
         bone=n(1.0 - 0.004 * max(0, age - 40), 0.08, 0.55, 1.2),
-        soft=n(0.86, 0.06, 0.7, 1.05), body_hw=thorax_hw + n(0.26, 0.06, 0.18, 0.42),   # chest wall + arms
+        soft=n(0.86, 0.09, 0.65, 1.1), body_hw=thorax_hw + n(0.26, 0.06, 0.18, 0.42),   # chest wall + arms
         breast=n(0.10, 0.04, 0.0, 0.2) if female else 0.0,
         textures=tex,
     )
@@ -116,8 +117,8 @@ def sample_pose(rng: np.random.Generator, view: str) -> Pose:
         rotation_deg=float(rng.normal(0, 2.0 if ap else 1.2)), scale=float(rng.uniform(0.93, 1.05)),
         shift_x=float(rng.normal(0, 0.03)), shift_y=float(rng.normal(0.02 if ap else 0, 0.04)),
         inspiration=float(rng.normal(-0.04 if ap else 0.02, 0.04)),
-        exposure=float(rng.uniform(2.2, 3.0)), gamma=float(rng.uniform(0.8, 1.25)),
-        window_lo=float(rng.uniform(0.0, 0.08)), window_hi=float(rng.uniform(0.9, 1.0)),
+        exposure=float(rng.uniform(1.8, 3.4)), level=float(rng.uniform(0.48, 0.64)), gamma=float(rng.uniform(0.7, 1.4)),
+        window_lo=float(rng.uniform(0.0, 0.12)), window_hi=float(rng.uniform(0.85, 1.0)),
         noise=float(rng.uniform(0.006, 0.022 if ap else 0.016)), blur_px=float(rng.uniform(0.3, 1.0)),
         sharpen=float(rng.uniform(20, 90)), heel=float(rng.normal(0, 0.05)), marker=bool(rng.random() < 0.8),
     )
@@ -172,7 +173,7 @@ def _expose(mu: np.ndarray, frame: _Frame, pose: Pose, rng: np.random.Generator,
     """Attenuation -> detector signal -> window / gamma -> quantum noise -> blur + edge enhancement -> uint8."""
     # displayed density ~ log transmission = attenuation, through an S-shaped film / LUT curve
     k = pose.exposure
-    img = 0.5 + 0.5 * np.tanh((mu - 0.56) * k)
+    img = 0.5 + 0.5 * np.tanh((mu - pose.level) * k)
     img = np.clip((img - pose.window_lo) * (1.0 / (pose.window_hi - pose.window_lo)), 0.0, 1.0) ** pose.gamma
     img *= 1.0 + pose.heel * (np.arange(frame.h, dtype=np.float32)[:, None] / frame.h - 0.5)
     # fewer photons behind dense structures: noise grows with brightness

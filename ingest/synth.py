@@ -88,7 +88,7 @@ def _sample_findings(rng: np.random.Generator, prev: Findings | None, chronic: d
         f.effusion = {s: float(rng.uniform(0.06, 0.35)) for s in sides}
     p_edema = 0.45 if chronic["cardiomegaly"] else 0.16
     if rng.random() < p_edema:
-        f.edema = float(rng.uniform(0.35, 0.9))
+        f.edema = float(rng.uniform(0.25, 0.75))
     if rng.random() < 0.11:
         s = side()
         cu, cv = rng.uniform(0.25, 0.75), rng.uniform(0.35, 0.85)

@@ -130,6 +130,8 @@ def _heart_ctr(img: np.ndarray) -> float:
         gaps.append(right.min() - left.max())
         aerated.append(cols.size)
     aerated = np.asarray(aerated)
+    if aerated.size < 5:
+        return float("nan")     # lungs not separable at this exposure
     heart_rows = (rows > (rows[0] + rows[-1]) / 2) & (aerated > 0.6 * aerated.max())
     return float(np.percentile(np.asarray(gaps)[heart_rows], 80) / np.percentile(spans, 90))
 
@@ -171,7 +173,8 @@ def test_cardiomegaly_labels_match_measured_ctr_across_a_dataset():
                 if im.view != "LAT":
                     ctr[st.truth["Cardiomegaly"]].append(_heart_ctr(render_image(p, st, im, 5, 128)))
     assert len(ctr[True]) >= 10 and len(ctr[False]) >= 50
-    assert np.median(ctr[False]) < 0.52 and np.median(ctr[True]) > np.median(ctr[False]) + 0.05
+    assert np.isfinite(ctr[True] + ctr[False]).mean() > 0.9
+    assert np.nanmedian(ctr[False]) < 0.52 and np.nanmedian(ctr[True]) > np.nanmedian(ctr[False]) + 0.05
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
