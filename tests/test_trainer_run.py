@@ -41,7 +41,8 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def test_killed_run_resumes_to_the_same_loss_curve(shards, tmp_path):
-    common = [f"data.shards={shards}", "run.ckpt_every=3"]  # 3 batches per epoch: step 3 ends epoch 0
+    # same intra-op thread count in-process and in the subprocess: CPU conv sums depend on it
+    common = [f"data.shards={shards}", "run.ckpt_every=3", "run.cpu_threads=1"]  # 3 batches per epoch
     assert main([DEBUG, *common, f"run.out={tmp_path / 'full'}"]) == 0
     full = _losses(tmp_path / "full")
     assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pretrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
     try:
         info = dist_utils.setup(cfg.run.device)
         return train(cfg, info)
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         # process-wide switches go back as they were (main() may be called in-process, e.g. by tests)
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.benchmark = flags[1]
+        torch.set_num_threads(flags[2])
 
 
 def train(cfg: Config, info: dist_utils.DistInfo) -> int:
@@ -84,6 +85,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
+    if cfg.run.cpu_threads > 0:
+        torch.set_num_threads(cfg.run.cpu_threads)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     seed = cfg.run.seed
