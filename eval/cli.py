@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dali_pipes.augment import AugmentConfig
 from eval.features import EncoderError, EncoderSpec, Transform, default_device, encoder_hash, encoder_spec, extract_features
 from eval.labels import UNCERTAINTY_POLICIES, TaskError, resolve_tasks
 from eval.sampling import DEFAULT_FRACTIONS
@@ -70,10 +71,17 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive, default=10)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--grid", default="none", help="'none', 'azizi' (7 lr x 4 weight decay) or 'LR,LR,...:WD,WD,...'")
-    p.add_argument("--crop-scale-min", type=float, default=0.6)
-    p.add_argument("--hflip-prob", type=float, default=0.5)
-    p.add_argument("--max-images-in-memory", type=_positive, default=20000)
+    p.add_argument("--grid", default="none",
+                   help="'none', 'azizi' (7 lr x 4 weight decay, the size of Azizi et al.'s sweep; our values, see "
+                        "eval.finetune.AZIZI_GRID) or 'LR,LR,...:WD,WD,...'; the best (lr, wd, epoch) on val is kept")
+    p.add_argument("--augment", choices=("finetune", *AugmentConfig.PRESETS), default="finetune",
+                   help="training augmentation, run by the dali_pipes graph on --device: 'finetune' (crop >= 60%% area, "
+                        "flip, +-10 deg rotation, light jitter) or a pretraining preset")
+    p.add_argument("--crop-scale-min", type=float, default=None, help="override the preset's smallest crop area fraction")
+    p.add_argument("--hflip-prob", type=float, default=None, help="override the preset's flip probability")
+    p.add_argument("--max-images-in-memory", type=_positive, default=20000,
+                   help="validation images kept decoded in memory between epochs (larger val splits are re-read); "
+                        "training batches are always streamed, reshuffled every epoch")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -87,7 +95,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--k", type=_positive, default=10)
         p.add_argument("--seeds", type=_positive, default=20, help="repetitions (>= 20 recommended)")
-        p.add_argument("--C", type=float, default=1.0, dest="c", help="probe inverse regularisation (fixed: no validation labels)")
+        p.add_argument("--C", type=float, default=1.0, dest="c",
+                       help="probe inverse regularisation, fixed (default 1.0, on standardised features): a k-shot budget "
+                            "has no validation labels to choose it on, so C is not tuned (recorded in the result JSON)")
     elif command == "fractions":
         p.description = "Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or end-to-end."
         _common(p)
@@ -231,10 +241,13 @@ def run_fewshot(args) -> None:
 
 
 def _finetune_cfg(args):
-    from eval.finetune import FinetuneConfig
+    from eval.finetune import FinetuneConfig, augment_config
+    try:
+        augment = augment_config(args.augment, crop_scale_min=args.crop_scale_min, hflip_prob=args.hflip_prob)
+    except ValueError as e:
+        raise UsageError(f"--augment {args.augment}: {e}") from None
     return FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                          crop_scale_min=args.crop_scale_min, hflip_prob=args.hflip_prob,
-                          max_images_in_memory=args.max_images_in_memory, seed=args.seed)
+                          augment=augment, max_images_in_memory=args.max_images_in_memory, seed=args.seed)
 
 
 def _grid(text: str):
@@ -322,8 +335,7 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                                      num_threads=args.num_threads, log=_log)
             targets, test_pids = preds["targets"], preds["pids"]
             runs[f].append({"scores": preds["scores"], "mean_auroc": result["mean_auroc"], "lr": result["chosen_lr"],
-                            "weight_decay": result["chosen_weight_decay"], "num_images": int(len(subsets[f])),
-                            "in_memory": result["train_in_memory"]})
+                            "weight_decay": result["chosen_weight_decay"], "num_images": int(result["train_images"])})
     curve = []
     for f in sorted(args.fractions):
         vals = np.array([r["mean_auroc"] if r["mean_auroc"] is not None else np.nan for r in runs[f]])
@@ -331,8 +343,7 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                       "seed_std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "mean_auroc_ci": bootstrap_mean_over_runs(targets, [r["scores"] for r in runs[f]], test_pids,
                                                                 num_replicates=args.bootstrap, seed=args.seed),
-                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]],
-                      "train_in_memory": [r["in_memory"] for r in runs[f]]})
+                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]]})
     return {"protocol": "fractions", "mode": "finetune", "uncertainty": args.uncertainty, "num_seeds": args.seeds, "curve": curve,
             "notes": [], "ci": "patient bootstrap of the test set, runs averaged inside each replicate"}
 

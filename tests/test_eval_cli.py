@@ -80,19 +80,22 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert [c["fraction"] for c in frac["curve"]] == [0.25, 1.0]
     assert frac["curve"][1]["mean_auroc"] == pytest.approx(lin_random_mean(out), abs=1e-9)  # 100% = the linear probe
 
-    # End-to-end half of the curve; a 4-image memory budget forces the streamed (pid-filtered) training path.
+    # End-to-end half of the curve; a 4-image budget streams the validation split instead of keeping it decoded.
     rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.5,1", "--seeds", "1", "--mode", "finetune",
                    "--epochs", "1", "--max-images-in-memory", "4")
     assert rc == 0, err
     ftc = json.loads((out / "fractions" / "random-resnet18-finetune.json").read_text())
     half, full = ftc["curve"]
+    train_pids = split_patient_ids(shards, "train")
+    from eval.sampling import fraction_subsets
+    assert half["num_images"] == [len(fraction_subsets(train_pids, (0.5, 1.0), 0)[0.5])]
     assert half["num_images"][0] < full["num_images"][0] == lin["num_images"]["train"]
-    assert half["train_in_memory"] == full["train_in_memory"] == [False]
 
     rc, err = _run(capsys, "finetune", *common, "--encoder", encoder_file, "--epochs", "1", "--grid", "0.01,0.05:0")
     assert rc == 0, err
     ft = json.loads((out / "finetune" / "ssl-run.json").read_text())
-    assert len(ft["grid"]) == 2 and ft["chosen_lr"] in (0.01, 0.05) and ft["train_in_memory"]
+    assert len(ft["grid"]) == 2 and ft["chosen_lr"] in (0.01, 0.05) and ft["val_in_memory"]
+    assert ft["train_images"] == lin["num_images"]["train"] and ft["config"]["augment"]["name"] == "finetune"
     import torch
     best = torch.load(out / "finetune" / "ssl-run.pt", weights_only=True)
     assert best["lr"] == ft["chosen_lr"] and best["epoch"] == ft["best_epoch"] and best["head"]["weight"].shape == (3, 512)
@@ -213,11 +216,11 @@ def test_gpu_linear_and_finetune_cli(shards, tmp_path, capsys):
     common = ["--shards", shards, "--out", out, "--init", "random", "--device", "gpu", *FAST]
     rc, err = _run(capsys, "linear", *common)  # --probe-backend auto -> torch L-BFGS on the GPU
     assert rc == 0, err
-    # streamed training path (device-resident batches straight from DALI) and the in-memory one
+    # training batches decoded + augmented on the GPU by DALI; validation streamed, then kept in memory
     for budget in ("4", "20000"):
         rc, err = _run(capsys, "finetune", *common, "--epochs", "1", "--max-images-in-memory", budget, "--overwrite")
         assert rc == 0, err
-    assert json.loads((out / "finetune" / "random-resnet18.json").read_text())["train_in_memory"]
+    assert json.loads((out / "finetune" / "random-resnet18.json").read_text())["val_in_memory"]
 
 
 def test_imagenet_encoder_from_offline_cache(shards, tmp_path, capsys, monkeypatch):

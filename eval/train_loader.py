@@ -1,0 +1,143 @@
+"""Fine-tuning batches: every epoch a fresh seeded permutation of the chosen patients' images (a full shuffle, not a
+buffer), read by the shards' DALI index offsets and augmented by the dali_pipes graph on the device (cpu or gpu).
+"""
+from __future__ import annotations
+
+import math
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ingest.schema import ShardFormatError, load_manifest
+
+
+@dataclass
+class LabelledIndex:
+    """Where each selected sample's ``.jpg`` / ``.lbl`` live (one split, optionally only some patients)."""
+    shard_paths: list[Path]
+    shard: np.ndarray        # (N,) int32 index into shard_paths
+    jpg: np.ndarray          # (N, 2) int64 (offset, size) of the JPEG payload
+    lbl: np.ndarray          # (N, 2) int64 (offset, size) of the raw float32 labels
+    pid: np.ndarray          # (N,) int64
+    num_labels: int
+
+    def __len__(self) -> int:
+        return len(self.pid)
+
+
+def build_labelled_index(shard_root, split: str, patient_ids: np.ndarray | None = None) -> LabelledIndex:
+    """Scan the DALI ``.idx`` files and each ``.pid`` (8 bytes) of ``split``; keep the samples of ``patient_ids``
+    (all when None). No image is decoded: a 0.1% label fraction of a large split costs one index pass."""
+    from dali_pipes.sources import read_dali_index
+    manifest = load_manifest(shard_root)
+    shards = [s for s in manifest.shards(split) if s.num_samples > 0]
+    keep = None if patient_ids is None else np.asarray(patient_ids, dtype=np.int64)
+    rows: list[tuple[int, int, int, int, int, int]] = []
+    for si, sh in enumerate(shards):
+        index = read_dali_index(sh.index_path)
+        with open(sh.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            for entry in index:
+                if "jpg" not in entry or "lbl" not in entry or "pid" not in entry:
+                    raise ShardFormatError(f"{sh.index_path}: a sample lacks jpg/lbl/pid ({sorted(entry)})")
+                po, ps = entry["pid"]
+                if ps != 8:
+                    raise ShardFormatError(f"{sh.path}: .pid at offset {po} has {ps} bytes, expected 8 (int64)")
+                pid = int.from_bytes(data[po : po + 8], "little", signed=True)
+                rows.append((si, *entry["jpg"], *entry["lbl"], pid))
+    arr = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    if keep is not None:
+        arr = arr[np.isin(arr[:, 5], keep)]
+    if len(arr) == 0:
+        raise ShardFormatError(f"{Path(shard_root) / split}: no training images for the selected patients")
+    return LabelledIndex([s.path for s in shards], arr[:, 0].astype(np.int32), arr[:, 1:3], arr[:, 3:5], arr[:, 5],
+                         len(manifest.label_names))
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's sample order: a permutation drawn from (seed, epoch) alone, so any epoch is reproducible."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x46544E45]).permutation(num_samples)  # "FTNE" tag
+
+
+class LabelledSource:
+    """DALI external_source callable (batch mode, ``batch_info=True``) -> (jpg bytes, labels (L,) float32,
+    pid (1,) int64) per sample, in ``epoch_order``; the last batch may be smaller (never dropped)."""
+
+    def __init__(self, index: LabelledIndex, *, batch_size: int, seed: int, epoch: int):
+        self.index, self.batch_size = index, batch_size
+        self.order = epoch_order(len(index), seed, epoch)
+        self.num_batches = math.ceil(len(index) / batch_size)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _bytes(self, s: int) -> np.ndarray:
+        arr = self._maps.get(s)
+        if arr is None:
+            with open(self.index.shard_paths[s], "rb") as f:
+                arr = self._maps[s] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        return arr
+
+    def __call__(self, batch_info):
+        i = batch_info.iteration
+        if i >= self.num_batches:
+            raise StopIteration
+        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        ix = self.index
+        jpgs, lbls = [], []
+        for r in rows.tolist():
+            buf = self._bytes(int(ix.shard[r]))
+            (jo, js), (lo, ls) = ix.jpg[r], ix.lbl[r]
+            jpgs.append(buf[jo : jo + js])
+            lbls.append(buf[lo : lo + ls].view("<f4"))
+        return jpgs, lbls, ix.pid[rows].reshape(-1, 1)
+
+
+def _graph(*, source, cfg, image_size, channels, dali_dtype, device):
+    from nvidia.dali import fn, types
+
+    from dali_pipes import pipelines as P
+    from dali_pipes.augment import augment_view
+    jpg, lbl, pid = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                       dtype=[types.UINT8, types.FLOAT, types.INT64], ndim=[1, 1, 1])
+    # The eval loader's decode (nvJPEG on gpu), then the shared pretraining augmentation graph, one view.
+    images = P._decode(jpg, device)
+    return augment_view(images, cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device), lbl, pid
+
+
+class FinetuneLoader:
+    """Iterate one epoch -> ``{"images": (B, C, H, W) channels-last, "labels": (B, L) raw, "pids": (B,)}`` on the
+    device. ``set_epoch(e)`` reseeds both the order and the augmentation; the pipeline is rebuilt per epoch."""
+
+    def __init__(self, index: LabelledIndex, *, batch_size: int, cfg, image_size: int, channels: int, device: str,
+                 seed: int = 0, num_threads: int = 2):
+        import torch
+
+        from dali_pipes import pipelines as P
+        from dali_pipes.augment import resolve_augment
+        self.index, self.batch_size, self.image_size, self.channels = index, batch_size, image_size, channels
+        self.cfg = resolve_augment(cfg, channels)
+        self.device, self.seed, self.num_threads, self.epoch = device, seed, num_threads, 0
+        self._dali_dtype = P.dali_output_dtype(torch.float32)
+        self._device_id, self.torch_device = P.resolve_device(device, 0 if device == "gpu" else None)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.index) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        import torch
+
+        from dali_pipes import pipelines as P
+        source = LabelledSource(self.index, batch_size=self.batch_size, seed=self.seed, epoch=self.epoch)
+        pipe = P.build_pipeline(_graph, batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
+                                seed=P.seed_for(self.seed, self.epoch, 0x46544E45), prefetch=2, source=source, cfg=self.cfg,
+                                image_size=self.image_size, channels=self.channels, dali_dtype=self._dali_dtype,
+                                device=self.device)
+        for _ in range(source.num_batches):
+            images, labels, pids = pipe.run()
+            yield {"images": P.images_to_torch(images, torch.float32, self.torch_device),
+                   "labels": P.array_to_torch(labels, self.torch_device),
+                   "pids": P.array_to_torch(pids, self.torch_device).reshape(-1)}
+
