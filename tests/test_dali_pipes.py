@@ -104,6 +104,32 @@ def test_epochs_reshuffle_reproducibly_without_repeats(unique_shards):
         assert len(pids) == len(set(pids)) == 24  # drop-last keeps all 24: 6 full batches, no sample twice
     assert _same(e0, e0_again)
     assert torch.cat([b["pids"] for b in e0]).tolist() != torch.cat([b["pids"] for b in e1]).tolist()
+    fresh = _pretrain(unique_shards, seed=1)
+    fresh.set_epoch(1)  # epoch e depends only on (seed, e): nothing is replayed or skipped to get there
+    assert _same(list(fresh), e1) and fresh.epoch == 2
+
+
+def _pass_pids(loader) -> list[int]:
+    return torch.cat([b["pids"] for b in loader]).tolist()
+
+
+def test_shard_order_and_shuffle_buffer_reseeded_every_epoch(unique_shards, tmp_path):
+    # Shard order: DALI gives each rank a contiguous run of the (permuted) tar list, so which samples a rank sees
+    # changes between epochs only if the tar order is redrawn. Both ranks stay disjoint in every epoch.
+    rank_sets = {r: [] for r in range(2)}
+    for r in range(2):
+        loader = _pretrain(unique_shards, batch_size=4, rank=r, world_size=2, seed=7)  # 12 per rank: none dropped
+        for _ in range(3):
+            rank_sets[r].append(frozenset(_pass_pids(loader)))
+    for e in range(3):
+        assert len(rank_sets[0][e] | rank_sets[1][e]) == 24 and not rank_sets[0][e] & rank_sets[1][e]
+    assert len(set(rank_sets[0])) > 1, "rank 0 saw the same samples every epoch: tar order not reshuffled"
+    # Shuffle buffer: with a single tar only the reader's buffer shuffle can change the order between epochs.
+    one = make_shards(tmp_path / "one", num_patients=16, images_per_patient=(1,), splits={"train": 1.0},
+                      samples_per_shard=64)
+    loader = _pretrain(one, batch_size=4, seed=2)
+    orders = [_pass_pids(loader) for _ in range(3)]
+    assert all(sorted(o) == sorted(orders[0]) for o in orders) and len(set(map(tuple, orders))) == 3
 
 
 def test_two_ranks_split_an_epoch_and_drop_last(unique_shards):
@@ -148,14 +174,15 @@ def test_resume_rejects_other_config(multi_shards):
         _pretrain(multi_shards, batch_size=2).load_state_dict(a.state_dict())
 
 
-def _write_views_shards(root: Path, views_per_patient: list[list[str]]) -> Path:
-    """Shards where patient p has images with the given views (to test the frontal filter)."""
+def _write_views_shards(root: Path, views_per_patient: list[list[str]], pixel_range: tuple[int, int] = (0, 255)) -> Path:
+    """Shards where patient p has images with the given views (to test the frontal filter), pixels uniform in
+    ``pixel_range``."""
     rng = np.random.default_rng(0)
     samples = []
     for p, views in enumerate(views_per_patient):
         for v, view in enumerate(views):
             buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8), mode="L").save(buf, format="JPEG")
+            Image.fromarray(rng.integers(*pixel_range, (40, 48), dtype=np.uint8), mode="L").save(buf, format="JPEG")
             samples.append({"__key__": f"t-p{p}-v{v}", "jpg": buf.getvalue(),
                             "json": json.dumps({"view": view, "patient_id": f"p{p}"}).encode(),
                             "lbl": struct.pack("<1f", 0.0), "pid": struct.pack("<q", p)})
@@ -289,6 +316,19 @@ def test_clear_errors(tmp_path, unique_shards):
         _pretrain(unique_shards, batch_size=64)
 
 
+def test_empty_shard_folder_and_empty_split(tmp_path):
+    root = make_shards(tmp_path / "s", num_patients=8, images_per_patient=(1,))
+    for f in (root / "val").iterdir():  # the split's folder emptied behind the manifest's back
+        f.unlink()
+    with pytest.raises(ShardFormatError, match=r"val.*shard listed in the manifest is missing"):
+        dp.build_eval_loader(root, "val", batch_size=2)
+    m = json.loads((root / MANIFEST_NAME).read_text())
+    m["splits"]["val"] = {"num_samples": 0, "shards": []}  # a split that ingest left empty
+    (root / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(ShardFormatError, match="split 'val' has no samples"):
+        dp.build_eval_loader(root, "val", batch_size=2)
+
+
 def test_missing_index_and_version(tmp_path):
     root = make_shards(tmp_path / "s", num_patients=8, images_per_patient=(1,))
     m = json.loads((root / MANIFEST_NAME).read_text())
@@ -304,17 +344,26 @@ def test_missing_index_and_version(tmp_path):
 
 
 def _image_nodes_devices(pipe) -> list[tuple[str, str]]:
-    """(node name, device) for every data node reachable from the view / image outputs through data inputs."""
-    seen, out, stack = set(), [], list(pipe._graph_out)
-    while stack:
-        node = stack.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
-        inputs = list(node.source.inputs)[: node.source.spec.NumRegularInput()]  # data, not argument inputs
-        if inputs:  # sources (reader, external_source) legitimately produce CPU data
-            out.append((node.name, node.device))
-        stack.extend(inputs)
+    """(node name, operator device) for every node whose data derives from the decoded images. Per-sample
+    parameters (random draws, the jitter factors combined with CPU arithmetic) and pids legitimately stay on the
+    CPU; anything computed from pixels must not. Operator device, not node device: a CPU result moved by ``.gpu()``
+    is a "gpu" node of a "cpu" operator."""
+    memo: dict[tuple[str, str], bool] = {}
+    out: list[tuple[str, str]] = []
+
+    def from_images(node) -> bool:
+        key = (node.name, node.device)
+        if key not in memo:
+            op = node.source
+            inputs = list(op.inputs)[: op.spec.NumRegularInput()]  # data, not argument inputs
+            deps = [from_images(i) for i in inputs]  # evaluate all: every branch gets visited
+            memo[key] = op._op.device == "mixed" or any(deps)  # the decoder is the only "mixed" operator
+            if memo[key]:
+                out.append((node.name, op._op.device))
+        return memo[key]
+
+    for node in pipe._graph_out:
+        from_images(node)
     return out
 
 
@@ -339,14 +388,16 @@ def test_gpu_graph_traces_with_every_image_op_on_gpu(unique_shards, graph):
     # defined, never built: needs no GPU
     pipe = P.define_pipeline(fn_, batch_size=2, num_threads=1, device_id=0, seed=0, prefetch=2, **kw)
     nodes = _image_nodes_devices(pipe)
-    assert len(nodes) >= 3
-    assert all(d == "gpu" for _, d in nodes), nodes
+    assert len(nodes) >= 3 and any(d == "mixed" for _, d in nodes)
+    assert all(d in ("gpu", "mixed") for _, d in nodes), nodes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error; this machine has a GPU")
 def test_gpu_requested_without_gpu_is_a_clear_error(unique_shards):
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         _pretrain(unique_shards, device="gpu")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        dp.build_eval_loader(unique_shards, "val", batch_size=2, device="gpu")
 
 
 @pytest.mark.gpu
@@ -471,3 +522,60 @@ def test_real_cxr_jpegs_through_both_loaders(shared_data, tmp_path):
         ref = np.asarray(src.resize((96, 72), Image.BILINEAR), dtype=np.float32)[4:68, 16:80]
         ref = (ref / 255.0 - dp.CXR_MEAN) / dp.CXR_STD
         assert np.abs(img[0].numpy() - ref).mean() < 2 / 255 / dp.CXR_STD
+
+
+def _brightness_contrast_cpu(images: list[np.ndarray], b: float, c: float, impl: str) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def
+    from dali_pipes.augment import brightness_contrast
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, exec_dynamic=True)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return brightness_contrast(x, b, c, device="cpu", impl=impl)
+
+    p = pipe()
+    p.build()
+    return np.array(p.run()[0].as_tensor())
+
+
+@pytest.mark.parametrize("impl", ["fused", "arith"])  # "arith" is the GPU graph's formula, run here on the CPU
+def test_brightness_contrast_matches_torchvision_and_pil(impl):
+    from PIL import ImageEnhance
+    from torchvision.transforms import functional as F
+
+    rng = np.random.default_rng(0)
+    # dark films (means 60-100, far from DALI's default mid-gray centre); b * max stays < 255: no clipping
+    images = [np.clip(rng.normal(mu, 25, (40, 48, 1)), 0, 200).astype(np.uint8) for mu in (60, 80, 100)]
+    b, c = 1.25, 0.6
+    got = _brightness_contrast_cpu(images, b, c, impl).astype(int)
+    for x, y in zip(images, got[..., 0]):
+        t = torch.from_numpy(x).permute(2, 0, 1)  # (1, H, W) uint8
+        refs = [F.adjust_contrast(F.adjust_brightness(t, b), c)[0].numpy(),  # torchvision draws the order at
+                F.adjust_brightness(F.adjust_contrast(t, c), b)[0].numpy(),  # random: both must match
+                np.asarray(ImageEnhance.Contrast(ImageEnhance.Brightness(Image.fromarray(x[..., 0])).enhance(b))
+                           .enhance(c))]  # what the bench baseline (ColorJitter on PIL images) does
+        xf = x[..., 0].astype(float)
+        exact = b * (xf.mean() + c * (xf - xf.mean()))  # the formula with the image's own mean as centre
+        assert np.abs(y - exact).max() <= 0.5 + 1e-3  # rounded once
+        for ref in refs:  # they truncate (torchvision twice, PIL's mean to an integer): 0-2 levels below ours
+            d = y - ref.astype(int)
+            assert d.min() >= -1 and d.max() <= 2 and abs(d.mean()) < 1.1, (d.min(), d.max(), d.mean())
+        # the old mid-gray centre is off by (1 - c) * b * (128 - mean): 13-34 gray levels here
+        mid = np.clip(b * (128 + c * (x[..., 0].astype(float) - 128)), 0, 255)
+        assert np.abs(mid - refs[0]).mean() > 10
+
+
+def test_contrast_jitter_keeps_each_films_mean(tmp_path):
+    # Through the loader: contrast about the image mean leaves that mean alone (no clipping in a 30-90 film at
+    # factor <= 1.5); a mid-gray centre would brighten every dark film by (1 - c) * (128 - mean).
+    root = _write_views_shards(tmp_path / "dark", [["PA"]] * 8, pixel_range=(30, 90))
+    base = dict(random_crop=False, rotation_deg=0.0, hflip_prob=0.0, blur_prob=0.0, brightness=0.0)
+    plain = dp.AugmentConfig.preset("moco-cxr", **base)
+    jitter = dp.AugmentConfig.preset("moco-cxr", **base, jitter_prob=1.0, contrast=0.5)
+    a, b = (next(iter(_pretrain(root, batch_size=8, augment=cfg))) for cfg in (plain, jitter))
+    assert torch.equal(a["pids"], b["pids"])
+    level = 1 / 255 / dp.CXR_STD  # one gray level in normalised units
+    for view in ("view1", "view2"):
+        mean_a, mean_b = a[view].mean(dim=(1, 2, 3)), b[view].mean(dim=(1, 2, 3))
+        assert (mean_a - mean_b).abs().max() < 0.6 * level
+        assert ((a[view].std(dim=(1, 2, 3)) - b[view].std(dim=(1, 2, 3))).abs() > 0.5 * level).any()
