@@ -217,6 +217,118 @@ def test_kernel_dispatch():
     assert resolve_impl("auto", DEVICE) == ("fused" if DEVICE == "cuda" else "reference")
 
 
+@needs_kernels
+def test_kernel_fp32_dots_follow_torch_matmul_precision(monkeypatch):
+    """Every launch gets torch's fp32 matmul policy (the interpreter then ignores it, so values stay exact here;
+    test_fp32_kernels_lower_to_tf32_under_high_precision checks what it becomes on an H100)."""
+    from trainer import fused_ntxent_kernels
+    real, seen = fused_ntxent_kernels.build_kernels, []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, kwargs["PRECISION"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    def spying(interpret, block_d):
+        k = real(interpret, block_d)
+        return type(k)(fwd=Spy("fwd", k.fwd), bwd_rows=Spy("bwd_rows", k.bwd_rows),
+                       bwd_cols=Spy("bwd_cols", k.bwd_cols), fixed=k.fixed)
+
+    monkeypatch.setattr(fused_ntxent_kernels, "build_kernels", spying)
+    labels = simclr_labels(12)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for setting, dtype, want in [("highest", torch.float32, "ieee"), ("high", torch.float32, "tf32"),
+                                     ("medium", torch.float32, "tf32"), ("highest", torch.bfloat16, "tf32")]:
+            torch.set_float32_matmul_precision(setting)
+            seen.clear()
+            _assert_close(24, 24, 16, 0, labels, dtype)
+            assert [n for n, _ in seen] == ["fwd", "bwd_rows", "bwd_cols"], seen
+            assert {p for _, p in seen} == {want}, (setting, dtype, seen)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("positives", ["sample", "patient"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_trainer_contrastive_loss_fused_matches_reference(positives, dtype):
+    """The trainer's entry (`contrastive_loss`) end to end: autocast's bf16 projections go to the kernel as bf16."""
+    from trainer.losses import contrastive_loss
+    gen = torch.Generator().manual_seed(4)
+    pids = torch.tensor([5, 1, 5, 2, 1, 9, 3, 3, 0])
+    z1, z2 = (torch.randn(9, 24, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    out = {}
+    for impl in ("reference", "fused"):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = contrastive_loss(a, b, pids.to(DEVICE), 0.1, positives=positives, impl=impl, gather=False)
+        loss.backward()
+        out[impl] = (loss.detach(), a.grad, b.grad)
+    for name, g, w in zip(("loss", "d z1", "d z2"), out["fused"], out["reference"]):
+        assert _rel(g, w) <= TOL[dtype], f"{name}: {_rel(g, w):.2e} ({dtype}, {positives})"
+
+
+@pytest.mark.skipif(INTERPRETING, reason="torchrun children set TRITON_INTERPRET themselves")
+def test_fused_loss_through_trainer_gather_on_two_ranks():
+    """Issue: each rank's own rows vs all ranks' gathered embeddings, gradients reaching every rank's embeddings,
+    equal to a single-process run on the global batch: two gloo ranks, the kernels in the CPU interpreter."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert run.stdout.count("FUSED-GATHER-OK") == 2, run.stdout[-2000:]
+
+
+def test_fp32_dot_precision_follows_torch_matmul_precision():
+    """Legacy (set_float32_matmul_precision, what the trainer calls) and per-backend APIs; once the new one is in
+    use torch raises on reading the legacy flag, which must not break the kernels."""
+    from trainer.fused_ntxent_kernels import _precision, fp32_dot_precision
+    before = torch.get_float32_matmul_precision()
+    try:
+        for setting, want in [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]:
+            torch.set_float32_matmul_precision(setting)
+            assert fp32_dot_precision() == _precision(torch.float32) == want, setting
+            assert _precision(torch.bfloat16) == _precision(torch.float16) == "tf32"  # 16-bit: ignored by triton
+    finally:
+        torch.set_float32_matmul_precision(before)
+    code = (  # the new API leaves process-wide state behind: a child process
+        "import torch\n"
+        "from trainer.fused_ntxent_kernels import fp32_dot_precision\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'; assert fp32_dot_precision() == 'tf32'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'; assert fp32_dot_precision() == 'ieee'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'none'; torch.backends.fp32_precision = 'tf32'\n"
+        "assert fp32_dot_precision() == 'tf32'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.skipif(INTERPRETING, reason="triton.language was imported in interpreter mode; compiling needs it off")
+def test_fp32_kernels_lower_to_tf32_under_high_precision():
+    """The trainer's CUDA setting ('high') must put fp32 dots on H100 tensor cores (wgmma .tf32), 'highest' on FMA."""
+    pytest.importorskip("triton")
+    from trainer.fused_ntxent_kernels import compile_for_target
+    before = torch.get_float32_matmul_precision()
+    ptx = {}
+    try:
+        for setting in ("high", "highest"):
+            torch.set_float32_matmul_precision(setting)
+            ptx[setting] = {}
+            compile_for_target(90, torch.float32, 32, ptx=ptx[setting])
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(f"triton cannot compile for CUDA here: {err}")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for name in ("fwd", "fwd_split", "bwd_rows", "bwd_cols"):
+        assert "mma" in ptx["high"][name] and ".tf32.tf32" in ptx["high"][name], name
+        assert "mma" not in ptx["highest"][name] and "fma.rn.f32" in ptx["highest"][name], name
+
+
 def test_argument_errors_and_cpu_dispatch():
     labels = simclr_labels(8)
     z = F.normalize(torch.randn(16, 8), dim=1)
@@ -328,3 +440,41 @@ def test_gpu_large_batch_memory_and_speed():
     fused_s = time_fn(lambda: run(nt_xent_fused), repeats=5).median_s
     ref_s = time_fn(lambda: run(nt_xent_reference), repeats=5).median_s
     assert fused_s < ref_s, f"fused {fused_s * 1e3:.2f} ms vs reference {ref_s * 1e3:.2f} ms"
+
+
+# ---- worker: run under torchrun by test_fused_loss_through_trainer_gather_on_two_ranks ------------------------
+
+def _two_rank_worker() -> None:
+    from trainer import distributed as D
+    from trainer.losses import contrastive_loss
+
+    info = D.setup("cpu")
+    rank, world = info.rank, info.world_size
+    assert world == 2 and fused_available("cpu"), "needs 2 ranks and TRITON_INTERPRET=1 before Python starts"
+    gen = torch.Generator().manual_seed(11)
+    n_global, dim, temperature = 10, 16, 0.2
+    z1_all, z2_all = torch.randn(n_global, dim, generator=gen), torch.randn(n_global, dim, generator=gen)
+    pids = torch.tensor([3, 1, 3, 0, 5, 1, 7, 8, 3, 9])  # patients 1 and 3 have views on both ranks
+    n = n_global // world
+    mine = slice(rank * n, (rank + 1) * n)
+    for positives in ("sample", "patient"):
+        for dtype in (torch.float32, torch.bfloat16):
+            ref1, ref2 = (z.to(dtype, copy=True).requires_grad_() for z in (z1_all, z2_all))
+            ref = contrastive_loss(ref1, ref2, pids, temperature, positives=positives, impl="reference",
+                                   gather=False)  # single process, whole global batch
+            ref.backward()
+            z1, z2 = (z[mine].to(dtype, copy=True).requires_grad_() for z in (z1_all, z2_all))
+            loss = contrastive_loss(z1, z2, pids[mine], temperature, positives=positives, impl="fused", gather=True)
+            loss.backward()
+            what = f"rank {rank} {positives} {dtype}"
+            assert _rel(D.all_reduce_mean(loss.detach()), ref.detach()) <= TOL[dtype], what
+            # each rank returns world x its share and the gather's backward sums every rank's column gradient
+            # home, so this rank's embeddings get world x the global loss's gradient
+            for got, want in ((z1.grad, ref1.grad[mine]), (z2.grad, ref2.grad[mine])):
+                assert _rel(got.float() / world, want.float()) <= TOL[dtype], f"{what}: {_rel(got / world, want)}"
+    D.teardown()
+    print(f"FUSED-GATHER-OK rank {rank}", flush=True)
+
+
+if __name__ == "__main__":
+    _two_rank_worker()

@@ -167,3 +167,86 @@ def test_moco_queue_and_momentum_update():
         assert not ka.requires_grad
     assert q.requires_grad and not k.requires_grad
     torch.testing.assert_close(k.norm(dim=1), torch.ones(2))
+
+
+# ---- loss.impl dispatch and the precision handed to the fused kernel ---------------------------------------------
+
+def _spy_fused(monkeypatch) -> list:
+    """Replace the fused kernel entry by a recorder that computes the reference (the kernels need a GPU here)."""
+    from trainer import fused_ntxent
+    seen = []
+
+    def spy(z_rows, z_cols, *args, **kwargs):
+        seen.append((z_rows.dtype, z_cols.dtype))
+        return fused_ntxent.nt_xent_reference(z_rows, z_cols, *args, **kwargs)
+
+    monkeypatch.setattr(fused_ntxent, "nt_xent_fused", spy)
+    monkeypatch.setattr(fused_ntxent, "_require_fused", lambda device: None)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_gets_the_projections_dtype_reference_gets_fp32(monkeypatch, dtype):
+    """Autocast's 16-bit projections reach the fused kernel as 16-bit unit vectors (tensor cores); fp32 stays fp32."""
+    seen = _spy_fused(monkeypatch)
+    torch.manual_seed(7)
+    z1, z2 = torch.randn(6, 8).to(dtype).requires_grad_(), torch.randn(6, 8).to(dtype).requires_grad_()
+    fused = contrastive_loss(z1, z2, None, 0.1, impl="fused")
+    assert seen == [(dtype, dtype)]
+    fused.backward()
+    assert z1.grad.dtype == dtype and torch.isfinite(z1.grad).all()
+    ref = contrastive_loss(z1, z2, None, 0.1, impl="reference")
+    assert len(seen) == 1  # the reference path never goes through the fused entry
+    assert fused.dtype == ref.dtype == torch.float32
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+def test_auto_is_reference_on_cpu_through_the_train_step(monkeypatch):
+    """The trainer's default loss.impl=auto on the CPU: a real TrainStep never reaches the fused kernel."""
+    from trainer.config import LossConfig
+    from trainer.fused_ntxent import resolve_impl
+    from trainer.steps import TrainStep
+    seen = _spy_fused(monkeypatch)
+    cfg = LossConfig()
+    assert cfg.impl == "auto" and resolve_impl(cfg.impl, "cpu") == "reference"
+    model = _tiny_encoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, model, opt, cfg, precision="bf16", device=torch.device("cpu"))
+    loss = step({"view1": torch.randn(4, 1, 4, 4), "view2": torch.randn(4, 1, 4, 4)}, lr=0.1)
+    assert torch.isfinite(loss) and seen == []
+
+
+def test_auto_is_fused_on_cuda(monkeypatch):
+    """auto resolves to fused for CUDA tensors (triton present, no interpreter), and then the handoff is 16-bit."""
+    pytest.importorskip("triton")
+    from trainer.fused_ntxent import resolve_impl
+    from trainer.losses import _resolves_to_fused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_impl("auto", torch.device("cuda", 0)) == "fused"
+    assert _resolves_to_fused("auto", torch.device("cuda", 0))
+    assert resolve_impl("auto", "cpu") == "reference" and not _resolves_to_fused("auto", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is ~1000x slower than the reference
+    assert resolve_impl("auto", torch.device("cuda", 0)) == "reference"
+
+
+@pytest.mark.gpu
+def test_auto_runs_fused_in_a_cuda_train_step(monkeypatch):
+    from trainer import fused_ntxent
+    from trainer.config import LossConfig
+    from trainer.steps import TrainStep
+    seen = []
+    real = fused_ntxent.nt_xent_fused
+
+    def spy(z_rows, z_cols, *args, **kwargs):
+        seen.append(z_rows.dtype)
+        return real(z_rows, z_cols, *args, **kwargs)
+
+    monkeypatch.setattr(fused_ntxent, "nt_xent_fused", spy)
+    device = torch.device("cuda")
+    model = _tiny_encoder().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, model, opt, LossConfig(), precision="bf16", device=device)
+    loss = step({"view1": torch.randn(8, 1, 4, 4, device=device), "view2": torch.randn(8, 1, 4, 4, device=device)},
+                lr=0.1)
+    assert torch.isfinite(loss) and seen == [torch.bfloat16]

@@ -122,8 +122,9 @@ def nt_xent_fused(
     Returns fp32 like the reference; gradients come back in the input dtype, for z_rows and for every z_cols row.
     ``bf16_grad_split=False`` rounds the backward's dS to bf16 once (flash-attention style): one matmul fewer per
     backward kernel, about 2x the gradient error of the split (still well inside 1e-2 relative).
-    Speed: bf16 / fp16 inputs run on tensor cores. fp32 inputs follow torch.backends.cuda.matmul.allow_tf32
-    (off by default: exact fp32 FMA, several times slower), so cast to bf16 when fp32 accuracy is not needed.
+    Speed: bf16 / fp16 inputs run on tensor cores. fp32 inputs follow torch's fp32 matmul precision like the
+    reference's cuBLAS matmul: 'high' / 'medium' (the trainer's CUDA setting) -> tf32 tensor cores, 'highest'
+    (torch's default) -> exact fp32 FMA, several times slower. The trainer hands bf16 / fp16 when autocast made them.
     """
     _check(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
     _require_fused(z_rows.device)

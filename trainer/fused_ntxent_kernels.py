@@ -220,7 +220,8 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
         return SimpleNamespace(fwd=_fwd, bwd_rows=_bwd_rows, bwd_cols=_bwd_cols, fixed=fixed)
     # R and C are in the key: the best tile depends on how many programs fill the GPU (training shapes are fixed);
     # results are cached on disk so a restarted run does not re-tune.
-    tune = functools.partial(triton.autotune, key=["R", "C", "D"], cache_results=True,
+    # PRECISION too: an fp32 tile tuned for exact FMA dots is not the best one for tf32 tensor cores
+    tune = functools.partial(triton.autotune, key=["R", "C", "D", "PRECISION"], cache_results=True,
                              prune_configs_by={"early_config_prune": _prune_configs})
     return SimpleNamespace(fwd=tune(configs=_gpu_configs(triton, block_d, False))(_fwd),
                            bwd_rows=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_rows),
@@ -233,12 +234,26 @@ def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
+def fp32_dot_precision() -> str:
+    """'tf32' or 'ieee': what torch's cuBLAS uses for an fp32 matmul right now, so the kernels' fp32 dots match it.
+
+    set_float32_matmul_precision('high' | 'medium') -> 'tf32' (the trainer's CUDA setting); 'highest' (torch's
+    default) -> 'ieee', exact fp32. The new per-backend API (torch.backends.cuda.matmul.fp32_precision) is read
+    first: once it has been used, reading the legacy allow_tf32 flag raises.
+    """
+    new = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")  # resolves inheritance from the globals
+    if new in ("tf32", "ieee"):
+        return new
+    try:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # legacy and new APIs mixed: torch refuses to answer, so stay exact
+        return "ieee"
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow torch's own matmul setting, so fused and reference see the same rounding policy;
     # 16-bit operands always use the tensor cores and ignore it (tf32 is only triton's default spelled out)
-    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
 
 
 # Tests (and tuning experiments) set this to force a number of splits; None picks one from the GPU's size.
@@ -337,10 +352,13 @@ def backward(z_rows, z_cols, row_labels, col_labels, row_offset: int, temperatur
     return dz_rows, dz_cols
 
 
-def compile_for_target(arch: int, dtype: torch.dtype, dim: int, all_configs: bool = False) -> dict:
+def compile_for_target(arch: int, dtype: torch.dtype, dim: int, all_configs: bool = False,
+                       ptx: dict | None = None) -> dict:
     """Compile every kernel for CUDA compute capability ``arch`` (e.g. 90) without a GPU; {name: [shared bytes]}.
 
-    Lets CI on a CPU catch what the interpreter cannot: a kernel that fails to lower for the real target.
+    Lets CI on a CPU catch what the interpreter cannot: a kernel that fails to lower for the real target, or fp32
+    dots that do not become tf32 tensor-core instructions under torch's 'high' precision (the interpreter ignores
+    input_precision). The dot precision is the one a launch would use now; ``ptx`` receives {name: PTX text}.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -372,4 +390,6 @@ def compile_for_target(arch: int, dtype: torch.dtype, dim: int, all_configs: boo
                                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                                "enable_fp_fusion": True})
             out[name].append(compiled.metadata.shared)
+            if ptx is not None:
+                ptx[name] = compiled.asm["ptx"]
     return out

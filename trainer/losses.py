@@ -78,6 +78,16 @@ def nt_xent(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, imp
     return fused(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, impl=impl, reduction=reduction)
 
 
+def _resolves_to_fused(impl: str, device: torch.device) -> bool:
+    if impl == "reference":
+        return False
+    try:
+        from trainer.fused_ntxent import resolve_impl
+    except ImportError:  # nt_xent then falls back to the reference too
+        return False
+    return resolve_impl(impl, device) == "fused"
+
+
 def contrastive_loss(
     z1: torch.Tensor,          # (N, D) projections of view 1 on this rank (not normalised)
     z2: torch.Tensor,          # (N, D) projections of view 2
@@ -92,12 +102,18 @@ def contrastive_loss(
     Rows are [view1; view2] of this rank; columns are those of all ranks (gathered with gradient). The sum over rows
     is divided by the global count of rows with a positive, then multiplied by world_size, because DDP averages
     gradients over ranks: averaging these per-rank values gives the global mean loss and its exact gradient.
+    Precision: the reference computes in fp32 (tf32 dots under torch's 'high' matmul precision); the fused kernel
+    gets the unit vectors in the projections' dtype, so bf16 / fp16 autocast outputs run on 16-bit tensor cores
+    (fp32 accumulation, within 1e-2 of the reference) and fp32 ones follow torch's matmul precision.
     """
     from trainer.distributed import gather_no_grad, gather_with_grad, world
 
     rank, world_size = world() if gather else (0, 1)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) fp32: the norm itself is not worth 16-bit error
+    if z1.dtype in (torch.float16, torch.bfloat16) and _resolves_to_fused(impl, z.device):
+        # fp32 would put the kernel on tf32 at best: half the tensor-core rate and twice the bytes of autocast's dtype
+        z = z.to(z1.dtype)  # also halves the all_gather
     if positives == "sample":
         ids = torch.arange(n, device=z.device) + rank * n  # globally unique per sample
     elif positives == "patient":
