@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
+_PROTOCOL_TITLES = {"linear": "linear probe (frozen features)", "finetune": "end-to-end fine-tuning"}
 
 
 def _load(folder: Path) -> list[dict]:
@@ -78,33 +79,43 @@ def _compare_table(docs: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def plot_fractions(docs: list[dict], path: Path) -> None:
+def plot_fractions(docs: list[dict], path: Path) -> list[tuple[str, str, str]]:
+    """Mean AUROC vs label fraction with 95% CI bands: one colour per encoder, solid = linear, dashed = fine-tuned.
+    Returns (legend label, colour, line style) per curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    names = list(dict.fromkeys(d["encoder"]["name"] for d in docs))
+    colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    drawn = []
     for d in docs:
         curve = sorted(d["curve"], key=lambda c: c["fraction"])
         x = [100 * c["fraction"] for c in curve]
         y = [c["mean_auroc"] for c in curve]
         lo = [c["mean_auroc_ci"][0] if c["mean_auroc_ci"][0] is not None else np.nan for c in curve]
         hi = [c["mean_auroc_ci"][1] if c["mean_auroc_ci"][1] is not None else np.nan for c in curve]
-        (line,) = ax.plot(x, y, marker="o", label=f"{_label(d)} [{d['mode']}]")
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        colour, style = colours[d["encoder"]["name"]], "--" if d["mode"] == "finetune" else "-"
+        label = f"{_label(d)}, {'fine-tuned' if d['mode'] == 'finetune' else 'linear'}"
+        ax.plot(x, y, color=colour, ls=style, marker="o" if style == "-" else "s", label=label)
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.15 if style == "-" else 0.08, hatch=None if style == "-" else "//")
+        drawn.append((label, colour, style))
     ax.set_xscale("log")
     fracs = sorted({100 * c["fraction"] for d in docs for c in d["curve"]})
     ax.set_xticks(fracs, [f"{f:g}%" for f in fracs])
     ax.minorticks_off()
     ax.set_xlabel("labelled training patients (%)")
     ax.set_ylabel("mean test AUROC")
+    ax.set_title("Label-fraction curve (bands: 95% CI, patient bootstrap)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
-def plot_roc(folder: Path, docs: list[dict], path: Path) -> bool:
+def plot_roc(folder: Path, docs: list[dict], path: Path, title: str = "") -> bool:
     """ROC curves per task, one line per encoder with stored test predictions; False when none are stored."""
     from sklearn.metrics import roc_curve
     preds = []
@@ -124,7 +135,7 @@ def plot_roc(folder: Path, docs: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows), squeeze=False)
     for j, task in enumerate(tasks):
         ax = axes[j // cols][j % cols]
-        for d, p in preds:
+        for i, (d, p) in enumerate(preds):
             names = [str(t) for t in p["tasks"]]
             if task not in names:
                 continue
@@ -135,14 +146,17 @@ def plot_roc(folder: Path, docs: list[dict], path: Path) -> bool:
                 continue
             fpr, tpr, _ = roc_curve(y[keep], s[keep])
             au = d["tasks"].get(task, {}).get("auroc")
-            ax.plot(fpr, tpr, label="{} ({})".format(d["encoder"]["name"], "–" if au is None else f"{au:.3f}"))
+            ax.plot(fpr, tpr, color=f"C{i % 10}", label="{}, AUROC {}".format(_label(d), "–" if au is None else f"{au:.3f}"))
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
+        ax.set_aspect("equal")
         ax.legend(fontsize=6, loc="lower right")
     for j in range(len(tasks), rows * cols):
         axes[j // cols][j % cols].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -177,7 +191,8 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
         lines += ["![label-fraction curve](fractions.png)", ""]
         written.append(out / "fractions.png")
     for protocol in ("linear", "finetune"):
-        if results[protocol] and plot_roc(out / protocol, results[protocol], out / f"roc-{protocol}.png"):
+        if results[protocol] and plot_roc(out / protocol, results[protocol], out / f"roc-{protocol}.png",
+                                             f"ROC curves on the test split: {_PROTOCOL_TITLES[protocol]}"):
             lines += [f"![ROC curves, {protocol}](roc-{protocol}.png)", ""]
             written.append(out / f"roc-{protocol}.png")
     if results["compare"]:

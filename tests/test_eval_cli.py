@@ -245,3 +245,34 @@ def test_imagenet_encoder_from_offline_cache(shards, tmp_path, capsys, monkeypat
     x_cxr = (raw - dali_pipes.CXR_MEAN) / dali_pipes.CXR_STD
     expected = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.allclose(ImageNetInput(3)(x_cxr), expected, atol=1e-5)
+
+
+def test_report_table_rows_scratch_imagenet_ssl_with_cis_and_fraction_plot_styles(tmp_path):
+    """report.md orders encoders like the published tables (Scratch, ImageNet, SSL) with CIs in every cell; the
+    label-fraction plot keeps one colour per encoder, solid for linear and dashed for fine-tuned."""
+    from eval.report import plot_fractions, write_report
+    out = tmp_path / "eval"
+    docs = []
+    for name, cat in (("ssl-run", "SSL"), ("imagenet-resnet18", "ImageNet"), ("random-resnet18", "Scratch")):
+        enc = {"name": name, "category": cat, "arch": "resnet18"}
+        lin = {"encoder": enc, "task_names": ["Edema"], "mean_auroc": 0.7, "mean_auroc_ci": [0.6, 0.8], "notes": [],
+               "tasks": {"Edema": {"auroc": 0.7, "auroc_ci": [0.6, 0.8]}}}
+        (out / "linear").mkdir(parents=True, exist_ok=True)
+        (out / "linear" / f"{name}.json").write_text(json.dumps(lin))
+        for mode in ("linear", "finetune"):
+            doc = {"encoder": enc, "mode": mode, "curve": [{"fraction": f, "mean_auroc": 0.6 + f / 10, "mean_auroc_ci": [0.5, 0.8]}
+                                                          for f in (0.01, 1.0)]}
+            (out / "fractions").mkdir(exist_ok=True)
+            (out / "fractions" / f"{name}-{mode}.json").write_text(json.dumps(doc))
+            docs.append(doc)
+    write_report(out)
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "resnet18" in line]
+    assert [r.split(":")[0] for r in rows[:3]] == ["| Scratch", "| ImageNet", "| SSL"]
+    assert all("0.700 [0.600, 0.800]" in r for r in rows[:3])
+    assert (out / "fractions.png").read_bytes()[:4] == b"\x89PNG"
+    drawn = plot_fractions(docs, tmp_path / "f.png")
+    colour = {}
+    for label, c, style in drawn:
+        enc = label.split(",")[0]
+        assert colour.setdefault(enc, c) == c and style == ("--" if label.endswith("fine-tuned") else "-")
+    assert len(set(colour.values())) == 3
