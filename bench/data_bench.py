@@ -90,7 +90,7 @@ class _TwoViews:
         return self.transform(img), self.transform(img), struct.unpack("<q", pid)[0]
 
 
-def baseline_loader(shard_root: Path, *, cfg, image_size, channels, batch_size, workers, shuffle_buffer=1000):
+def baseline_loader(shard_root: Path, *, cfg, image_size, channels, batch_size, workers, shuffle_buffer: int):
     import webdataset as wds
     urls = [str(s.path) for s in load_manifest(shard_root).shards("train")]
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(shuffle_buffer)
@@ -133,6 +133,20 @@ def _cycle(loader):
         yield from loader
 
 
+def dali_loader(root: Path, args, *, device: str, threads: int, micle: bool):
+    """The DALI loader of one row: every setting from ``args``, as the timed rows use it (a CPU test traces the
+    gpu rows' pipeline through this same function)."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    # frontal_only=False: the baseline reads every image too (and all generated bench images are PA anyway)
+    return build_pretrain_loader(root, batch_size=args.gpu_batch_size if device == "gpu" else args.batch_size,
+                                 device=device, augment=AugmentConfig.preset(args.augment), micle=micle,
+                                 frontal_only=False, image_size=args.image_size, channels=args.channels, dtype=dtype,
+                                 num_threads=threads, seed=0, shuffle_buffer=args.shuffle_buffer)
+
+
+GPU_GOAL_SAMPLES_PER_S = 15_000  # issue goal for one H100: source images/s, each giving 2 views
+
+
 def run(args) -> BenchReport:
     report = BenchReport("data", list(args.argv))
     cfg = AugmentConfig.preset(args.augment)
@@ -146,30 +160,31 @@ def run(args) -> BenchReport:
         write_bench_shards(root, num_images=args.num_images, size_px=args.size_px, samples_per_shard=args.samples_per_shard)
         report.notes.append(f"generated {args.num_images} synthetic {args.size_px}-px gray JPEG samples in "
                             f"{time.perf_counter() - t0:.2f}s (temporary shards)")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     common = dict(warmup_batches=args.warmup_batches, timed_batches=args.batches)
     devices = [d for d in args.devices.split(",") if d]
     if "gpu" in devices and not torch.cuda.is_available():
         devices.remove("gpu")
         report.notes.append("no CUDA GPU: DALI gpu rows skipped")
-    row_base = dict(augment=cfg.name, image_size=args.image_size, channels=args.channels, dtype=args.dtype)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    row_base = dict(augment=cfg.name, image_size=args.image_size, channels=args.channels, dtype=args.dtype,
+                    cores_available=cores, shuffle_buffer=args.shuffle_buffer)
     for threads in args.threads:
         for device in devices:
             for micle in (False, True) if args.micle else (False,):
-                batch = args.gpu_batch_size if device == "gpu" else args.batch_size
-                # frontal_only=False: the baseline reads every image too (and all bench images are PA anyway)
-                loader = build_pretrain_loader(root, batch_size=batch, device=device, augment=cfg, micle=micle,
-                                               frontal_only=False, image_size=args.image_size,
-                                               channels=args.channels, dtype=dtype, num_threads=threads, seed=0,
-                                               shuffle_buffer=args.shuffle_buffer)
+                loader = dali_loader(root, args, device=device, threads=threads, micle=micle)
+                batch = loader.batch_size
                 with GpuSampler() as gpu:
                     r = _measure(lambda: _cycle(loader), lambda: [], device=loader.torch_device, batch_size=batch,
                                  **common)
                 name = f"dali-{device}" + ("-micle" if micle else "")
                 report.add(loader=name, workers_or_threads=threads, batch_size=batch, **row_base, **r,
                            **({"gpu": gpu.summary()} if device == "gpu" else {}))
+                if device == "gpu" and not micle:
+                    met = "met" if r["samples_per_s"] >= GPU_GOAL_SAMPLES_PER_S else "NOT met"
+                    report.notes.append(f"dali-gpu {r['samples_per_s']:,.0f} samples/s ({2 * r['samples_per_s']:,.0f} "
+                                        f"views/s): goal >= {GPU_GOAL_SAMPLES_PER_S:,} samples/s on one H100 {met}")
         base = baseline_loader(root, cfg=cfg, image_size=args.image_size, channels=args.channels,
-                               batch_size=args.batch_size, workers=threads)
+                               batch_size=args.batch_size, workers=threads, shuffle_buffer=args.shuffle_buffer)
         holder = {}
 
         def make_iter():
@@ -182,10 +197,16 @@ def run(args) -> BenchReport:
                    **row_base, **r)
         dali_cpu = [x for x in report.rows if x["loader"] == "dali-cpu" and x["workers_or_threads"] == threads]
         if dali_cpu:
-            report.notes.append(f"{threads} core(s): dali-cpu / baseline = "
-                                f"{dali_cpu[0]['samples_per_s'] / r['samples_per_s']:.2f}x samples/s")
-    report.notes.append("samples/s counts source images; each yields 2 augmented views. cpu_cores_used = process "
-                        "(+ DataLoader worker) CPU seconds / wall seconds over the timed batches")
+            ratio = dali_cpu[0]["samples_per_s"] / r["samples_per_s"]
+            per_cpu_s = [x.get("samples_per_cpu_s") for x in (dali_cpu[0], r)]
+            per_core = (f", {per_cpu_s[0] / per_cpu_s[1]:.2f}x samples per CPU-second" if all(per_cpu_s) else "")
+            report.notes.append(f"{threads} thread(s) / worker(s) of {cores} core(s): dali-cpu / baseline = {ratio:.2f}x "
+                                f"samples/s{per_core} (goal >= 1.5x with the same cores: "
+                                f"{'met' if ratio >= 1.5 else 'NOT met'})")
+    report.notes.append("same shards, same augmentation preset (torchvision_views mirrors augment_view), same "
+                        "batch size for dali-cpu and baseline, DALI num_threads == DataLoader num_workers, one affinity "
+                        "mask. samples/s counts source images; each yields 2 augmented views. cpu_cores_used = "
+                        "process (+ DataLoader worker) CPU seconds / wall seconds over the timed batches")
     if tmp is not None:
         tmp.cleanup()
     return report
@@ -198,7 +219,7 @@ def _cycle_dl(loader, holder):
         yield from it
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__)
     p.add_argument("--shards", help="existing shard folder (default: generate temporary 256-px shards)")
     p.add_argument("--num-images", type=int, default=2048)
@@ -219,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (small images, few batches)")
     p.add_argument("--out", help="write JSON here (file or folder); 'default' = bench/results/<gpu-name>/")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parsed and checked arguments, ``--quick`` applied (exits 2 with usage on bad input)."""
+    p = _parser()
     args = p.parse_args(argv)
-    args.argv = argv
+    args.argv = list(argv)
     if args.quick:
         args.num_images, args.size_px, args.samples_per_shard = 96, 96, 32
         args.image_size, args.batch_size, args.batches, args.warmup_batches = 64, 8, 3, 1
@@ -229,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         args.shuffle_buffer = 32
     if args.batches < 1 or args.warmup_batches < 1:
         p.error("--batches and --warmup-batches must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         report = run(args)
     except (ShardFormatError, ValueError, RuntimeError) as e:  # bad shards / sizes: one line, no traceback
