@@ -1,6 +1,7 @@
 """`python -m bench loss`: fused Triton NT-Xent vs the reference PyTorch loss (eager and torch.compile'd).
 
 Forward + backward per batch of N views (SimCLR pairing, D = 128): median / p90 time, peak memory, speedup.
+Every variant runs under one fp32 matmul precision (the trainer's 'high' on a GPU); each row records its dot dtype.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ GPU_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_SIZES = [64, 128, 256]
 IMPLS = ("fused", "reference", "compiled")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-COLUMNS = ["n_views", "rows", "impl", "status", "median_ms", "p90_ms", "peak_mem_mib", "speedup_vs_best_torch",
+COLUMNS = ["n_views", "rows", "impl", "dots", "status", "median_ms", "p90_ms", "peak_mem_mib", "speedup_vs_best_torch",
            "loss_pct_of_resnet50_step"]
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--impls", nargs="+", choices=IMPLS,
                    help="default: all on a GPU; fused (interpreter, if TRITON_INTERPRET=1) + reference on the CPU")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS,
+                   help="torch.set_float32_matmul_precision for every variant alike (default: high on a GPU, the "
+                        "trainer's CUDA setting, so the reference's fp32 GEMMs use tf32; highest on the CPU)")
     p.add_argument("--world", type=int, default=1,
                    help="time one rank of W: N / W rows against all N gathered columns (cross-GPU negatives)")
     p.add_argument("--warmup", type=int, default=2)
@@ -58,6 +63,16 @@ def _loss_fn(impl: str):
     return torch.compile(nt_xent_reference, dynamic=False)
 
 
+def _dots(impl: str, dtype, device) -> str:
+    """What the similarity matmuls multiply in: the fused kernel takes its inputs' dtype (fp32 inputs follow torch's
+    matmul precision, like cuBLAS); the reference upcasts to fp32 first, so its GEMMs are tf32 or exact fp32."""
+    import torch
+    from trainer.fused_ntxent_kernels import fp32_dot_precision
+    if impl == "fused" and dtype != torch.float32:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return "tf32" if device.type == "cuda" and fp32_dot_precision() == "tf32" else "fp32"
+
+
 def _measure(impl: str, n_views: int, args, device, dtype) -> dict:
     """Time forward + backward of one implementation at N views; OOM becomes a row, not a crash.
 
@@ -76,7 +91,8 @@ def _measure(impl: str, n_views: int, args, device, dtype) -> dict:
         z.grad = None
         fn(z[:rows], z, labels[:rows], labels, 0, args.temperature, "mean").backward()
 
-    row = {"n_views": n_views, "rows": rows, "impl": impl}
+    row = {"n_views": n_views, "rows": rows, "impl": impl, "dots": _dots(impl, dtype, device),
+           "matmul_precision": args.matmul_precision}
     cuda = device.type == "cuda"
     try:
         step()  # compile / autotune outside the timed and the memory-measured region
@@ -169,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench loss: {target} exists (pass --overwrite to replace it)", file=sys.stderr)
             return 2
 
+    args.matmul_precision = args.matmul_precision or ("high" if cuda else "highest")
     impls, notes = _plan(args, device)
     if "fused" in impls and args.dim > 256:
         print(f"bench loss: the fused kernels support D <= 256, got --dim {args.dim}", file=sys.stderr)
@@ -176,6 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     report = BenchReport("loss", list(argv if argv is not None else sys.argv[2:]), env=env, notes=notes)
     report.notes.append(f"D={args.dim} dtype={dtype} temperature={args.temperature} world={args.world}, SimCLR "
                         "pairing, forward+backward of the mean loss; peak_mem = max_memory_allocated delta over inputs")
+    report.notes.append(f"float32 matmul precision '{args.matmul_precision}' for every variant; 'dots' says what each "
+                        "row's similarity matmuls multiplied in (the reference upcasts its inputs to fp32)")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    try:
+        _run(report, impls, sizes, args, device, dtype)
+    finally:  # a process-wide switch: put it back for in-process callers
+        torch.set_float32_matmul_precision(before)
+    report.finish(out, COLUMNS)
+    return 0
+
+
+def _run(report, impls: list[str], sizes: list[int], args, device, dtype) -> None:
+    import torch
+    cuda = device.type == "cuda"
     ms_per_image = _resnet50_ms_per_image(args.resnet50_batch, device) if cuda and args.resnet50_batch else None
     if ms_per_image is not None:
         report.notes.append(f"ResNet-50 bf16 step: {ms_per_image:.4f} ms/image at batch {args.resnet50_batch}")
@@ -192,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={n_views}: " + ", ".join(f"{r['impl']} {r.get('median_ms', r['status'])}" for r in rows),
                   file=sys.stderr, flush=True)
     report.env["gpu_sampler"] = sampler.summary()
-    report.finish(out, COLUMNS)
-    return 0
 
 
 if __name__ == "__main__":

@@ -397,8 +397,26 @@ def test_bench_loss_cli_smoke(tmp_path):
     assert set(got) == {(n, i) for n in (16, 32) for i in ("fused", "reference")}
     assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["rows"] == n // 2 for (n, _), r in got.items())
     assert got[32, "fused"]["speedup_vs_best_torch"] > 0
+    # like for like: one matmul precision for every row (the CPU default is torch's), and what each row multiplied in
+    assert {(r["matmul_precision"], r["dots"]) for r in doc["rows"]} == {("highest", "fp32")}
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_bench_loss_records_what_each_variant_multiplied_in():
+    """On a GPU under the trainer's 'high': bf16 fused rows are bf16 dots, the reference's upcast GEMMs are tf32."""
+    from bench.loss_bench import _dots
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert _dots("fused", torch.bfloat16, cuda) == "bf16" and _dots("fused", torch.float16, cuda) == "fp16"
+        assert _dots("reference", torch.bfloat16, cuda) == _dots("compiled", torch.bfloat16, cuda) == "tf32"
+        assert _dots("fused", torch.float32, cuda) == "tf32" and _dots("reference", torch.float32, cpu) == "fp32"
+        torch.set_float32_matmul_precision("highest")
+        assert _dots("fused", torch.float32, cuda) == _dots("reference", torch.bfloat16, cuda) == "fp32"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # ---- GPU: real kernels, larger sizes -------------------------------------------------------------------------
