@@ -99,10 +99,23 @@ def baseline_loader(shard_root: Path, *, cfg, image_size, channels, batch_size, 
                                        persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+def _proc_cpu_s(pid: int, *, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) from /proc; with ``reaped_children`` also
+    those of its exited and reaped children (fields cutime / cstime). 0 for a process already gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped_children else 0)
+    return ticks / _CLK_TCK
+
+
+def _cpu_s(worker_pids) -> float:
+    """CPU seconds of this process, its live DataLoader workers and its reaped children. Workers that end inside
+    the timed window (a new epoch's iterator starts new ones) move from the live sum to the reaped one; reading
+    the live workers first means a worker reaped in between is counted in the reaped sum, never lost."""
+    live = sum(_proc_cpu_s(p) for p in worker_pids())
+    return live + _proc_cpu_s(os.getpid(), reaped_children=True)
 
 
 def _measure(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int, batch_size: int, device) -> dict:
@@ -112,15 +125,14 @@ def _measure(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int,
     first_batch_s = time.perf_counter() - t0
     for _ in range(warmup_batches - 1):
         next(it)
-    pids = [os.getpid(), *worker_pids()]
-    cpu0 = sum(_proc_cpu_s(p) for p in pids)
+    cpu0 = _cpu_s(worker_pids)
     t0 = time.perf_counter()
     for _ in range(timed_batches):
         batch = next(it)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    cpu = sum(_proc_cpu_s(p) for p in pids) - cpu0
+    cpu = _cpu_s(worker_pids) - cpu0
     del batch, it
     n = timed_batches * batch_size
     return {"samples_per_s": n / wall, "views_per_s": 2 * n / wall, "wall_s": wall, "cpu_s": cpu,

@@ -54,3 +54,36 @@ def test_bench_gpu_rows_pipeline_traces_on_gpu(tmp_path, monkeypatch):
         assert any(d == "mixed" for _, d in nodes) and all(d in ("gpu", "mixed") for _, d in nodes), nodes
         assert loader._dali_dtype == types.FLOAT16 and loader.dtype == torch.bfloat16  # bf16 from DALI fp16
         loader._release()
+
+
+def _burn_cpu(seconds: float) -> None:
+    import time
+    while time.process_time() < seconds:
+        pass
+
+
+def test_cpu_seconds_count_workers_that_exit_in_the_window():
+    # A DataLoader's workers exit at each epoch end; their CPU time must still be counted (reaped-children sum).
+    import multiprocessing as mp
+
+    from bench.data_bench import _cpu_s
+
+    worker = mp.get_context("fork").Process(target=_burn_cpu, args=(0.3,))
+    before = _cpu_s(lambda: [])
+    worker.start()
+    live = _cpu_s(lambda: [worker.pid] if worker.is_alive() else [])
+    worker.join()
+    after = _cpu_s(lambda: [])
+    assert after - before >= 0.28 and after >= live
+
+
+def test_bench_window_across_epoch_ends(tmp_path):
+    # 24 images, batch 4: 6 batches per epoch, so 1 warm-up + 8 timed batches cross an epoch end in both loaders.
+    out = tmp_path / "d.json"
+    argv = ["--num-images", "24", "--size-px", "48", "--samples-per-shard", "8", "--image-size", "32",
+            "--batch-size", "4", "--batches", "8", "--warmup-batches", "1", "--threads", "1", "--devices", "cpu",
+            "--shuffle-buffer", "8", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["loader"] for r in rows] == ["dali-cpu", "torchvision+webdataset"]
+    assert all(r["cpu_s"] > 0 and r["samples_per_s"] > 0 for r in rows)
