@@ -31,6 +31,40 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
+def _positive_floats(text: str) -> tuple[float, ...]:
+    values = _floats(text)
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got '{text}'")
+    return values
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    values = _floats(text)
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"label fractions must lie in (0, 1], got '{text}'")
+    return tuple(sorted(set(values)))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    return value if value > 0 else _bad(f"expected a positive number, got '{text}'")
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    return value if value >= 0 else _bad(f"expected a number >= 0, got '{text}'")
+
+
+def _bad(msg: str):
+    raise argparse.ArgumentTypeError(msg)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -69,8 +103,8 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive, default=10)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr", type=_positive_float, default=0.01)
+    p.add_argument("--weight-decay", type=_non_negative_float, default=1e-4)
     p.add_argument("--grid", default="none",
                    help="'none', 'azizi' (7 lr x 4 weight decay, the size of Azizi et al.'s sweep; our values, see "
                         "eval.finetune.AZIZI_GRID) or 'LR,LR,...:WD,WD,...'; the best (lr, wd, epoch) on val is kept")
@@ -84,27 +118,35 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                         "training batches are always streamed, reshuffled every epoch")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): bad input is reported like every other eval error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m eval {command}")
+    p = _Parser(prog=f"python -m eval {command}")
     if command == "linear":
         p.description = "Logistic-regression probe per task on frozen features (C chosen on val), AUROC/AUPRC with patient-bootstrap CIs."
         _common(p)
-        p.add_argument("--c-grid", type=_floats, default=None, help="inverse regularisation grid (default 1e-4..1e2, 7 values)")
+        p.add_argument("--c-grid", type=_positive_floats, default=None, help="inverse regularisation grid (default 1e-4..1e2, 7 values)")
     elif command == "fewshot":
         p.description = "k positives + k negatives per task, a probe per seed, balanced test set; mean and spread over seeds."
         _common(p)
         p.add_argument("--k", type=_positive, default=10)
         p.add_argument("--seeds", type=_positive, default=20, help="repetitions (>= 20 recommended)")
-        p.add_argument("--C", type=float, default=1.0, dest="c",
+        p.add_argument("--C", type=_positive_float, default=1.0, dest="c",
                        help="probe inverse regularisation, fixed (default 1.0, on standardised features): a k-shot budget "
                             "has no validation labels to choose it on, so C is not tuned (recorded in the result JSON)")
     elif command == "fractions":
         p.description = "Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or end-to-end."
         _common(p)
-        p.add_argument("--fractions", type=_floats, default=DEFAULT_FRACTIONS)
+        p.add_argument("--fractions", type=_fractions, default=DEFAULT_FRACTIONS,
+                       help="label fractions in (0, 1], sampled by patient and nested (default 0.001,0.01,0.1,1)")
         p.add_argument("--seeds", type=_positive, default=3)
         p.add_argument("--mode", choices=("linear", "finetune", "both"), default="linear")
-        p.add_argument("--c-grid", type=_floats, default=None)
+        p.add_argument("--c-grid", type=_positive_floats, default=None)
         _finetune_args(p)
     elif command == "finetune":
         p.description = "End-to-end fine-tuning (SGD momentum 0.9, augmentation, optional lr x wd grid), best epoch on val."
@@ -258,9 +300,12 @@ def _grid(text: str):
         return AZIZI_GRID
     try:
         lrs, wds = text.split(":")
-        return _floats(lrs), _floats(wds)
+        lrs, wds = _positive_floats(lrs), _floats(wds)
+        if not wds or min(wds) < 0:
+            raise ValueError
+        return lrs, wds
     except (ValueError, argparse.ArgumentTypeError):
-        raise UsageError(f"--grid '{text}': expected none, azizi or 'LR,LR,...:WD,WD,...'") from None
+        raise UsageError(f"--grid '{text}': expected none, azizi or 'LR,LR,...:WD,WD,...' (lr > 0, wd >= 0)") from None
 
 
 def run_finetune(args) -> None:
@@ -395,7 +440,10 @@ def main(argv: list[str]) -> int:
     if command not in RUNNERS:
         print(f"eval: unknown subcommand '{command}'", file=sys.stderr)
         return 2
-    args = build_parser(command).parse_args(rest)
+    try:
+        args = build_parser(command).parse_args(rest)
+    except SystemExit as e:  # --help (0) or a one-line argument error (2), already printed
+        return int(e.code or 0)
     args.argv = list(argv)  # recorded in every result JSON
     try:
         RUNNERS[command](args)

@@ -66,7 +66,9 @@ def encoder_spec(encoder: str | Path | None = None, init: str | None = None, *, 
         if in_channels is not None and ch != in_channels:
             raise EncoderError(f"{path}: encoder has {ch} input channel(s), but {in_channels} were requested")
         run_name = path.parent.name if path.name == "encoder.pt" else path.stem
-        return EncoderSpec("checkpoint", meta["arch"], ch, name or run_name, path=path)
+        spec = EncoderSpec("checkpoint", meta["arch"], ch, name or run_name, path=path)
+        build_encoder(spec)  # weights that do not fit their declared model fail now, before any encoder is evaluated
+        return spec
     if init not in ("random", "imagenet"):
         raise EncoderError(f"unknown --init '{init}' (choose random or imagenet)")
     arch = arch or "resnet50"

@@ -20,6 +20,8 @@ def resolve_tasks(spec: str | None, label_names: list[str], *, source: str = "sh
     """Task names for ``spec``: None / "all" = every label in ``label_names``; a set name (``chexpert5``); or a
     comma-separated list of names and set names. Raises TaskError (one line, naming the task) when a name is
     neither a label nor a set, or the shards (``source``) carry no such label."""
+    if not label_names:
+        raise TaskError(f"{source}: shards carry no labels (ingested without a label source); nothing to evaluate")
     if spec is None or spec.strip() in ("", "all"):
         return list(label_names)
     tasks: list[str] = []

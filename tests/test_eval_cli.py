@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -134,6 +135,29 @@ def test_bad_inputs_one_line_errors(shards, encoder_file, tmp_path, capsys, monk
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
     cases.append((["linear", "--shards", shards, "--out", out, "--encoder", bogus], "bogus.pt"))
+    # an encoder.pt whose weights do not fit the model it declares: caught before the first encoder is evaluated
+    import torch
+    doc = torch.load(encoder_file, weights_only=True)
+    wrong = tmp_path / "wrong" / "encoder.pt"
+    wrong.parent.mkdir()
+    torch.save({**doc, "arch": "resnet34"}, wrong)
+    cases.append((["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--encoder", wrong],
+                  "weights do not match resnet34"))
+    # shards ingested without labels
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(shards, unlabelled)
+    manifest = json.loads((unlabelled / "manifest.json").read_text())
+    manifest["label_names"] = []
+    (unlabelled / "manifest.json").write_text(json.dumps(manifest))
+    cases.append((["linear", "--shards", unlabelled, "--out", out, "--init", "random"], "shards carry no labels"))
+    # argument errors are one line too (no usage block)
+    cases += [
+        (["fractions", *common, "--init", "random", "--fractions", "0,0.5"], "label fractions must lie in (0, 1]"),
+        (["finetune", *common, "--init", "random", "--lr", "-0.1"], "--lr: expected a positive number"),
+        (["finetune", *common, "--init", "random", "--grid", "0.1:-1"], "--grid '0.1:-1'"),
+        (["linear", *common, "--init", "random", "--c-grid", "0,1"], "--c-grid"),
+        (["linear", *common, "--init", "random", "--uncertainty", "u-maybe"], "--uncertainty"),
+    ]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached ImageNet weights
     cases.append((["linear", *common, "--init", "imagenet"], "local torch hub cache"))
     for argv, expected in cases:
