@@ -195,7 +195,7 @@ def brightness_contrast(x, brightness, contrast, *, device: str, impl: str | Non
     """
     from nvidia.dali import fn, math as dmath, types
     impl = impl or ("fused" if device == "cpu" else "arith")
-    mean = fn.reductions.mean(x)  # () float32 per sample, on x's device; channels are equal here (gray)
+    mean = fn.reductions.mean(x, dtype=types.FLOAT)  # () per sample, on x's device; channels are equal here (gray)
     if impl == "fused":
         return fn.brightness_contrast(x, device=device, brightness=brightness, contrast=contrast,
                                       contrast_center=mean)

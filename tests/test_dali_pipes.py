@@ -524,18 +524,34 @@ def test_real_cxr_jpegs_through_both_loaders(shared_data, tmp_path):
         assert np.abs(img[0].numpy() - ref).mean() < 2 / 255 / dp.CXR_STD
 
 
-def _brightness_contrast_cpu(images: list[np.ndarray], b: float, c: float, impl: str) -> np.ndarray:
+def _run_brightness_contrast(images: list[np.ndarray], b: float, c: float, impl: str | None = None,
+                             device: str = "cpu") -> np.ndarray:
     from nvidia.dali import fn, pipeline_def
     from dali_pipes.augment import brightness_contrast
 
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, exec_dynamic=True)
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if device == "gpu" else None, exec_dynamic=True)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        return brightness_contrast(x, b, c, device="cpu", impl=impl)
+        return brightness_contrast(x.gpu() if device == "gpu" else x, b, c, device=device, impl=impl)
 
     p = pipe()
     p.build()
-    return np.array(p.run()[0].as_tensor())
+    out = p.run()[0]
+    return np.array((out.as_cpu() if device == "gpu" else out).as_tensor())
+
+
+def _dark_films(rng: np.random.Generator) -> list[np.ndarray]:
+    """Films with means 60-100 (far from DALI's default mid-gray centre); max 200, so b <= 1.25 never clips."""
+    return [np.clip(rng.normal(mu, 25, (40, 48, 1)), 0, 200).astype(np.uint8) for mu in (60, 80, 100)]
+
+
+@pytest.mark.gpu
+def test_gpu_brightness_contrast_matches_formula():
+    images = _dark_films(np.random.default_rng(1))
+    got = _run_brightness_contrast(images, 1.25, 0.6, device="gpu").astype(float)[..., 0]  # the GPU default path
+    for x, y in zip(images, got):
+        xf = x[..., 0].astype(float)
+        assert np.abs(y - 1.25 * (xf.mean() + 0.6 * (xf - xf.mean()))).max() <= 0.5 + 1e-3
 
 
 @pytest.mark.parametrize("impl", ["fused", "arith"])  # "arith" is the GPU graph's formula, run here on the CPU
@@ -543,11 +559,9 @@ def test_brightness_contrast_matches_torchvision_and_pil(impl):
     from PIL import ImageEnhance
     from torchvision.transforms import functional as F
 
-    rng = np.random.default_rng(0)
-    # dark films (means 60-100, far from DALI's default mid-gray centre); b * max stays < 255: no clipping
-    images = [np.clip(rng.normal(mu, 25, (40, 48, 1)), 0, 200).astype(np.uint8) for mu in (60, 80, 100)]
+    images = _dark_films(np.random.default_rng(0))
     b, c = 1.25, 0.6
-    got = _brightness_contrast_cpu(images, b, c, impl).astype(int)
+    got = _run_brightness_contrast(images, b, c, impl).astype(int)
     for x, y in zip(images, got[..., 0]):
         t = torch.from_numpy(x).permute(2, 0, 1)  # (1, H, W) uint8
         refs = [F.adjust_contrast(F.adjust_brightness(t, b), c)[0].numpy(),  # torchvision draws the order at
