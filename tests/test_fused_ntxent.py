@@ -101,8 +101,9 @@ def test_kernel_simclr_pairing_matches_reference_fp32(rows, cols, dim, row_offse
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows,cols,dim,row_offset", [(7, 33, 8, 13), (33, 64, 128, 31), (64, 64, 32, 0)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,cols,dim,row_offset,dtype",
+                         [(*shape, torch.bfloat16) for shape in SHAPES] +
+                         [(*shape, torch.float16) for shape in [(7, 33, 8, 13), (33, 64, 128, 31), (64, 64, 32, 0)]])
 def test_kernel_patient_labels_match_reference_16bit(rows, cols, dim, row_offset, dtype):
     labels = torch.randint(0, max(2, cols // 3), (cols,), generator=torch.Generator().manual_seed(cols))
     _assert_close(rows, cols, dim, row_offset, labels, dtype, reduction="mean")

@@ -224,8 +224,12 @@ def test_auto_is_fused_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert resolve_impl("auto", torch.device("cuda", 0)) == "fused"
-    assert _resolves_to_fused("auto", torch.device("cuda", 0))
-    assert resolve_impl("auto", "cpu") == "reference" and not _resolves_to_fused("auto", torch.device("cpu"))
+    assert _resolves_to_fused("auto", torch.device("cuda", 0), 128)
+    assert resolve_impl("auto", "cpu") == "reference" and not _resolves_to_fused("auto", torch.device("cpu"), 128)
+    # wider than the kernels' tiles: auto falls back instead of failing the run (an explicit 'fused' still refuses)
+    assert resolve_impl("auto", torch.device("cuda", 0), 512) == "reference"
+    assert not _resolves_to_fused("auto", torch.device("cuda", 0), 512)
+    assert resolve_impl("fused", torch.device("cuda", 0), 512) == "fused"
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is ~1000x slower than the reference
     assert resolve_impl("auto", torch.device("cuda", 0)) == "reference"
 

@@ -145,16 +145,18 @@ def nt_xent_fused(
     return _reduce(per_row, cnt, reduction)
 
 
-def resolve_impl(impl: str, device: torch.device | str) -> str:
-    """'auto' -> 'fused' on a CUDA device with triton, else 'reference'; other names pass through after a check."""
+def resolve_impl(impl: str, device: torch.device | str, dim: int | None = None) -> str:
+    """'auto' -> 'fused' on a CUDA device with triton for embeddings up to the kernels' width (``dim``), else
+    'reference'; other names pass through after a check."""
     if impl not in IMPLS:
         raise ValueError(f"unknown loss impl {impl!r} (choose from {', '.join(IMPLS)})")
     if impl != "auto":
         return impl
     device = torch.device(device)
+    from trainer.fused_ntxent_kernels import MAX_DIM
     # the interpreter would be correct but ~1000x slower than the reference, so auto never picks it on the CPU
     use_fused = device.type == "cuda" and fused_available(device) and os.environ.get("TRITON_INTERPRET") != "1"
-    return "fused" if use_fused else "reference"
+    return "fused" if use_fused and (dim is None or dim <= MAX_DIM) else "reference"
 
 
 def nt_xent(
@@ -168,7 +170,7 @@ def nt_xent(
     reduction: str = "sum",
 ) -> torch.Tensor:
     """NT-Xent by implementation name ('auto' | 'reference' | 'fused'): the entry point for `loss.impl`."""
-    if resolve_impl(impl, z_rows.device) == "fused":
+    if resolve_impl(impl, z_rows.device, z_rows.shape[-1]) == "fused":
         return nt_xent_fused(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
     _check(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
     return nt_xent_reference(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)

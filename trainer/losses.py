@@ -78,14 +78,14 @@ def nt_xent(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, imp
     return fused(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, impl=impl, reduction=reduction)
 
 
-def _resolves_to_fused(impl: str, device: torch.device) -> bool:
+def _resolves_to_fused(impl: str, device: torch.device, dim: int) -> bool:
     if impl == "reference":
         return False
     try:
         from trainer.fused_ntxent import resolve_impl
     except ImportError:  # nt_xent then falls back to the reference too
         return False
-    return resolve_impl(impl, device) == "fused"
+    return resolve_impl(impl, device, dim) == "fused"
 
 
 def contrastive_loss(
@@ -111,7 +111,7 @@ def contrastive_loss(
     rank, world_size = world() if gather else (0, 1)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) fp32: the norm itself is not worth 16-bit error
-    if z1.dtype in (torch.float16, torch.bfloat16) and _resolves_to_fused(impl, z.device):
+    if z1.dtype in (torch.float16, torch.bfloat16) and _resolves_to_fused(impl, z.device, z.shape[1]):
         # fp32 would put the kernel on tf32 at best: half the tensor-core rate and twice the bytes of autocast's dtype
         z = z.to(z1.dtype)  # also halves the all_gather
     if positives == "sample":
