@@ -29,8 +29,11 @@ def hours_for_epochs(images_per_s: float, epochs: int = 100, images: int = CHEXP
 def build_step(cfg, device: torch.device, *, compile_mode: str | None, channels_last: bool, precision: str):
     """Model + optimiser + TrainStep as `trainer/pretrain.py` builds them (single process)."""
     model = build_contrastive_model(cfg.model)
-    if cfg.loss.method == "moco":
-        model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn)
+    if cfg.loss.method == "moco":  # one process: shuffle-BN over BatchNorm chunks, as the trainer on one rank
+        splits = cfg.loss.moco_bn_splits
+        fits = cfg.data.batch_size % splits == 0 and cfg.data.batch_size // splits >= 2
+        model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
+                     bn_splits=splits if fits else 1)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, 
 
 
 @pytest.mark.parametrize("overrides", [
-    ["loss.method=moco", "loss.moco_queue=16", "model.head_bn=false", "optim.name=sgd"],
+    ["loss.method=moco", "loss.moco_queue=16", "model.head_bn=false", "optim.name=sgd", "loss.moco_bn_splits=2"],
     ["loss.method=micle", "data.augment=azizi", "run.tensorboard=true"],
     ["optim.micro_batch=3", "loss.positives=patient", "optim.name=adamw", "optim.base_lr=0.001"],
 ])
@@ -142,6 +142,11 @@ def test_bad_input_is_a_one_line_error_before_work(shards, tmp_path, capsys):
     assert "nowhere: no manifest.json" in err and err.count("\n") == 0 and not run.exists()
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "loss.method=moco", "loss.moco_queue=12"]) == 2
     assert "multiple of data.batch_size=8" in capsys.readouterr().err
+    assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "loss.method=moco", "loss.moco_queue=16"]) == 2
+    assert "loss.moco_bn_splits=8: data.batch_size=8 must split" in capsys.readouterr().err and not run.exists()
+    # a model that cannot be built (missing init checkpoint) leaves no run folder behind
+    assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", f"model.init={tmp_path / 'no.pt'}"]) == 2
+    assert "no.pt: checkpoint not found" in capsys.readouterr().err and not run.exists()
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "run.max_steps=1"]) == 0
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "run.resume=none"]) == 2  # no clobbering
     assert "run.overwrite=true" in capsys.readouterr().err

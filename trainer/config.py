@@ -56,7 +56,8 @@ class LossConfig:
     gather: bool = True              # negatives from every rank (with gradient)
     moco_queue: int = 65536
     moco_momentum: float = 0.999
-    moco_shuffle_bn: bool = True     # MoCo shuffle-BN across ranks for the key encoder (no-op on one rank)
+    moco_shuffle_bn: bool = True     # MoCo shuffle-BN: keys on a batch permuted across ranks (one rank: BN chunks)
+    moco_bn_splits: int = 8          # one rank with shuffle-BN: BatchNorm over this many chunks (as 8 GPUs)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class RunConfig:
     keep_last: int = 3
     resume: str = "auto"             # "auto" (latest in RUN/ckpt) | "none" | path to a step-*.pt
     max_steps: int = 0               # >0: stop (with a checkpoint) after this step, schedule unchanged
-    signal_check_every: int = 10     # steps between cross-rank agreement on a received SIGTERM/SIGUSR1
+    signal_check_every: int = 0      # ranks agree on SIGTERM/SIGUSR1 at log steps; >0: also every N (host sync)
     tensorboard: bool = True
     progress: bool = True
     overwrite: bool = False          # allow a fresh run in a folder holding a finished run
@@ -217,8 +218,10 @@ def validate(cfg: Config) -> None:
     need(len(cfg.optim.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                            and 0 <= b < 1 for b in cfg.optim.betas),
          f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
+    need(cfg.loss.moco_bn_splits >= 1, "loss.moco_bn_splits must be >= 1")
     need(cfg.loss.method != "moco" or cfg.loss.moco_queue % cfg.data.batch_size == 0,
          f"loss.moco_queue={cfg.loss.moco_queue} must be a multiple of data.batch_size={cfg.data.batch_size}")
+    need(cfg.run.signal_check_every >= 0, "run.signal_check_every must be >= 0")
     need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
          "run.log_every, run.ckpt_every and run.keep_last must be > 0")
 

@@ -121,18 +121,67 @@ def build_contrastive_model(model_cfg) -> ContrastiveModel:
     return ContrastiveModel(backbone, head)
 
 
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of ``num_splits`` equal chunks of the batch, as if each chunk
+    were on its own GPU (MoCo's single-GPU shuffle-BN emulation). Same parameters and buffers as the BatchNorm it
+    replaces, so state dicts (checkpoints, encoder.pt) do not change; eval mode is plain BatchNorm."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, num_splits: int):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"SplitBatchNorm expects (N, C) or (N, C, H, W) input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, s = x.shape[0], x.shape[1], self.num_splits
+        values = (n // s) * (x[0, 0].numel())  # per chunk and channel
+        if n % s or values < 2:
+            raise ValueError(f"a batch of {n} cannot be split into {s} BatchNorm chunks of >= 2 values per channel "
+                             f"(lower loss.moco_bn_splits)")
+        xs = x.reshape(s, n // s, c, -1)  # (S, N/S, C, H*W): a view, also in channels-last memory
+        var, mean = torch.var_mean(xs, dim=(1, 3), correction=0)  # (S, C) each
+        y = (xs - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[:, None] + self.bias[:, None]
+        if self.track_running_stats:
+            with torch.no_grad():  # the mean of the chunks' updates, as S ranks' key encoders would average out
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.mean(0), m)
+                self.running_var.lerp_((var * values / (values - 1)).mean(0), m)
+        return y.reshape(x.shape)
+
+
+def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm in ``module`` by a SplitBatchNorm (in place; returns the module)."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            setattr(module, name, SplitBatchNorm(child, num_splits))
+        else:
+            split_batchnorm(child, num_splits)
+    return module
+
+
 class MoCo(nn.Module):
     """MoCo v2: query encoder, momentum key encoder, and a queue of normalised keys (a buffer, so it checkpoints).
 
-    Shuffle-BN (``shuffle_bn`` with several ranks): keys are computed on a batch permuted across ranks so BatchNorm
-    statistics cannot leak which key matches which query.
+    Shuffle-BN keeps BatchNorm statistics from telling which key belongs to which query: with several ranks the
+    keys are computed on a batch permuted across ranks; on one rank (``bn_splits`` > 1) both encoders normalise
+    over ``bn_splits`` chunks of the batch, as ``bn_splits`` GPUs would, and the keys are computed on a batch
+    permuted across those chunks (MoCo's single-GPU recipe). SyncBatchNorm (model.sync_bn) is the alternative.
     """
 
     def __init__(self, encoder_q: ContrastiveModel, queue_size: int = 65536, momentum: float = 0.999,
-                 shuffle_bn: bool = True):
+                 shuffle_bn: bool = True, bn_splits: int = 1):
         super().__init__()
-        self.encoder_q = encoder_q
-        self.encoder_k = copy.deepcopy(encoder_q)
+        self.bn_splits = bn_splits if shuffle_bn else 1
+        self.encoder_q = split_batchnorm(encoder_q, self.bn_splits) if self.bn_splits > 1 else encoder_q
+        self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.momentum, self.shuffle_bn = momentum, shuffle_bn
@@ -159,9 +208,10 @@ class MoCo(nn.Module):
         b = keys.shape[0]
         if size % b:
             raise ValueError(f"loss.moco_queue={size} must be a multiple of the global batch {b}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + b] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + b) % size)
+        # index arithmetic on the device: reading the pointer on the host would stall the GPU every step
+        rows = (self.queue_ptr + torch.arange(b, device=self.queue.device)) % size  # (B,)
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.add_(b).remainder_(size)
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +219,10 @@ class MoCo(nn.Module):
         from trainer.distributed import gather_no_grad, world
 
         rank, world_size = world()
+        if self.shuffle_bn and world_size == 1 and self.bn_splits > 1:
+            perm = torch.randperm(x.shape[0], device=x.device)  # each BN chunk gets keys of other chunks' queries
+            k = F.normalize(self.encoder_k(x[perm]).float(), dim=1)
+            return k[torch.argsort(perm)]
         if not (self.shuffle_bn and world_size > 1):
             return F.normalize(self.encoder_k(x).float(), dim=1)
         import torch.distributed as dist

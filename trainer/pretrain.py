@@ -1,8 +1,8 @@
 """Self-supervised pretraining entry point: `torchrun --nproc_per_node=N trainer/pretrain.py CONFIG.toml key=value ...`.
 
-Reads top to bottom: config -> process group -> run folder -> data -> model -> optimiser -> resume -> loop with
-logging, checkpoints, preemption signals and a non-finite-loss stop -> encoder export.
-Also runs as `python trainer/pretrain.py` (one process).
+`train` reads top to bottom: config -> process group -> data -> model and optimiser -> run folder -> resume -> loop
+with logging, checkpoints, preemption signals and a non-finite-loss stop -> encoder export; the helpers below it
+hold the details. Also runs as `python trainer/pretrain.py` (one process).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,25 +77,168 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config, info: dist_utils.DistInfo) -> int:
-    device, rank, world_size = info.device, info.rank, info.world_size
+    device, world_size = info.device, info.world_size
     precision = resolve_precision(cfg.run.precision, device)
     run_dir = Path(cfg.run.out)
+    _seed_and_determinism(cfg, info)
+    _check_inputs(cfg, info)  # what needs the world size or the device, before anything is built or written
 
-    # ---- determinism and seeds (each rank its own stream; DDP broadcasts rank 0's initial weights)
+    # ---- data, schedule, model (nothing is written until all three are built)
+    per_rank_batch = cfg.data.batch_size // world_size
+    input_dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
+    try:
+        loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=per_rank_batch, rank=info.rank,
+                              world_size=world_size, seed=cfg.run.seed, device=device, dtype=input_dtype)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
+    schedule = _schedule(cfg, steps_per_epoch)
+    raw_model, step_fn = _build_model(cfg, info, precision, schedule["peak_lr"])
+    optimizer = step_fn.optimizer
+
+    # ---- run folder: resume or refuse to clobber, then the resolved config
+    resume_path = _resume_path(cfg, run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    dist_utils.barrier()
+    pos = _restore(resume_path, cfg, info, raw_model, step_fn, loader, steps_per_epoch)
+    total_steps = schedule["total_steps"]
+    if pos.step >= total_steps:
+        if info.is_main:
+            print(f"pretrain: {run_dir} already finished ({pos.step}/{total_steps} steps); nothing to do", flush=True)
+        return 0
+
+    def save() -> None:
+        """Checkpoint at pos.step: rank 0 writes model, optimiser, scaler, schedule and every rank's RNG / loader."""
+        ranks = dist_utils.all_gather_state({"rng": ckpt.rng_state(), "loader": ckpt.to_plain(loader.state_dict())})
+        if info.is_main:
+            ckpt.save_checkpoint(run_dir, pos.step, {
+                "format": "cxr-ssl-train/1", "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else {},
+                "schedule": schedule, "config": to_dict(cfg), "world_size": world_size, "ranks": ranks,
+            }, keep_last=cfg.run.keep_last)
+        dist_utils.barrier()
+
+    logger = bar = None
+    previous_handlers: dict = {}
+    try:
+        # ---- preemption: SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next agreed step and exits
+        received: list[int] = []
+        previous_handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                             for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
+                               resume_step=pos.step if resume_path is not None else None, device=device)
+        bar = _progress(cfg.run.progress and info.is_main, total_steps, pos.step)
+        if info.is_main:
+            print(f"pretrain: {cfg.loss.method} {cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px | "
+                  f"{world_size} rank(s) on {device.type} | {precision} | global batch {cfg.data.batch_size} | "
+                  f"{total_steps} steps ({steps_per_epoch}/epoch) | peak lr {schedule['peak_lr']:.4g} | {run_dir}",
+                  flush=True)
+
+        # ---- the loop: device values stay on the device; the host reads them only at log / checkpoint steps
+        timer = StepTimer()
+        loss_sum = torch.zeros((), device=device)
+        nonfinite = torch.zeros((), device=device, dtype=torch.bool)
+        last_saved, stop_reason = -1, None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batches = iter(loader)
+        while pos.step < total_steps:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                loader.set_epoch(pos.epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            timer.add_data_wait(time.perf_counter() - t_wait)
+            pos.batch_in_epoch += 1
+
+            lr = warmup_cosine(pos.step, **schedule)
+            loss = step_fn(batch, lr)
+            pos.step += 1
+            timer.step()
+            loss_sum += loss
+            nonfinite |= ~torch.isfinite(loss)
+            if bar is not None:
+                bar.update(1)
+
+            step = pos.step
+            must_save = step % cfg.run.ckpt_every == 0 or step == total_steps or step == cfg.run.max_steps
+            sync_point = step % cfg.run.log_every == 0 or must_save
+            if sync_point:
+                _check_finite(nonfinite, step, run_dir)
+                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader)
+                line = logger.log(row)
+                if info.is_main:
+                    (bar.write if bar is not None else print)(line)
+                loss_sum.zero_()
+            if must_save:
+                save()
+                last_saved = step
+            if sync_point:
+                timer.reset()  # after the checkpoint, so its write does not count as step time
+            if _signal_check_due(cfg, world_size, step, sync_point) and dist_utils.any_rank(bool(received), device):
+                stop_reason = signal.Signals(received[0]).name if received else "a peer's signal"
+                break
+            if step == cfg.run.max_steps:
+                stop_reason = f"run.max_steps={cfg.run.max_steps}"
+                break
+
+        # ---- the end (finished, preempted or max_steps): last checkpoint and the encoder export
+        if last_saved != pos.step:
+            _check_finite(nonfinite, pos.step, run_dir)
+            save()
+        if info.is_main:
+            backbone = raw_model.encoder_q.backbone if isinstance(raw_model, MoCo) else raw_model.backbone
+            ckpt.save_encoder(run_dir / "encoder.pt", backbone, cfg.model.arch, cfg.model.in_channels,
+                              {"config": to_dict(cfg), "step": pos.step, "finished": pos.step >= total_steps})
+            why = f"stopped by {stop_reason}" if stop_reason else "finished"
+            print(f"pretrain: {why} at step {pos.step}/{total_steps}; checkpoint {ckpt.ckpt_path(run_dir, pos.step)}, "
+                  f"encoder {run_dir / 'encoder.pt'}", flush=True)
+    finally:  # also on a Stop: flush TensorBoard, close the bar, give the signals back
+        if bar is not None:
+            bar.close()
+        if logger is not None:
+            logger.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+
+
+@dataclass
+class Position:
+    """Where the run is: optimiser steps done, epoch, and batches of that epoch consumed."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def _seed_and_determinism(cfg: Config, info: dist_utils.DistInfo) -> None:
+    """Each rank its own Python/NumPy stream; the same torch seed everywhere (DDP broadcasts rank 0's weights)."""
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
     if cfg.run.cpu_threads > 0:
         torch.set_num_threads(cfg.run.cpu_threads)
-    if device.type == "cuda":
+    if info.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
-    seed = cfg.run.seed
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed)  # same model init on every rank
+    random.seed(cfg.run.seed + info.rank)
+    np.random.seed(cfg.run.seed + info.rank)
+    torch.manual_seed(cfg.run.seed)
 
-    # ---- checks that need the world size or the device, before anything is written
+
+def _check_inputs(cfg: Config, info: dist_utils.DistInfo) -> None:
+    world_size, device = info.world_size, info.device
     if cfg.data.batch_size % world_size:
         raise Stop(EXIT_BAD_INPUT, f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
     if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
@@ -105,38 +249,38 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         if not fused_available(device):
             raise Stop(EXIT_BAD_INPUT, f"loss.impl=fused needs triton and a CUDA device (this run is on "
                                        f"{device.type}); use loss.impl=auto or reference")
+    splits = _moco_bn_splits(cfg, world_size)
+    if splits > 1 and (cfg.data.batch_size % splits or cfg.data.batch_size // splits < 2):
+        raise Stop(EXIT_BAD_INPUT, f"loss.moco_bn_splits={splits}: data.batch_size={cfg.data.batch_size} must split "
+                                   f"into {splits} equal BatchNorm chunks of >= 2 images on one rank")
 
-    # ---- run folder: resume, refuse to clobber, write the resolved config
-    resume_path = _resume_path(cfg, run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-    dist_utils.barrier()
 
-    # ---- data
-    per_rank_batch = cfg.data.batch_size // world_size
-    input_dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
-    try:
-        loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=per_rank_batch, rank=rank,
-                              world_size=world_size, seed=seed, device=device, dtype=input_dtype)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
-    total_steps = cfg.optim.total_steps or steps_from_epochs(cfg.optim.epochs, steps_per_epoch)
-    warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0
-                    else steps_from_epochs(cfg.optim.warmup_epochs, steps_per_epoch))
-    peak_lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, cfg.optim.lr_scaling)
-    min_lr = peak_lr * cfg.optim.min_lr_ratio
+def _moco_bn_splits(cfg: Config, world_size: int) -> int:
+    """Chunks for single-rank shuffle-BN; with several ranks the shuffle goes across ranks instead."""
+    moco_one_rank = cfg.loss.method == "moco" and cfg.loss.moco_shuffle_bn and world_size == 1
+    return cfg.loss.moco_bn_splits if moco_one_rank else 1
 
-    # ---- model (MoCo wraps the query encoder with a momentum copy and a queue)
+
+def _schedule(cfg: Config, steps_per_epoch: int) -> dict:
+    """warmup_cosine's keyword arguments: peak lr scaled by the global batch, warm-up and total steps, floor."""
+    o = cfg.optim
+    peak_lr = scaled_lr(o.base_lr, cfg.data.batch_size, o.lr_scaling)
+    return {"peak_lr": peak_lr, "min_lr": peak_lr * o.min_lr_ratio,
+            "warmup_steps": o.warmup_steps if o.warmup_steps >= 0 else steps_from_epochs(o.warmup_epochs,
+                                                                                         steps_per_epoch),
+            "total_steps": o.total_steps or steps_from_epochs(o.epochs, steps_per_epoch)}
+
+
+def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr: float):
+    """-> (raw model, TrainStep): MoCo wrapper, SyncBN, device and memory format, optimiser, DDP, compile."""
+    device, world_size = info.device, info.world_size
     try:
         model = build_contrastive_model(cfg.model)
     except (FileNotFoundError, ValueError) as e:
         raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
     if cfg.loss.method == "moco":
-        model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn)
+        model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
+                     bn_splits=_moco_bn_splits(cfg, world_size))
     if cfg.model.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -144,8 +288,6 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
     optimizer = build_optimizer(raw_model, cfg.optim, peak_lr)
-
-    # ---- distributed wrapper and compilation (compile on by default on GPU, off on CPU)
     if world_size > 1:
         # MoCo's queue is identical on every rank (gathered keys): no need to broadcast its 32 MB every step.
         model = torch.nn.parallel.DistributedDataParallel(
@@ -159,159 +301,78 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             model.compile(mode=cfg.model.compile_mode)
     step_fn = TrainStep(model, raw_model, optimizer, cfg.loss, precision=precision, device=device,
                         micro_batch=cfg.optim.micro_batch, grad_clip_norm=cfg.optim.grad_clip_norm)
+    return raw_model, step_fn
 
-    # ---- resume: weights, optimiser, scaler, step, epoch, RNG and the loader's position
-    step, epoch, batch_in_epoch = 0, 0, 0
+
+def _restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, raw_model, step_fn, loader,
+             steps_per_epoch: int) -> Position:
+    """Weights, optimiser, scaler, position, this rank's RNG and loader state from ``resume_path`` (None: fresh)."""
     loader.set_epoch(0)
-    if resume_path is not None:
-        try:
-            state = ckpt.load_checkpoint(resume_path, map_location="cpu")  # load_state_dict copies to device
-        except ValueError as e:
-            raise Stop(EXIT_BAD_INPUT, str(e)) from None
-        try:
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise Stop(EXIT_BAD_INPUT, f"{resume_path}: does not match this run's model/optimiser "
-                                       f"({str(e).splitlines()[0][:200]}); use another run.out") from None
-        if step_fn.scaler is not None and state.get("scaler"):
-            step_fn.scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        ranks = state.get("ranks", [])
-        if len(ranks) == world_size:
-            ckpt.set_rng_state(ranks[rank]["rng"])
-            loader.set_epoch(epoch)
-            try:
-                loader.load_state_dict(ranks[rank]["loader"])
-            except ValueError as e:
-                raise Stop(EXIT_BAD_INPUT, f"{resume_path}: {str(e).splitlines()[0]}") from None
-            if batch_in_epoch >= steps_per_epoch:  # saved right after an epoch's last batch
-                epoch, batch_in_epoch = epoch + 1, 0
-                loader.set_epoch(epoch)
-        else:  # a different world size cannot continue the same data order: restart the epoch, same schedule
-            loader.set_epoch(epoch)
-            batch_in_epoch = 0
-            if info.is_main:
-                print(f"resume: checkpoint has {len(ranks)} rank states, this run {world_size}; restarting epoch "
-                      f"{epoch} data order", flush=True)
-        if info.is_main:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
-    if step >= total_steps:
-        if info.is_main:
-            print(f"pretrain: {run_dir} already finished ({step}/{total_steps} steps); nothing to do", flush=True)
-        return 0
-
-    logger = bar = None
-    previous_handlers: dict = {}
+    if resume_path is None:
+        return Position()
     try:
-        # ---- preemption: SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits
-        received: list[int] = []
-        previous_handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                             for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-        def save(at_step: int) -> Path | None:
-            rank_state = {"rng": ckpt.rng_state(), "loader": ckpt.to_plain(loader.state_dict())}
-            ranks = dist_utils.all_gather_state(rank_state)
-            path = None
-            if info.is_main:
-                path = ckpt.save_checkpoint(run_dir, at_step, {
-                    "format": "cxr-ssl-train/1", "step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else {},
-                    "schedule": {"peak_lr": peak_lr, "min_lr": min_lr, "warmup_steps": warmup_steps,
-                                 "total_steps": total_steps},
-                    "config": to_dict(cfg), "world_size": world_size, "ranks": ranks,
-                }, keep_last=cfg.run.keep_last)
-            dist_utils.barrier()
-            return path
-
-        # ---- the loop
-        logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
-                               resume_step=step if resume_path is not None else None, device=device)
-        bar = _progress(cfg.run.progress and info.is_main, total_steps, step)
+        state = ckpt.load_checkpoint(resume_path, map_location="cpu")  # load_state_dict copies to the device
+    except ValueError as e:
+        raise Stop(EXIT_BAD_INPUT, str(e)) from None
+    try:
+        raw_model.load_state_dict(state["model"])
+        step_fn.optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise Stop(EXIT_BAD_INPUT, f"{resume_path}: does not match this run's model/optimiser "
+                                   f"({str(e).splitlines()[0][:200]}); use another run.out") from None
+    if step_fn.scaler is not None and state.get("scaler"):
+        step_fn.scaler.load_state_dict(state["scaler"])
+    pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+    ranks = state.get("ranks", [])
+    if len(ranks) == info.world_size:
+        ckpt.set_rng_state(ranks[info.rank]["rng"])
+        loader.set_epoch(pos.epoch)
+        try:
+            loader.load_state_dict(ranks[info.rank]["loader"])
+        except ValueError as e:
+            raise Stop(EXIT_BAD_INPUT, f"{resume_path}: {str(e).splitlines()[0]}") from None
+        if pos.batch_in_epoch >= steps_per_epoch:  # saved right after an epoch's last batch
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+            loader.set_epoch(pos.epoch)
+    else:  # a different world size cannot continue the same data order: restart the epoch, same schedule
+        loader.set_epoch(pos.epoch)
+        pos.batch_in_epoch = 0
         if info.is_main:
-            arch = f"{cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px"
-            print(f"pretrain: {cfg.loss.method} {arch} | {world_size} rank(s) on {device.type} | {precision} | global "
-                  f"batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | peak lr {peak_lr:.4g} "
-                  f"| {run_dir}", flush=True)
-        timer, loss_sum, nonfinite = StepTimer(), torch.zeros((), device=device), torch.zeros((), device=device,
-                                                                                              dtype=torch.bool)
-        last_saved, stop_reason = -1, None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        batches = iter(loader)
-        while step < total_steps:
-            t_wait = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch, batch_in_epoch = epoch + 1, 0
-                loader.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
-            timer.add_data_wait(time.perf_counter() - t_wait)
-            batch_in_epoch += 1
+            print(f"resume: checkpoint has {len(ranks)} rank states, this run {info.world_size}; restarting epoch "
+                  f"{pos.epoch} data order", flush=True)
+    if info.is_main:
+        print(f"resumed from {resume_path} at step {pos.step}", flush=True)
+    return pos
 
-            lr = warmup_cosine(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr)
-            loss = step_fn(batch, lr)
-            step += 1
-            timer.step()
-            loss_sum += loss
-            nonfinite |= ~torch.isfinite(loss)
-            if bar is not None:
-                bar.update(1)
 
-            must_save = step % cfg.run.ckpt_every == 0 or step == total_steps or step == cfg.run.max_steps
-            if step % cfg.run.log_every == 0 or must_save:
-                _check_finite(nonfinite, step, run_dir)
-                mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()  # the only host sync
-                t = timer.summary()
-                images_per_s = cfg.data.batch_size * timer.steps / t["wall_s"]
-                row = {"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch, "loss": mean_loss, "lr": lr,
-                       "images_per_s": images_per_s, "views_per_s": 2 * images_per_s, "step_ms": t["step_ms"],
-                       "data_wait_pct": t["data_wait_pct"]}
-                if device.type == "cuda":
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                else:  # host peak resident memory (Linux reports KiB)
-                    row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                if cfg.loss.method == "micle":
-                    row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
-                line = logger.log(row)
-                if info.is_main:
-                    (bar.write if bar is not None else print)(line)
-                loss_sum.zero_()
-            if must_save:
-                _check_finite(nonfinite, step, run_dir)
-                save(step)
-                last_saved = step
-            if timer.steps and (step % cfg.run.log_every == 0 or must_save):
-                timer.reset()  # after the checkpoint, so its write does not count as step time
-            every = 1 if world_size == 1 else cfg.run.signal_check_every
-            if step % every == 0 and dist_utils.any_rank(bool(received), device):
-                stop_reason = signal.Signals(received[0]).name if received else "a peer's signal"
-                break
-            if step == cfg.run.max_steps:
-                stop_reason = f"run.max_steps={cfg.run.max_steps}"
-                break
+# ------------------------------------------------------------------------------------------------- loop helpers
 
-        if last_saved != step:
-            _check_finite(nonfinite, step, run_dir)
-            save(step)
-        if info.is_main:
-            backbone = raw_model.encoder_q.backbone if isinstance(raw_model, MoCo) else raw_model.backbone
-            ckpt.save_encoder(run_dir / "encoder.pt", backbone, cfg.model.arch, cfg.model.in_channels,
-                              {"config": to_dict(cfg), "step": step, "finished": step >= total_steps})
-            why = f"stopped by {stop_reason}" if stop_reason else "finished"
-            print(f"pretrain: {why} at step {step}/{total_steps}; checkpoint {ckpt.ckpt_path(run_dir, step)}, "
-                  f"encoder {run_dir / 'encoder.pt'}", flush=True)
-    finally:  # also on a Stop: flush TensorBoard, close the bar, give the signals back
-        if bar is not None:
-            bar.close()
-        if logger is not None:
-            logger.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    return 0
+
+def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_sum: torch.Tensor,
+             timer: StepTimer, device: torch.device, loader) -> dict:
+    """One metrics row; the mean loss over ranks and log steps is the one device value read (a host sync)."""
+    mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()
+    t = timer.summary()
+    images_per_s = cfg.data.batch_size * timer.steps / t["wall_s"]
+    row = {"step": pos.step, "epoch": pos.epoch + pos.batch_in_epoch / steps_per_epoch, "loss": mean_loss, "lr": lr,
+           "images_per_s": images_per_s, "views_per_s": 2 * images_per_s, "step_ms": t["step_ms"],
+           "data_wait_pct": t["data_wait_pct"]}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # host peak resident memory (Linux reports KiB)
+        row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if cfg.loss.method == "micle":
+        row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
+    return row
+
+
+def _signal_check_due(cfg: Config, world_size: int, step: int, sync_point: bool) -> bool:
+    """One rank reads its own flag every step; several agree through an all-reduce (a host sync), so only at
+    log / checkpoint steps unless run.signal_check_every asks for more."""
+    if world_size == 1:
+        return True
+    every = cfg.run.signal_check_every
+    return sync_point or (every > 0 and step % every == 0)
 
 
 def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
