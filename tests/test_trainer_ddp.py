@@ -50,6 +50,33 @@ def test_pretrain_two_ranks_checkpoint_and_resume(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_full]
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_a_log_step(tmp_path):
+    """Cluster preemption: torchrun forwards SIGTERM, the ranks agree at the next log step (no extra host syncs
+    between log steps), checkpoint together and exit 0 before torchrun's shutdown timeout."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "trainer/pretrain.py", "trainer/configs/debug_cpu.toml", "data.source=synthetic", f"run.out={run}",
+           "optim.total_steps=500", "run.ckpt_every=1000", "run.log_every=4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert "stopped by SIGTERM" in out or "stopped by a peer's signal" in out, out[-2000:] + err[-2000:]
+    assert "exitcode  : -9" not in err and "SIGKILL" not in err  # no rank had to be killed
+    (ckpt,) = (run / "ckpt").glob("step-*.pt")
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] % 4 == 0 and 4 <= state["step"] < 500 and len(state["ranks"]) == 2
+
+
 # ----------------------------------------------------------------------------------------- worker (under torchrun)
 
 

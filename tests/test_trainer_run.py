@@ -116,12 +116,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, 
     ["loss.method=micle", "data.augment=azizi", "run.tensorboard=true"],
     ["optim.micro_batch=3", "loss.positives=patient", "optim.name=adamw", "optim.base_lr=0.001"],
 ])
-def test_methods_run(shards, tmp_path, overrides):
+def test_methods_run(shards, tmp_path, overrides, capsys):
     run = tmp_path / "run"
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "optim.total_steps=2", *overrides]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
-    assert {"lr", "images_per_s", "views_per_s", "step_ms", "data_wait_pct", "epoch"} <= set(rows[0])
+    assert {"lr", "images_per_s", "views_per_s", "step_ms", "data_wait_pct", "epoch", "peak_rss_gib"} <= set(rows[0])
+    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(console) == 2 and all("loss" in c and "views/s" in c and "wait" in c for c in console)  # one per row
     state = torch.load(latest_checkpoint(run), weights_only=True)
     if "loss.method=moco" in overrides:
         assert int(state["model"]["queue_ptr"]) == 0  # 2 steps x batch 8 wrapped a 16-key queue
