@@ -331,11 +331,16 @@ def run_finetune(args) -> None:
 
 
 def _save_finetuned(path: Path, state: dict, spec: EncoderSpec, tasks: list[str], result: dict) -> None:
-    # The selected checkpoint (best validation mean AUROC), loadable with torch.load(weights_only=True).
+    # The selected checkpoint (best validation mean AUROC), loadable with torch.load(weights_only=True); "backbone"
+    # loads into the torchvision model (strict except fc): the ImageNet input adapter (module "0.", no weights) and
+    # its Sequential prefix are dropped.
     import torch
+    backbone = state["backbone"]
+    if spec.kind == "imagenet":
+        backbone = {k[2:]: v for k, v in backbone.items() if k.startswith("1.")}
     doc = {"arch": spec.arch, "in_channels": spec.in_channels, "encoder": spec.name, "category": spec.category,
            "tasks": list(tasks), "lr": result["chosen_lr"], "weight_decay": result["chosen_weight_decay"],
-           "epoch": result["best_epoch"], "backbone": state["backbone"], "head": state["head"]}
+           "epoch": result["best_epoch"], "backbone": backbone, "head": state["head"]}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(doc, tmp)
     tmp.replace(path)

@@ -205,6 +205,10 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
             pids.append(pid.cpu().numpy().astype(np.int64))
     scores, targets = np.concatenate(scores), select_targets(np.concatenate(raw), label_names, tasks, policy)
     result = evaluate(targets, scores, tasks).to_dict()
+    n = len(train.index)
+    if n // cfg.batch_size + (n % cfg.batch_size >= 2) == 0:
+        result["notes"].append(f"training set of {n} image(s) cannot make a BatchNorm step (needs 2+ per batch): "
+                               f"the encoder was not fine-tuned, the test scores are its untrained head's")
     result.update(protocol="finetune", uncertainty=policy, chosen_lr=best.lr, chosen_weight_decay=best.weight_decay,
                   best_epoch=best.best_epoch, best_val_mean_auroc=_num(best.best_val_auroc),
                   train_images=len(train.index), train_patients=int(len(np.unique(train.index.pid))),

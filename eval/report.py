@@ -47,14 +47,15 @@ def _auroc_table(docs: list[dict], title: str) -> list[str]:
 
 def _fewshot_table(docs: list[dict]) -> list[str]:
     tasks = list(dict.fromkeys(t for d in docs for t in d["tasks"]))
-    lines = ["## k-shot linear probe", "", "Balanced test set; mean ± std of AUROC over seeds (accuracy in report.json).", "",
-             "| Encoder | k | seeds | " + " | ".join(tasks) + " | Mean AUROC | Mean accuracy |", "|---" * (len(tasks) + 5) + "|"]
+    lines = ["## k-shot linear probe", "", "Balanced test set; mean ± std of AUROC over seeds (accuracy in report.json). "
+             "The probe's C is fixed, not tuned: a k-shot budget has no validation labels to choose it on.", "",
+             "| Encoder | k | seeds | C | " + " | ".join(tasks) + " | Mean AUROC | Mean accuracy |", "|---" * (len(tasks) + 6) + "|"]
     for d in docs:
         cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–" for t in tasks]
         m, a = d.get("mean_auroc"), d.get("mean_accuracy")
         mean = "–" if not m else "{:.3f} ± {:.3f}".format(m["auroc"], m["auroc_std"])
         acc = "–" if not a else "{:.3f}".format(a["accuracy"])
-        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | " + " | ".join(cells) + f" | {mean} | {acc} |")
+        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | {d.get('C', '?'):g} | " + " | ".join(cells) + f" | {mean} | {acc} |")
     return lines + [""]
 
 

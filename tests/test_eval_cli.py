@@ -111,6 +111,7 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     rc, err = _run(capsys, "report", "--out", out)
     assert rc == 0, err
     md = (out / "report.md").read_text()
+    assert "C is fixed, not tuned" in md and "| Scratch: random-resnet18 (resnet18) | 2 | 20 | 1 |" in md
     assert "| Scratch: random-resnet18" in md and "| SSL: ssl-run" in md and "Paired comparisons" in md
     for png in ("fractions.png", "roc-linear.png", "roc-finetune.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -265,6 +266,12 @@ def test_imagenet_encoder_from_offline_cache(shards, tmp_path, capsys, monkeypat
     assert rc == 0, err
     res = json.loads((out / "linear" / "imagenet-resnet18.json").read_text())
     assert res["encoder"]["category"] == "ImageNet" and res["encoder"]["in_channels"] == 3
+    # the fine-tuned ImageNet backbone is saved as a plain torchvision state dict (no input-adapter prefix)
+    rc, err = _run(capsys, "finetune", "--shards", shards, "--out", out, "--init", "imagenet", *FAST, "--epochs", "1")
+    assert rc == 0, err
+    saved = torch.load(out / "finetune" / "imagenet-resnet18.pt", weights_only=True)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(saved["backbone"], strict=False)
+    assert not unexpected and sorted(missing) == ["fc.bias", "fc.weight"]
     raw = torch.rand(2, 3, 4, 4)
     x_cxr = (raw - dali_pipes.CXR_MEAN) / dali_pipes.CXR_STD
     expected = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -73,3 +73,17 @@ def test_augment_presets_and_overrides():
     assert augment_config("azizi").rotation_deg == 45.0
     with pytest.raises(ValueError, match="crop scale"):
         augment_config(crop_scale_min=1.5)
+
+
+def test_a_training_set_too_small_for_a_batchnorm_step_is_noted(shards):
+    from eval.features import encoder_spec
+    from eval.finetune import FinetuneConfig, finetune
+    from shardgen import LABEL_NAMES
+    pids = split_patient_ids(shards, "train")
+    ids, counts = np.unique(pids, return_counts=True)
+    single = ids[counts == 1][:1]
+    spec = encoder_spec(init="random", arch="resnet18", seed=0)
+    result, preds, _ = finetune(spec, shards, list(LABEL_NAMES), list(LABEL_NAMES), FinetuneConfig(epochs=1, batch_size=8),
+                                transform=Transform(32, 36), train_patients=single, log=lambda m: None)
+    assert result["train_images"] == 1 and any("not fine-tuned" in n for n in result["notes"])
+    assert preds["scores"].shape[0] == len(split_patient_ids(shards, "test"))
