@@ -34,11 +34,12 @@ if [ "$DEVICE" = gpu ]; then
     TRAIN_ARGS=(data.frontal_only=false run.log_every=50 run.ckpt_every=100000)
 else
     # AdamW rather than LARS: at a few hundred steps it gets much further (LARS pays off at large batch, long runs)
-    N=${DEMO_IMAGES:-3000}; SYNTH_PX=128; SHARD_PX=64; IMAGE=48; ARCH=resnet18; BATCH=128
-    STEPS=${DEMO_STEPS:-300}; WARMUP=15; EVAL_BATCH=128
+    N=${DEMO_IMAGES:-3000}; SYNTH_PX=128; SHARD_PX=72; IMAGE=48; ARCH=resnet18; BATCH=128
+    STEPS=${DEMO_STEPS:-500}; WARMUP=25; EVAL_BATCH=128
     CONFIG=trainer/configs/debug_cpu.toml
     TRAIN_ARGS=(data.num_threads="$OMP_NUM_THREADS" optim.name=adamw optim.base_lr=0.001 optim.lr_scaling=none
-                optim.weight_decay=0.0001 run.deterministic=false run.log_every=25 run.ckpt_every=100000)
+                optim.weight_decay=0.0001 model.head_hidden_dim=0 model.proj_dim=128
+                run.deterministic=false run.log_every=25 run.ckpt_every=100000)
 fi
 echo "demo: $DEVICE | $N phantom images | SimCLR $ARCH at ${IMAGE}px, batch $BATCH, $STEPS steps | output $DEMO"
 TRAIN_ARGS+=(data.shards="$DEMO/shards" data.image_size="$IMAGE" data.batch_size="$BATCH" model.arch="$ARCH"
