@@ -45,6 +45,10 @@ def test_split_batchnorm_is_batchnorm_per_chunk(shape):
     # running statistics: the mean of what the four chunk BatchNorms would hold
     torch.testing.assert_close(split.running_mean, torch.stack([b.running_mean for b in chunk_bns]).mean(0))
     torch.testing.assert_close(split.running_var, torch.stack([b.running_var for b in chunk_bns]).mean(0))
+    if len(shape) == 4:  # bf16 activations (autocast): statistics in fp32, output in bf16 close to the fp32 one
+        low = SplitBatchNorm(copy.deepcopy(bn), num_splits=4)(x.bfloat16())
+        assert low.dtype == torch.bfloat16 and low.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(low.float(), ref.detach(), rtol=2e-2, atol=2e-2)
     bn.load_state_dict(split.state_dict())
     torch.testing.assert_close(split.eval()(x), bn.eval()(x))  # eval: plain BatchNorm
     with pytest.raises(ValueError, match="moco_bn_splits"):

@@ -128,6 +128,10 @@ def test_methods_run(shards, tmp_path, overrides, capsys):
     if "loss.method=moco" in overrides:
         assert int(state["model"]["queue_ptr"]) == 0  # 2 steps x batch 8 wrapped a 16-key queue
         assert "encoder_k.backbone.conv1.weight" in state["model"]
+        net = torchvision_resnet("resnet18", in_channels=1)  # single-rank shuffle-BN keeps torchvision's keys
+        missing, unexpected = net.load_state_dict(torch.load(run / "encoder.pt", weights_only=True)["state_dict"],
+                                                  strict=False)
+        assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     if "loss.method=micle" in overrides:
         assert 0.0 <= rows[0]["micle_multi_instance"] <= 1.0
         assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -143,11 +143,14 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         if n % s or values < 2:
             raise ValueError(f"a batch of {n} cannot be split into {s} BatchNorm chunks of >= 2 values per channel "
                              f"(lower loss.moco_bn_splits)")
-        xs = x.reshape(s, n // s, c, -1)  # (S, N/S, C, H*W): a view, also in channels-last memory
+        # statistics and normalisation in fp32 whatever autocast made x (as cuDNN's BatchNorm does), output in x's dtype
+        xs = x.reshape(s, n // s, c, -1).float()  # (S, N/S, C, H*W): a view in fp32, also in channels-last memory
         var, mean = torch.var_mean(xs, dim=(1, 3), correction=0)  # (S, C) each
-        y = (xs - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + self.eps)
+        scale = torch.rsqrt(var + self.eps)  # (S, C)
         if self.affine:
-            y = y * self.weight[:, None] + self.bias[:, None]
+            scale = scale * self.weight.float()
+        shift = -mean * scale if not self.affine else self.bias.float() - mean * scale
+        y = (xs * scale[:, None, :, None] + shift[:, None, :, None]).to(x.dtype)
         if self.track_running_stats:
             with torch.no_grad():  # the mean of the chunks' updates, as S ranks' key encoders would average out
                 self.num_batches_tracked.add_(1)
