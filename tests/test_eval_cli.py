@@ -187,6 +187,10 @@ def test_features_drop_padding_and_cache_key(shards, tmp_path):
 def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "eval", "linear", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--uncertainty" in res.stdout and "--bootstrap" in res.stdout
+    # argument parsing stays light: no torch / DALI until a protocol runs
+    res = subprocess.run([sys.executable, "-c", "import sys, eval.cli; print(sorted(m for m in ('torch', 'dali_pipes', "
+                          "'nvidia.dali') if m in sys.modules))"], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
 def _pneumonia_shards(shared_data, tmp_path, per_class: int):

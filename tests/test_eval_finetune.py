@@ -69,6 +69,9 @@ def test_augmentation_runs_on_the_dali_graph_and_varies_per_epoch(shards):
 
 
 def test_augment_presets_and_overrides():
+    from dali_pipes import AugmentConfig
+    from eval.args import AUGMENT_CHOICES
+    assert AUGMENT_CHOICES == ("finetune", *AugmentConfig.PRESETS)
     assert augment_config().crop_scale_min == 0.6 and augment_config(hflip_prob=0.0).hflip_prob == 0.0
     assert augment_config("azizi").rotation_deg == 45.0
     with pytest.raises(ValueError, match="crop scale"):
