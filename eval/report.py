@@ -55,8 +55,12 @@ def _fewshot_table(docs: list[dict]) -> list[str]:
         m, a = d.get("mean_auroc"), d.get("mean_accuracy")
         mean = "–" if not m else "{:.3f} ± {:.3f}".format(m["auroc"], m["auroc_std"])
         acc = "–" if not a else "{:.3f}".format(a["accuracy"])
-        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | {d.get('C', '?'):g} | " + " | ".join(cells) + f" | {mean} | {acc} |")
+        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | " + " | ".join(cells) + f" | {mean} | {acc} |")
     return lines + [""]
+
+
+def _num_or_q(x) -> str:
+    return "?" if x is None else f"{x:g}"
 
 
 def _fractions_table(docs: list[dict]) -> list[str]:
