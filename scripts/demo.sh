@@ -35,7 +35,7 @@ if [ "$DEVICE" = gpu ]; then
 else
     # AdamW rather than LARS: at a few hundred steps it gets much further (LARS pays off at large batch, long runs)
     N=${DEMO_IMAGES:-3000}; SYNTH_PX=128; SHARD_PX=72; IMAGE=48; ARCH=resnet18; BATCH=128
-    STEPS=${DEMO_STEPS:-500}; WARMUP=25; EVAL_BATCH=128
+    STEPS=${DEMO_STEPS:-800}; WARMUP=25; EVAL_BATCH=128
     CONFIG=trainer/configs/debug_cpu.toml
     TRAIN_ARGS=(data.num_threads="$OMP_NUM_THREADS" optim.name=adamw optim.base_lr=0.001 optim.lr_scaling=none
                 optim.weight_decay=0.0001 model.head_hidden_dim=0 model.proj_dim=128

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         md += ["## Pretraining loss", "", f"![loss]({curve.name})", ""]
     eval_md = ev / "report.md"
     if eval_md.is_file():
-        md += [f"Full evaluation report (ROC curves, all numbers): [{eval_md}]({Path('..') / 'eval' / 'report.md'})", ""]
+        md += ["Full evaluation report (ROC curves, all numbers): [eval/report.md](../eval/report.md)", ""]
     (report / "README.md").write_text("\n".join(md) + "\n")
     print(table)
     print(verdict)
