@@ -45,6 +45,7 @@ echo "demo: $DEVICE | $N phantom images | SimCLR $ARCH at ${IMAGE}px, batch $BAT
 TRAIN_ARGS+=(data.shards="$DEMO/shards" data.image_size="$IMAGE" data.batch_size="$BATCH" model.arch="$ARCH"
              optim.total_steps="$STEPS" optim.warmup_steps="$WARMUP" run.seed="$SEED" run.out="$DEMO/run")
 
+case "$DEMO" in ""|/|.|..|"$HOME") fail "DEMO_DIR='$DEMO' would delete more than the demo's own folder";; esac
 rm -rf "$DEMO"   # the demo's own folder: every run starts fresh
 mkdir -p "$DEMO/report"
 
