@@ -19,6 +19,9 @@ need() {  # a stage that another part of the project provides, checked before an
     "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null \
         || fail "stage '$2' is missing: module $1 is not in this checkout (no results were faked)"
 }
+DEVICE=${DEMO_DEVICE:-$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null \
+    || echo none)}
+[ "$DEVICE" != none ] || fail "$PY cannot import torch (run \`make demo\`, which installs into .venv first)"
 need ingest.synth "ingest synth"
 need ingest.build "ingest build-shards"
 need dali_pipes "dali_pipes loaders"
@@ -26,7 +29,6 @@ need trainer.data "trainer/pretrain.py"
 [ -f trainer/pretrain.py ] || fail "stage 'pretrain' is missing: trainer/pretrain.py not found"
 need eval.cli "python -m eval"
 
-DEVICE=${DEMO_DEVICE:-$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)}
 if [ "$DEVICE" = gpu ]; then
     N=${DEMO_IMAGES:-10000}; SYNTH_PX=256; SHARD_PX=256; IMAGE=224; ARCH=resnet50; BATCH=256
     STEPS=${DEMO_STEPS:-1200}; WARMUP=100; EVAL_BATCH=256
