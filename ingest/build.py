@@ -167,7 +167,7 @@ def sample_task(rec: Record, split: str, plan: Plan) -> tuple:
     labels = [rec.labels.get(n) for n in plan.label_names]
     meta = {"dataset": rec.dataset, "patient_id": rec.patient_id, "study_id": rec.study_id, "view": rec.view,
             "sex": rec.sex, "age": rec.age, "labels": dict(zip(plan.label_names, labels)), "split": split,
-            "source_path": rec.source_path, "flags": rec.flags}
+            "source_path": rec.shard_path or rec.source_path, "flags": rec.flags}
     lbl = struct.pack(f"<{len(labels)}f", *(math.nan if v is None else float(v) for v in labels))
     pid = struct.pack("<q", plan.patient_index[rec.patient_id])
     return rec.source_path, rec.kind, rec.key, meta, lbl, pid

@@ -30,6 +30,8 @@ class Record:
     official_split: str | None = None  # train | val | test when the dataset defines it
     flags: dict = field(default_factory=dict)  # e.g. {"view_contradiction": "..."}
     kind: str = "image"           # "image" (Pillow) or "dicom" (pydicom)
+    shard_path: str | None = None  # shown as the shard's source_path instead (DICOM: a pseudonym, as PACS export
+                                   # folder names often carry MRNs or names)
 
 
 @dataclass(frozen=True)

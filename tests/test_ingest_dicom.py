@@ -75,10 +75,10 @@ def test_window_and_monochrome1_on_12bit():
 def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path):
     import pydicom
     root = tmp_path / "dicoms"
-    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "Doe^Jane").mkdir(parents=True)  # PACS exports name folders after patients
     make_dicom(root / "a" / "img1.dcm", _ramp(), ViewPosition="PA", PatientSex="F", PatientAge="093Y",
                WindowCenter=2048, WindowWidth=4096, **IDENTIFIERS)
-    make_dicom(root / "a" / "b" / "img2", _ramp()[::-1].copy(), photometric="MONOCHROME1", ViewPosition="LL", **IDENTIFIERS)
+    make_dicom(root / "a" / "Doe^Jane" / "img2", _ramp()[::-1].copy(), photometric="MONOCHROME1", ViewPosition="LL", **IDENTIFIERS)
     real = pydicom.dcmread(shared_data / "formats" / "siim_monochrome2.dcm")  # a real CR, JPEG-compressed
     real_ids = (str(real.PatientID), str(real.StudyInstanceUID))
     for k, v in {**IDENTIFIERS, "PatientName": "Roe^Richard", "PatientID": "MRN-777"}.items():
@@ -102,11 +102,13 @@ def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path):
     assert m.data["counts"] == {"inputs": 7, "written": 3, "rejected": 4, "filtered": 0}
     assert m.label_names == [] and verify.main([str(out)]) == 0  # no labels: empty .lbl, still a valid shard
     samples = [s for sh in m.shards("train") for s in iter_shard(sh.path)]
-    metas = {json.loads(s["json"])["source_path"]: json.loads(s["json"]) for s in samples}
+    by_path = {json.loads(s["json"])["source_path"]: json.loads(s["json"]) for s in samples}
+    # shards carry a salted pseudonym of the file's path, never the path (folder names can identify)
+    metas = {p: by_path[pseudonymise(p, b"s3cret", "f")] for p in ("a/img1.dcm", "a/Doe^Jane/img2", "real.dcm")}
     pid = pseudonymise("MRN-0012345", b"s3cret", "d")
-    assert metas["a/img1.dcm"]["patient_id"] == metas["a/b/img2"]["patient_id"] == pid
+    assert metas["a/img1.dcm"]["patient_id"] == metas["a/Doe^Jane/img2"]["patient_id"] == pid
     assert metas["a/img1.dcm"]["study_id"] == pseudonymise(IDENTIFIERS["StudyInstanceUID"], b"s3cret", "s")
-    assert (metas["a/img1.dcm"]["view"], metas["a/b/img2"]["view"]) == ("PA", "LAT")
+    assert (metas["a/img1.dcm"]["view"], metas["a/Doe^Jane/img2"]["view"]) == ("PA", "LAT")
     assert (metas["a/img1.dcm"]["sex"], metas["a/img1.dcm"]["age"]) == ("Female", 90)  # 93 capped
     assert metas["real.dcm"]["photometric_interpretation"] == "MONOCHROME2"
     assert json.loads((out / "patients.json").read_text()) == sorted({pid, pseudonymise("MRN-777", b"s3cret", "d")})

@@ -74,6 +74,7 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
         labels = csv_labels.get(rel, {}) if opts.labels_csv is not None else {}
         records.append(Record(
             key=sample_key(dataset, patient, study, n), dataset=dataset, source_path=rel, patient_id=patient,
+            shard_path=pseudonymise(rel, opts.pseudonym_salt, "f"),  # the salt holder can map it back
             study_id=study, view=normalise_view(h["ViewPosition"] or None), labels=labels,
             sex=normalise_sex(h["PatientSex"] or None), age=normalise_age(h["PatientAge"] or None), kind="dicom",
         ))
