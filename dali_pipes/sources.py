@@ -10,30 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.schema import FRONTAL_VIEWS, Manifest, ShardFormatError
-
-DALI_INDEX_VERSION = "v1.2"
-
-
-def read_dali_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI v1.2 index into ``[{ext: (offset, size)}]`` per sample; ShardFormatError on a bad file."""
-    try:
-        lines = Path(idx_path).read_text().splitlines()
-        version, count = lines[0].split()
-        if version != DALI_INDEX_VERSION:
-            raise ShardFormatError(f"{idx_path}: DALI index version {version}, expected {DALI_INDEX_VERSION}")
-        out = []
-        for line in lines[1 : 1 + int(count)]:
-            f = line.split()
-            out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
-    except (OSError, ValueError, IndexError) as e:
-        if isinstance(e, ShardFormatError):
-            raise
-        raise ShardFormatError(f"{idx_path}: unreadable DALI index ({e})") from e
-    if len(out) != int(count):
-        raise ShardFormatError(f"{idx_path}: index announces {count} samples but lists {len(out)}")
-    return out
-
+from ingest.schema import FRONTAL_VIEWS, Manifest, ShardFormatError, read_dali_index
 
 @dataclass
 class ImageTable:

@@ -30,7 +30,7 @@ class LabelledIndex:
 def build_labelled_index(shard_root, split: str, patient_ids: np.ndarray | None = None) -> LabelledIndex:
     """Scan the DALI ``.idx`` files and each ``.pid`` (8 bytes) of ``split``; keep the samples of ``patient_ids``
     (all when None). No image is decoded: a 0.1% label fraction of a large split costs one index pass."""
-    from dali_pipes.sources import read_dali_index
+    from ingest.schema import read_dali_index
     manifest = load_manifest(shard_root)
     shards = [s for s in manifest.shards(split) if s.num_samples > 0]
     keep = None if patient_ids is None else np.asarray(patient_ids, dtype=np.int64)

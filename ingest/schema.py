@@ -19,6 +19,7 @@ FRONTAL_VIEWS = ("PA", "AP")
 COMPONENTS = ("jpg", "json", "lbl", "pid")
 SHARD_PATTERN = "shard-{index:06d}.tar"
 INDEX_SUFFIX = ".idx"
+DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
 
 # The 14 CheXpert / MIMIC-CXR (CheXpert labeler) observations, in the CSV's column order.
 CHEXPERT_LABELS = (
@@ -110,3 +111,23 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
                 if not sh.index_path.is_file():
                     raise ShardFormatError(f"{sh.index_path}: DALI index missing for {sh.path.name}")
     return m
+
+
+def read_dali_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI v1.2 index into ``[{ext: (offset, size)}]`` per sample; ShardFormatError on a bad file."""
+    try:
+        lines = Path(idx_path).read_text().splitlines()
+        version, count = lines[0].split()
+        if version != DALI_INDEX_VERSION:
+            raise ShardFormatError(f"{idx_path}: DALI index version {version}, expected {DALI_INDEX_VERSION}")
+        out = []
+        for line in lines[1 : 1 + int(count)]:
+            f = line.split()
+            out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
+    except ShardFormatError:
+        raise
+    except (OSError, ValueError, IndexError) as e:
+        raise ShardFormatError(f"{idx_path}: unreadable DALI index ({e})") from e
+    if len(out) != int(count):
+        raise ShardFormatError(f"{idx_path}: index announces {count} samples but lists {len(out)}")
+    return out

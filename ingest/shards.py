@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ingest.schema import COMPONENTS, INDEX_SUFFIX
+from ingest.schema import COMPONENTS, DALI_INDEX_VERSION, INDEX_SUFFIX, read_dali_index
 
-DALI_INDEX_VERSION = "v1.2"
 _TAR_BLOCK_BYTES = 512
 
 
@@ -40,13 +39,25 @@ class WrittenShard:
     keys: list[str] = field(default_factory=list)
 
 
+def _commit(path: Path, tmp_tar: Path, index_lines: list[str]) -> None:
+    """Write the DALI index beside a finished ``tmp_tar``, then rename both into place (index first, so a final
+    .tar name always has its final .idx)."""
+    idx_path = path.with_suffix(INDEX_SUFFIX)
+    tmp_idx = idx_path.with_name(idx_path.name + ".tmp")
+    with open(tmp_idx, "w") as f:
+        f.write(f"{DALI_INDEX_VERSION} {len(index_lines)}\n")
+        f.write("\n".join(index_lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_idx, idx_path)
+    os.replace(tmp_tar, path)
+
+
 def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> WrittenShard:
     """Write ``samples`` (each ``{"__key__": str, "jpg": bytes, "json": bytes, "lbl": bytes, "pid": bytes}``)
     to ``path`` (.tar) plus its ``.idx``, atomically. Returns size, count and sha256 of the tar."""
     path = Path(path)
     tmp_tar = path.with_name(path.name + ".tmp")
-    idx_path = path.with_suffix(INDEX_SUFFIX)
-    tmp_idx = idx_path.with_name(idx_path.name + ".tmp")
     buf = io.BytesIO()
     index_lines = []
     keys = []
@@ -70,14 +81,7 @@ def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> WrittenSha
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    with open(tmp_idx, "w") as f:
-        f.write(f"{DALI_INDEX_VERSION} {len(index_lines)}\n")
-        f.write("\n".join(index_lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    # Index first: a final .tar name then always has its final .idx.
-    os.replace(tmp_idx, idx_path)
-    os.replace(tmp_tar, path)
+    _commit(path, tmp_tar, index_lines)
     return WrittenShard(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest(), keys)
 
 
@@ -106,17 +110,8 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, bytes]]:
         yield current
 
 
-def read_index(idx_path: str | Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI v1.2 index into ``[{ext: (offset, size)}]`` per sample."""
-    lines = Path(idx_path).read_text().splitlines()
-    version, count = lines[0].split()
-    if version != DALI_INDEX_VERSION:
-        raise ValueError(f"{idx_path}: index version {version}, expected {DALI_INDEX_VERSION}")
-    out = []
-    for line in lines[1 : 1 + int(count)]:
-        f = line.split()
-        out.append({f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)})
-    return out
+# The parser lives with the format contract (dali_pipes reads it there too).
+read_index = read_dali_index
 
 
 _TAR_RECORD_BYTES = 20 * _TAR_BLOCK_BYTES  # tarfile pads the archive to whole 10240-byte records
@@ -182,8 +177,6 @@ def write_encoded_shard(path: str | Path, samples: list[EncodedSample]) -> Writt
     """Same files as ``write_shard`` (tar + DALI index, atomically) from pre-encoded samples."""
     path = Path(path)
     tmp_tar = path.with_name(path.name + ".tmp")
-    idx_path = path.with_suffix(INDEX_SUFFIX)
-    tmp_idx = idx_path.with_name(idx_path.name + ".tmp")
     h = hashlib.sha256()
     index_lines, offset = [], 0
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,11 +191,5 @@ def write_encoded_shard(path: str | Path, samples: list[EncodedSample]) -> Writt
         h.update(tail)
         f.flush()
         os.fsync(f.fileno())
-    with open(tmp_idx, "w") as f:
-        f.write(f"{DALI_INDEX_VERSION} {len(index_lines)}\n")
-        f.write("\n".join(index_lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_idx, idx_path)
-    os.replace(tmp_tar, path)
+    _commit(path, tmp_tar, index_lines)
     return WrittenShard(path.name, len(samples), offset + len(tail), h.hexdigest(), [s.key for s in samples])
