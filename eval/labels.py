@@ -1,13 +1,16 @@
-"""Task sets and the uncertainty policy, applied when labels are loaded: raw shard labels (1 / 0 / -1 / NaN)
-become training / test targets (1 / 0 / NaN = masked). Blank labels are always masked, never negatives.
+"""Task sets and the label policy, applied when labels are loaded: raw shard labels (1 / 0 / -1 / NaN) become
+training / test targets (1 / 0 / NaN = masked). Blank (not mentioned) is negative by default, CheXpert's convention.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from ingest.schema import CHEXPERT_COMPETITION_TASKS
 
 UNCERTAINTY_POLICIES = ("u-ignore", "u-zeros", "u-ones")
+BLANK_POLICIES = ("zero", "mask")
 # Named task sets; "all" (the default) means every label the shards carry.
 TASK_SETS = {"chexpert5": CHEXPERT_COMPETITION_TASKS}
 
@@ -42,19 +45,47 @@ def resolve_tasks(spec: str | None, label_names: list[str], *, source: str = "sh
     return tasks
 
 
-def apply_uncertainty(raw: np.ndarray, policy: str = "u-ignore") -> np.ndarray:
-    """Targets (N, T) float32 from raw labels (N, T): 1 -> 1, 0 -> 0, NaN (blank) -> NaN (masked);
+@dataclass(frozen=True)
+class LabelPolicy:
+    """How raw labels become targets. ``blank``: NaN (not mentioned) -> 0 (``zero``, the CheXpert convention)
+    or masked (``mask``). ``uncertain``: -1 -> masked (``u-ignore``), 0 (``u-zeros``) or 1 (``u-ones``)."""
+    blank: str = "zero"
+    uncertain: str = "u-ignore"
+
+    def __post_init__(self):
+        if self.blank not in BLANK_POLICIES:
+            raise ValueError(f"unknown blank-label policy '{self.blank}' (choose from {', '.join(BLANK_POLICIES)})")
+        if self.uncertain not in UNCERTAINTY_POLICIES:
+            raise ValueError(f"unknown uncertainty policy '{self.uncertain}' "
+                             f"(choose from {', '.join(UNCERTAINTY_POLICIES)})")
+
+    def to_json(self) -> dict:
+        return {"blank": self.blank, "uncertain": self.uncertain}
+
+    def describe(self) -> str:
+        blank = "blank = negative" if self.blank == "zero" else "blank = masked"
+        return f"label policy: {blank}, uncertain (-1) {self.uncertain}"
+
+
+def as_policy(policy: LabelPolicy | str) -> LabelPolicy:
+    """A LabelPolicy; a bare string names the uncertainty policy under the default blank policy."""
+    return policy if isinstance(policy, LabelPolicy) else LabelPolicy(uncertain=policy)
+
+
+def apply_policy(raw: np.ndarray, policy: LabelPolicy | str = LabelPolicy()) -> np.ndarray:
+    """Targets (N, T) float32 from raw labels (N, T): 1 -> 1, 0 -> 0, NaN (blank) -> 0 or NaN by ``policy.blank``;
     -1 (uncertain) -> NaN under ``u-ignore``, 0 under ``u-zeros``, 1 under ``u-ones`` (Irvin et al. 2019)."""
-    if policy not in UNCERTAINTY_POLICIES:
-        raise ValueError(f"unknown uncertainty policy '{policy}' (choose from {', '.join(UNCERTAINTY_POLICIES)})")
+    policy = as_policy(policy)
     raw = np.asarray(raw, dtype=np.float32)
     out = np.full(raw.shape, np.nan, dtype=np.float32)
     out[raw == 1] = 1.0
     out[raw == 0] = 0.0
+    if policy.blank == "zero":
+        out[np.isnan(raw)] = 0.0
     uncertain = raw == -1
-    if policy == "u-zeros":
+    if policy.uncertain == "u-zeros":
         out[uncertain] = 0.0
-    elif policy == "u-ones":
+    elif policy.uncertain == "u-ones":
         out[uncertain] = 1.0
     unexpected = ~(np.isnan(raw) | (raw == 1) | (raw == 0) | uncertain)
     if unexpected.any():
@@ -62,10 +93,16 @@ def apply_uncertainty(raw: np.ndarray, policy: str = "u-ignore") -> np.ndarray:
     return out
 
 
-def select_targets(raw: np.ndarray, label_names: list[str], tasks: list[str], policy: str = "u-ignore") -> np.ndarray:
-    """Targets (N, len(tasks)) for the named tasks, uncertainty policy applied."""
+def apply_uncertainty(raw: np.ndarray, policy: str = "u-ignore") -> np.ndarray:
+    """``apply_policy`` with blanks masked: only the -1 policy applies."""
+    return apply_policy(raw, LabelPolicy(blank="mask", uncertain=policy))
+
+
+def select_targets(raw: np.ndarray, label_names: list[str], tasks: list[str],
+                   policy: LabelPolicy | str = LabelPolicy()) -> np.ndarray:
+    """Targets (N, len(tasks)) for the named tasks, label policy applied."""
     idx = [label_names.index(t) for t in tasks]
-    return apply_uncertainty(np.asarray(raw)[:, idx], policy)
+    return apply_policy(np.asarray(raw)[:, idx], policy)
 
 
 def check_labelled(targets: np.ndarray, tasks: list[str], split: str, source: str) -> None:
