@@ -10,6 +10,10 @@ SUBCOMMANDS = {
     "fractions": ("eval.cli", "label-fraction curve (patient-sampled, nested), linear and end-to-end"),
     "finetune": ("eval.cli", "end-to-end fine-tuning with an optional lr x weight-decay grid"),
     "compare": ("eval.cli", "paired patient bootstrap of the AUROC difference between two encoders"),
+    "knn": ("eval.cli", "weighted kNN on cosine similarity, per-task AUROC with patient-bootstrap CIs"),
+    "transfer": ("eval.cli", "probes fitted on one dataset, scored without refitting on another (distribution shift)"),
+    "neighbours": ("eval.cli", "PNG grid of test images with their nearest training images"),
+    "map": ("eval.cli", "2-D map (PCA / t-SNE) of features coloured by a label, view, sex or dataset"),
     "report": ("eval.cli", "Markdown table, label-fraction curve, ROC curves and JSON in one folder"),
 }
 

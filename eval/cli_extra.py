@@ -1,0 +1,168 @@
+"""Orchestration for `python -m eval {knn,transfer,neighbours,map}`: OUT/knn/<encoder>.json (+ .npz),
+OUT/transfer/<encoder>.json (+ -source.npz / -target.npz, paired/), OUT/neighbours/ and OUT/map/ PNG + CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from eval.args import UsageError
+from eval.cli import _context, _features, _guard, _log, _prepare, _probe, _save_predictions, _write_json
+from eval.labels import LabelPolicy, TaskError
+from ingest.schema import load_manifest
+
+
+def _policy(args) -> LabelPolicy:
+    return LabelPolicy(blank=args.blank, uncertain=args.uncertainty)
+
+
+def _split_features(args, spec, split: str, shards: Path | None = None):
+    """Frozen features of one split. The eval view (args.eval_view) reaches feature extraction here and only here,
+    through eval.cli's feature path, so these subcommands see exactly the images the other protocols see."""
+    a = args if shards is None else argparse.Namespace(**{**vars(args), "shards": shards})
+    return _features(a, spec, split)
+
+
+def _record(result: dict, args, spec, tasks: list[str]) -> dict:
+    result.update(_context(args, spec, tasks))
+    result.update(eval_view=args.eval_view, label_policy=_policy(args).to_json())
+    return result
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def run_knn(args) -> None:
+    from eval.knn import KnnError, knn_protocol
+    specs, tasks = _prepare(args)
+    _guard([args.out / "knn" / f"{s.name}.json" for s in specs], args.overwrite)
+    for spec in specs:
+        train, val, test = (_split_features(args, spec, s) for s in ("train", "val", "test"))
+        try:
+            result, preds = knn_protocol(train, val, test, tasks, policy=_policy(args), k=args.k, temperature=args.temperature,
+                                         device=args.device, chunk_elements=args.chunk_elements,
+                                         num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards))
+        except KnnError as e:
+            raise UsageError(f"--k {args.k}: {e}") from None
+        _record(result, args, spec, tasks)
+        (args.out / "knn").mkdir(parents=True, exist_ok=True)
+        _save_predictions(args.out / "knn" / f"{spec.name}.npz", preds, tasks)
+        _write_json(args.out / "knn" / f"{spec.name}.json", result)
+        _log(f"knn k={args.k} T={args.temperature:g} {spec.name}: mean AUROC {_fmt(result['mean_auroc'])}")
+
+
+def _target_features(args, spec, splits: list[str]):
+    from eval.transfer import concat_features
+    return concat_features([_split_features(args, spec, s, args.target_shards) for s in splits])
+
+
+def run_transfer(args) -> None:
+    from eval.bootstrap import paired_bootstrap
+    from eval.probes import DEFAULT_C_GRID
+    from eval.transfer import map_tasks, parse_task_map, transfer_protocol
+    specs, tasks = _prepare(args)
+    source, target = str(args.shards), str(args.target_shards)
+    src_names, tgt_manifest = load_manifest(args.shards).label_names, load_manifest(args.target_shards)
+    if not tgt_manifest.label_names:
+        raise TaskError(f"{target}: target shards carry no labels; nothing to score the shifted AUROC on")
+    mapping, map_notes = map_tasks(tasks, args.tasks.strip() not in ("", "all"), src_names, tgt_manifest.label_names,
+                                   parse_task_map(args.task_map), source=source, target=target)
+    # The target's test split when it has one; a dataset without a split is evaluated whole.
+    tgt_splits = ["test"] if "test" in tgt_manifest.splits() else tgt_manifest.splits()
+    if not tgt_splits:
+        raise UsageError(f"{target}: target shards hold no samples")
+    folder = args.out / "transfer"
+    _guard([folder / f"{s.name}.json" for s in specs], args.overwrite)
+    shifted_preds = {}
+    for spec in specs:
+        train, val, test = (_split_features(args, spec, s) for s in ("train", "val", "test"))
+        tgt = _target_features(args, spec, tgt_splits)
+        result, p_in, p_sh = transfer_protocol(train, val, test, tgt, mapping, policy=_policy(args),
+                                               c_grid=args.c_grid or DEFAULT_C_GRID, num_replicates=args.bootstrap,
+                                               seed=args.seed, source=source, target_name=target, probe=_probe(args))
+        result["notes"] = map_notes + result["notes"]
+        result.update(target_shards=str(Path(target).resolve()), target_splits=tgt_splits)
+        _record(result, args, spec, list(mapping))
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_predictions(folder / f"{spec.name}-source.npz", p_in, list(mapping))
+        _save_predictions(folder / f"{spec.name}-target.npz", p_sh, list(mapping))
+        _write_json(folder / f"{spec.name}.json", result)
+        shifted_preds[spec.name] = p_sh
+        m = result["drop"]["mean"]
+        _log(f"transfer {spec.name}: in-domain {_fmt(result['in_domain']['mean_auroc'])}, shifted "
+             f"{_fmt(result['shifted']['mean_auroc'])}, drop {_fmt(m['drop'])}")
+    for a, b in itertools.combinations(list(shifted_preds), 2):
+        pa, pb = shifted_preds[a], shifted_preds[b]
+        cmp = paired_bootstrap(pa["targets"], pa["scores"], pb["scores"], pa["pids"], list(mapping),
+                               num_replicates=args.bootstrap, seed=args.seed)
+        cmp.update(a=a, b=b, protocol="transfer", evaluated_on="target", target_shards=target, task_names=list(mapping))
+        _write_json(folder / "paired" / f"{a}-vs-{b}.json", cmp)
+        _log(f"transfer paired {a} - {b} on the target: {_fmt(cmp['mean_auroc']['diff'])}")
+
+
+def run_neighbours(args) -> None:
+    from eval.neighbours import neighbour_table, pick_queries, plot_neighbours
+    from eval.shard_samples import SplitSamples
+    specs, tasks = _prepare(args)
+    folder = args.out / "neighbours"
+    _guard([folder / f"{s.name}.png" for s in specs], args.overwrite)
+    train_samples, test_samples = SplitSamples(args.shards, "train"), SplitSamples(args.shards, "test")
+    if args.k > len(train_samples):
+        raise UsageError(f"--k {args.k}: larger than the training bank ({len(train_samples)} images)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        train, test = _split_features(args, spec, "train"), _split_features(args, spec, "test")
+        train_samples.check_rows(train.pids)
+        test_samples.check_rows(test.pids)
+        table = neighbour_table(train, test, pick_queries(len(test), args.queries, args.seed), args.k, device=args.device)
+        rows = plot_neighbours(table, train_samples, test_samples, folder / f"{spec.name}.png", tasks=tasks,
+                               title=f"{spec.category}: {spec.name} - {args.k} nearest training images (cosine), "
+                                     f"eval view {args.eval_view}")
+        _write_csv(folder / f"{spec.name}.csv", rows)
+        _log(f"neighbours {spec.name}: {folder / f'{spec.name}.png'}")
+
+
+def run_map(args) -> None:
+    from eval.embedmap import colour_values, embed_2d, plot_map
+    from eval.shard_samples import SplitSamples
+    specs, _ = _prepare(args)
+    folder = args.out / "map"
+    stem = f"{args.split}-{args.method}-{_slug(args.color_by)}"
+    _guard([folder / f"{s.name}-{stem}.png" for s in specs], args.overwrite)
+    samples = SplitSamples(args.shards, args.split)
+    label_names = load_manifest(args.shards).label_names
+    if args.color_by not in label_names and args.color_by not in ("view", "sex", "dataset"):
+        raise UsageError(f"--color-by '{args.color_by}': not a label of {args.shards} ({', '.join(label_names)}) "
+                         f"nor view, sex or dataset")
+    keep = np.arange(len(samples))
+    if len(keep) > args.max_points:
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(keep), args.max_points, replace=False))
+    metas = [samples.meta(int(i)) for i in keep]
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        fs = _split_features(args, spec, args.split)
+        samples.check_rows(fs.pids, sample_every=max(1, len(samples) // 200))
+        values = colour_values(metas, fs.labels[keep], fs.label_names, args.color_by, _policy(args))
+        coords = embed_2d(fs.features[keep], args.method, seed=args.seed)
+        plot_map(coords, values, folder / f"{spec.name}-{stem}.png", legend_title=args.color_by,
+                 title=f"{spec.category}: {spec.name}, {args.split} split, {args.method.upper()} of L2-normalised features")
+        _write_csv(folder / f"{spec.name}-{stem}.csv",
+                   [{"key": samples.key(int(i)), "x": f"{c[0]:.6f}", "y": f"{c[1]:.6f}", args.color_by: v}
+                    for i, c, v in zip(keep, coords, values)])
+        _log(f"map {spec.name}: {folder / f'{spec.name}-{stem}.png'}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["key"])
+        w.writeheader()
+        w.writerows(rows)
