@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.report_extra import extra_sections
+
 CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
 _PROTOCOL_TITLES = {"linear": "linear probe (frozen features)", "finetune": "end-to-end fine-tuning"}
 
@@ -176,7 +178,7 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
         raise FileNotFoundError(f"{out}: eval folder does not exist")
     if md_path.exists() and not overwrite:
         raise FileExistsError(f"{md_path}: finished output exists; pass --overwrite to replace it")
-    results = {p: _load(out / p) for p in ("linear", "finetune", "fewshot", "fractions", "compare")}
+    results = {p: _load(out / p) for p in ("linear", "finetune", "fewshot", "fractions", "compare", "knn", "transfer")}
     if not any(results.values()):
         raise FileNotFoundError(f"{out}: no results to report (run linear / fewshot / fractions / finetune first)")
     lines = ["# Evaluation report", ""]
@@ -202,6 +204,7 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
             written.append(out / f"roc-{protocol}.png")
     if results["compare"]:
         lines += _compare_table(results["compare"])
+    lines += extra_sections(out, results)  # knn, transfer, neighbour / map figures: eval.report_extra
     md_path.write_text("\n".join(lines))
     json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v] for k, v in results.items()}, indent=2))
     return written

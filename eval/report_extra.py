@@ -1,0 +1,96 @@
+"""Report sections for kNN, distribution-shift transfer and the neighbour / map figures (called by eval.report),
+each table followed by the label policy and eval view its numbers were made under.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eval.labels import LabelPolicy
+
+
+def _cell(x, ci=None) -> str:
+    if x is None:
+        return "–"
+    if ci and ci[0] is not None:
+        return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{x:.3f}"
+
+
+def _label(doc: dict) -> str:
+    e = doc.get("encoder", {})
+    return f"{e.get('category', '?')}: {e.get('name', '?')} ({e.get('arch', '?')})"
+
+
+def settings_lines(docs: list[dict]) -> list[str]:
+    """One line per distinct (label policy, eval view) among ``docs``: what every number above was made under."""
+    seen = []
+    for d in docs:
+        pol = d.get("label_policy")
+        text = LabelPolicy(**pol).describe() if pol else "label policy: not recorded"
+        text += f"; eval view: {d.get('eval_view') or 'not recorded'}"
+        if text not in seen:
+            seen.append(text)
+    return [f"_{t}_" for t in seen] + [""]
+
+
+def knn_section(docs: list[dict]) -> list[str]:
+    from eval.report import _auroc_table
+    lines = _auroc_table(docs, "Weighted kNN (frozen features, cosine similarity)")
+    params = sorted({(d.get("k"), d.get("temperature")) for d in docs}, key=str)
+    lines += [", ".join(f"k = {k}, T = {t}" for k, t in params) + "; training split = bank; nothing tuned.", ""]
+    return lines + settings_lines(docs)
+
+
+def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
+    targets = sorted({d.get("target_shards", "?") for d in docs})
+    lines = ["## Distribution shift (linear probe fitted and selected on the source, not refitted)", "",
+             f"Source: {', '.join(sorted({d.get('shards', '?') for d in docs}))}; target: {', '.join(targets)}. "
+             "Drop = in-domain − shifted AUROC; CIs from independent patient bootstraps of the two test sets.", "",
+             "| Encoder | Task (source → target) | In-domain AUROC | Shifted AUROC | Drop |", "|---|---|---|---|---|"]
+    for d in docs:
+        for task, target in d["task_map"].items():
+            i, s = d["in_domain"]["tasks"].get(task, {}), d["shifted"]["tasks"].get(task, {})
+            dr = d["drop"]["tasks"].get(task, {})
+            name = task if task == target else f"{task} → {target}"
+            lines.append(f"| {_label(d)} | {name} | {_cell(i.get('auroc'), i.get('auroc_ci'))} | "
+                         f"{_cell(s.get('auroc'), s.get('auroc_ci'))} | {_cell(dr.get('drop'), dr.get('drop_ci'))} |")
+        m = d["drop"]["mean"]
+        lines.append(f"| {_label(d)} | **mean** | {_cell(d['in_domain'].get('mean_auroc'), d['in_domain'].get('mean_auroc_ci'))} | "
+                     f"{_cell(d['shifted'].get('mean_auroc'), d['shifted'].get('mean_auroc_ci'))} | {_cell(m['drop'], m['drop_ci'])} |")
+    notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
+    lines += ([""] + notes if notes else []) + [""] + settings_lines(docs)
+    if paired:
+        lines += ["Encoders compared on the shifted (target) set: AUROC(a) − AUROC(b) on the same images, paired patient bootstrap.",
+                  "", "| a − b | mean AUROC diff [95% CI] | p |", "|---|---|---|"]
+        for p in paired:
+            m = p["mean_auroc"]
+            pv = "–" if m["p_value"] is None else f"{m['p_value']:.3g}"
+            lines.append(f"| {p['a']} − {p['b']} | {_cell(m['diff'], m['ci'])} | {pv} |")
+        lines.append("")
+    return lines
+
+
+def figure_links(out: Path) -> list[str]:
+    lines = []
+    for folder, title in (("neighbours", "Nearest training images of test images"), ("map", "Feature maps")):
+        pngs = sorted((out / folder).glob("*.png")) if (out / folder).is_dir() else []
+        if pngs:
+            lines += [f"## {title}", ""]
+            for p in pngs:
+                rel = p.relative_to(out).as_posix()
+                lines += [f"[{rel}]({rel}) (coordinates / captions: {Path(rel).with_suffix('.csv').as_posix()})", "",
+                          f"![{p.stem}]({rel})", ""]
+    return lines
+
+
+def extra_sections(out: Path, results: dict) -> list[str]:
+    """Markdown for the knn / transfer results in ``results`` and the figures under ``out``."""
+    lines = []
+    if results.get("knn"):
+        lines += knn_section(results["knn"])
+    if results.get("transfer"):
+        folder = out / "transfer" / "paired"
+        paired = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        lines += transfer_section(results["transfer"], paired)
+    return lines + figure_links(out)
