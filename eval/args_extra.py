@@ -26,8 +26,8 @@ def add_extra_arguments(p: argparse.ArgumentParser, command: str) -> None:
         _common(p)
         p.add_argument("--k", type=_positive, default=20, help="neighbours per test image (default 20)")
         p.add_argument("--temperature", type=_positive_float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
-        p.add_argument("--chunk-elements", type=_positive, default=1 << 26,
-                       help="similarities held at once (query x bank block; default 2^26 = 256 MiB of float32)")
+        p.add_argument("--chunk-elements", type=_positive, default=1 << 24,
+                       help="similarities held at once (query x bank block; default 2^24 = 64 MiB of float32)")
     elif command == "transfer":
         p.description = ("Distribution shift: linear probes fitted (C on val) on --shards, scored without refitting on its "
                          "test split and on --target-shards (their test split, or all of them when they have no split).")

@@ -15,8 +15,9 @@ from eval.protocols import merge_ci
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
-# Similarity entries held at once (query rows x bank columns): 64M float32 = 256 MiB, whatever the bank size.
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
+# Similarity entries held at once (query rows x bank columns): 16M float32 = 64 MiB, plus ~3x that in top-k
+# temporaries, whatever the bank size (the bank itself is held once, L2-normalised).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 class KnnError(ValueError):
@@ -44,13 +45,17 @@ def _chunks(num_query: int, num_bank: int, chunk_elements: int) -> tuple[int, in
 
 def _merge_topk_numpy(best_s, best_i, s, offset, k):
     # best_*: (q, k') running top-k; s: (q, b) new block. Returns the top-k of their union, sorted descending.
+    # Candidate positions < k' are running entries, the rest are bank rows offset + (position - k').
     cand_s = np.concatenate([best_s, s], axis=1)
-    cand_i = np.concatenate([best_i, offset + np.broadcast_to(np.arange(s.shape[1]), s.shape)], axis=1)
     kk = min(k, cand_s.shape[1])
-    part = np.argpartition(-cand_s, kk - 1, axis=1)[:, :kk]
-    part_s = np.take_along_axis(cand_s, part, axis=1)
+    np.negative(cand_s, out=cand_s)
+    part = np.argpartition(cand_s, kk - 1, axis=1)[:, :kk]
+    part_s = -np.take_along_axis(cand_s, part, axis=1)
     order = np.argsort(-part_s, axis=1, kind="stable")
-    return np.take_along_axis(part_s, order, axis=1), np.take_along_axis(np.take_along_axis(cand_i, part, axis=1), order, axis=1)
+    part, part_s = np.take_along_axis(part, order, axis=1), np.take_along_axis(part_s, order, axis=1)
+    prev = best_i.shape[1]
+    from_best = np.take_along_axis(best_i, np.minimum(part, max(prev - 1, 0)), axis=1) if prev else part
+    return part_s, np.where(part < prev, from_best, offset + part - prev)
 
 
 def topk_cosine(query: np.ndarray, bank: np.ndarray, k: int, *, bank_mask: np.ndarray | None = None,
@@ -58,57 +63,68 @@ def topk_cosine(query: np.ndarray, bank: np.ndarray, k: int, *, bank_mask: np.nd
     """The ``k`` most cosine-similar bank rows for every query row, computed block by block so that at most
     ``chunk_elements`` similarities exist at once. ``bank_mask`` (M,) bool restricts the bank (False = excluded).
     ``device``: "cpu" (numpy) or "gpu" (torch on CUDA; "torch-cpu" runs the torch path on the CPU)."""
-    q = l2_normalise(query)
-    b = l2_normalise(bank)
-    allowed = np.ones(len(b), dtype=bool) if bank_mask is None else np.asarray(bank_mask, dtype=bool)
-    bank_size = int(allowed.sum())
-    if k > bank_size:
-        raise KnnError(f"k = {k} is larger than the bank ({bank_size} labelled training images)")
+    mask = np.ones((1, len(bank)), dtype=bool) if bank_mask is None else np.asarray(bank_mask, dtype=bool)[None]
+    return topk_cosine_masked(query, bank, k, mask, device=device, chunk_elements=chunk_elements)[0]
+
+
+def topk_cosine_masked(query: np.ndarray, bank: np.ndarray, k: int, bank_masks: np.ndarray, *, device: str = "cpu",
+                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, names: list[str] | None = None) -> list[Neighbours]:
+    """``topk_cosine`` for several bank restrictions ``bank_masks`` (T, M) at once: each similarity block is
+    computed once and shared by the T top-k searches (one per task, over the images labelled for it)."""
+    bank_masks = np.asarray(bank_masks, dtype=bool)
     if k < 1:
         raise KnnError(f"k must be >= 1, got {k}")
+    for t, allowed in enumerate(bank_masks):
+        if k > int(allowed.sum()):
+            where = f"task '{names[t]}': " if names else ""
+            raise KnnError(f"{where}k = {k} is larger than the bank ({int(allowed.sum())} labelled training images)")
+    q, b = l2_normalise(query), l2_normalise(bank)
     if device == "cpu":
-        return _topk_numpy(q, b, allowed, k, chunk_elements)
-    return _topk_torch(q, b, allowed, k, chunk_elements, "cuda" if device == "gpu" else "cpu")
+        return _topk_numpy(q, b, bank_masks, k, chunk_elements)
+    return _topk_torch(q, b, bank_masks, k, chunk_elements, "cuda" if device == "gpu" else "cpu")
 
 
-def _topk_numpy(q, b, allowed, k, chunk_elements) -> Neighbours:
+def _topk_numpy(q, b, masks, k, chunk_elements) -> list[Neighbours]:
     rows, cols = _chunks(len(q), len(b), chunk_elements)
-    out_s = np.empty((len(q), k), dtype=np.float32)
-    out_i = np.empty((len(q), k), dtype=np.int64)
+    out = [Neighbours(np.empty((len(q), k), dtype=np.int64), np.empty((len(q), k), dtype=np.float32)) for _ in masks]
     for r0 in range(0, len(q), rows):
         qr = q[r0 : r0 + rows]
-        best_s = np.empty((len(qr), 0), dtype=np.float32)
-        best_i = np.empty((len(qr), 0), dtype=np.int64)
+        best = [(np.empty((len(qr), 0), dtype=np.float32), np.empty((len(qr), 0), dtype=np.int64)) for _ in masks]
         for c0 in range(0, len(b), cols):
-            s = qr @ b[c0 : c0 + cols].T                               # (rows, cols)
-            s[:, ~allowed[c0 : c0 + cols]] = -np.inf
-            best_s, best_i = _merge_topk_numpy(best_s, best_i, s, c0, k)
-        out_s[r0 : r0 + rows], out_i[r0 : r0 + rows] = best_s, best_i
-    return Neighbours(out_i, out_s)
+            sim = qr @ b[c0 : c0 + cols].T                              # (rows, cols)
+            for t, allowed in enumerate(masks):
+                block = allowed[c0 : c0 + cols]
+                s = sim if block.all() else np.where(block, sim, np.float32(-np.inf))
+                best[t] = _merge_topk_numpy(*best[t], s, c0, k)
+        for t in range(len(masks)):
+            out[t].similarity[r0 : r0 + rows], out[t].indices[r0 : r0 + rows] = best[t]
+    return out
 
 
-def _topk_torch(q, b, allowed, k, chunk_elements, torch_device) -> Neighbours:
+def _topk_torch(q, b, masks, k, chunk_elements, torch_device) -> list[Neighbours]:
     import torch
     dev = torch.device(torch_device)
     rows, cols = _chunks(len(q), len(b), chunk_elements)
     bank = torch.as_tensor(b, device=dev)
-    mask = torch.as_tensor(~allowed, device=dev)
-    out_s, out_i = [], []
+    excluded = torch.as_tensor(~masks, device=dev)                      # (T, M)
+    out_s, out_i = [[] for _ in masks], [[] for _ in masks]
     with torch.no_grad():
         for r0 in range(0, len(q), rows):
             qr = torch.as_tensor(q[r0 : r0 + rows], device=dev)
-            best_s = torch.empty((len(qr), 0), device=dev)
-            best_i = torch.empty((len(qr), 0), dtype=torch.int64, device=dev)
+            best = [(torch.empty((len(qr), 0), device=dev), torch.empty((len(qr), 0), dtype=torch.int64, device=dev))
+                    for _ in masks]
             for c0 in range(0, len(b), cols):
-                s = qr @ bank[c0 : c0 + cols].T                          # (rows, cols)
-                s.masked_fill_(mask[c0 : c0 + cols], float("-inf"))
-                idx = torch.arange(c0, c0 + s.shape[1], device=dev).expand_as(s)
-                cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
-                best_s, pos = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1, sorted=True)
-                best_i = torch.gather(cand_i, 1, pos)
-            out_s.append(best_s.cpu().numpy())
-            out_i.append(best_i.cpu().numpy())
-    return Neighbours(np.concatenate(out_i).astype(np.int64), np.concatenate(out_s).astype(np.float32))
+                sim = qr @ bank[c0 : c0 + cols].T                       # (rows, cols)
+                idx = torch.arange(c0, c0 + sim.shape[1], device=dev).expand_as(sim)
+                for t in range(len(masks)):
+                    s = sim.masked_fill(excluded[t, c0 : c0 + cols], float("-inf"))
+                    cand_s, cand_i = torch.cat([best[t][0], s], 1), torch.cat([best[t][1], idx], 1)
+                    top_s, pos = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1, sorted=True)
+                    best[t] = (top_s, torch.gather(cand_i, 1, pos))
+            for t in range(len(masks)):
+                out_s[t].append(best[t][0].cpu().numpy())
+                out_i[t].append(best[t][1].cpu().numpy())
+    return [Neighbours(np.concatenate(i).astype(np.int64), np.concatenate(s).astype(np.float32)) for s, i in zip(out_s, out_i)]
 
 
 def knn_scores(bank: np.ndarray, bank_targets: np.ndarray, query: np.ndarray, *, k: int = DEFAULT_K,
@@ -119,14 +135,11 @@ def knn_scores(bank: np.ndarray, bank_targets: np.ndarray, query: np.ndarray, *,
     if temperature <= 0:
         raise KnnError(f"temperature must be > 0, got {temperature}")
     bank_targets = np.asarray(bank_targets, dtype=np.float32)
+    labelled = ~np.isnan(bank_targets).T                                 # (T, M)
+    names = task_names or [f"#{j}" for j in range(bank_targets.shape[1])]
+    per_task = topk_cosine_masked(query, bank, k, labelled, device=device, chunk_elements=chunk_elements, names=names)
     scores = np.empty((len(query), bank_targets.shape[1]), dtype=np.float64)
-    for j in range(bank_targets.shape[1]):
-        labelled = ~np.isnan(bank_targets[:, j])
-        try:
-            nb = topk_cosine(query, bank, k, bank_mask=labelled, device=device, chunk_elements=chunk_elements)
-        except KnnError as e:
-            name = task_names[j] if task_names else f"#{j}"
-            raise KnnError(f"task '{name}': {e}") from None
+    for j, nb in enumerate(per_task):
         # Subtracting the row maximum leaves the weighted mean unchanged and keeps exp() finite for small T.
         w = np.exp((nb.similarity - nb.similarity[:, :1]).astype(np.float64) / temperature)   # (Q, k)
         scores[:, j] = (w * bank_targets[nb.indices, j]).sum(1) / w.sum(1)
