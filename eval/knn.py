@@ -78,13 +78,16 @@ def topk_cosine_masked(query: np.ndarray, bank: np.ndarray, k: int, bank_masks: 
         if k > int(allowed.sum()):
             where = f"task '{names[t]}': " if names else ""
             raise KnnError(f"{where}k = {k} is larger than the bank ({int(allowed.sum())} labelled training images)")
-    q, b = l2_normalise(query), l2_normalise(bank)
+    # The bank is not copied normalised (at 200k x 2048 that is another 1.5 GiB): each block is divided by its norms.
+    b = np.asarray(bank, dtype=np.float32)
+    inv_norm = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", b, b)), 1e-12).astype(np.float32)   # (M,)
+    q = l2_normalise(query)
     if device == "cpu":
-        return _topk_numpy(q, b, bank_masks, k, chunk_elements)
-    return _topk_torch(q, b, bank_masks, k, chunk_elements, "cuda" if device == "gpu" else "cpu")
+        return _topk_numpy(q, b, inv_norm, bank_masks, k, chunk_elements)
+    return _topk_torch(q, b, inv_norm, bank_masks, k, chunk_elements, "cuda" if device == "gpu" else "cpu")
 
 
-def _topk_numpy(q, b, masks, k, chunk_elements) -> list[Neighbours]:
+def _topk_numpy(q, b, inv_norm, masks, k, chunk_elements) -> list[Neighbours]:
     rows, cols = _chunks(len(q), len(b), chunk_elements)
     out = [Neighbours(np.empty((len(q), k), dtype=np.int64), np.empty((len(q), k), dtype=np.float32)) for _ in masks]
     for r0 in range(0, len(q), rows):
@@ -92,6 +95,7 @@ def _topk_numpy(q, b, masks, k, chunk_elements) -> list[Neighbours]:
         best = [(np.empty((len(qr), 0), dtype=np.float32), np.empty((len(qr), 0), dtype=np.int64)) for _ in masks]
         for c0 in range(0, len(b), cols):
             sim = qr @ b[c0 : c0 + cols].T                              # (rows, cols)
+            sim *= inv_norm[c0 : c0 + cols]
             for t, allowed in enumerate(masks):
                 block = allowed[c0 : c0 + cols]
                 s = sim if block.all() else np.where(block, sim, np.float32(-np.inf))
@@ -101,11 +105,12 @@ def _topk_numpy(q, b, masks, k, chunk_elements) -> list[Neighbours]:
     return out
 
 
-def _topk_torch(q, b, masks, k, chunk_elements, torch_device) -> list[Neighbours]:
+def _topk_torch(q, b, inv_norm, masks, k, chunk_elements, torch_device) -> list[Neighbours]:
     import torch
     dev = torch.device(torch_device)
     rows, cols = _chunks(len(q), len(b), chunk_elements)
     bank = torch.as_tensor(b, device=dev)
+    inv = torch.as_tensor(inv_norm, device=dev)
     excluded = torch.as_tensor(~masks, device=dev)                      # (T, M)
     out_s, out_i = [[] for _ in masks], [[] for _ in masks]
     with torch.no_grad():
@@ -114,7 +119,7 @@ def _topk_torch(q, b, masks, k, chunk_elements, torch_device) -> list[Neighbours
             best = [(torch.empty((len(qr), 0), device=dev), torch.empty((len(qr), 0), dtype=torch.int64, device=dev))
                     for _ in masks]
             for c0 in range(0, len(b), cols):
-                sim = qr @ bank[c0 : c0 + cols].T                       # (rows, cols)
+                sim = (qr @ bank[c0 : c0 + cols].T) * inv[c0 : c0 + cols]  # (rows, cols)
                 idx = torch.arange(c0, c0 + sim.shape[1], device=dev).expand_as(sim)
                 for t in range(len(masks)):
                     s = sim.masked_fill(excluded[t, c0 : c0 + cols], float("-inf"))

@@ -129,8 +129,8 @@ def test_chunked_similarity_memory_is_bounded():
     nb = topk_cosine(query, bank, 20, chunk_elements=200_000)
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    # the normalised bank copy (2.6 MB) + a few block-sized temporaries (similarities, argpartition indices)
-    assert peak < bank.nbytes + 24 * 200_000 < full_matrix_bytes / 4, peak
+    # no bank-sized copy: a few block-sized temporaries (similarities, argpartition indices) and the bank norms
+    assert peak < 24 * 200_000 + 8 * len(bank) < full_matrix_bytes / 5, peak
     ref = np.argsort(-(l2(query) @ l2(bank).T), axis=1)[:, :20]
     assert (nb.indices == ref).mean() > 0.999  # float32 near-ties may swap neighbours of equal similarity
 
