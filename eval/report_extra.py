@@ -84,9 +84,31 @@ def figure_links(out: Path) -> list[str]:
     return lines
 
 
+_SUMMARY_PROTOCOLS = (("linear", "Linear probe"), ("finetune", "Fine-tuned"), ("knn", "kNN"))
+
+
+def summary_table(results: dict) -> list[str]:
+    """Mean test AUROC [95% CI] per encoder (rows) and frozen / fine-tuned protocol (columns), kNN beside the
+    probes, so the protocols of one encoder read along a row."""
+    present = [(p, title) for p, title in _SUMMARY_PROTOCOLS if results.get(p)]
+    if len(present) < 2 or not results.get("knn"):
+        return []
+    rows: dict[str, dict] = {}
+    for p, _ in present:
+        for d in results[p]:
+            rows.setdefault(_label(d), {"_order": (d.get("encoder", {}).get("category", ""), len(rows))})[p] = d
+    order = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
+    lines = ["## Mean AUROC by protocol", "", "Mean test AUROC over each protocol's tasks [95% CI, patient bootstrap].", "",
+             "| Encoder | " + " | ".join(t for _, t in present) + " |", "|---" * (len(present) + 1) + "|"]
+    for label, by in sorted(rows.items(), key=lambda kv: (order.get(kv[1]["_order"][0], 9), kv[1]["_order"][1])):
+        cells = [_cell(by[p].get("mean_auroc"), by[p].get("mean_auroc_ci")) if p in by else "–" for p, _ in present]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""] + settings_lines([d for p, _ in present for d in results[p]])
+
+
 def extra_sections(out: Path, results: dict) -> list[str]:
     """Markdown for the knn / transfer results in ``results`` and the figures under ``out``."""
-    lines = []
+    lines = summary_table(results)
     if results.get("knn"):
         lines += knn_section(results["knn"])
     if results.get("transfer"):

@@ -83,9 +83,16 @@ def test_neighbours_and_map_end_to_end(shards, tmp_path, capsys):
 
     rc, err = _run(capsys, "knn", *_fast(shards, out), "--k", "3", "--bootstrap", "50")
     assert rc == 0, err
+    rc, err = _run(capsys, "linear", *_fast(shards, out), "--bootstrap", "50")
+    assert rc == 0, err
     rc, err = _run(capsys, "report", "--out", out)
     assert rc == 0, err
     md = (out / "report.md").read_text()
+    knn = json.loads((out / "knn" / "random-resnet18.json").read_text())
+    lin = json.loads((out / "linear" / "random-resnet18.json").read_text())
+    row = next(line for line in md.splitlines() if line.startswith("| Scratch: random-resnet18") and line.count("|") == 4)
+    assert row.split(" | ")[1].startswith(f"{lin['mean_auroc']:.3f} [") and row.split(" | ")[2].startswith(f"{knn['mean_auroc']:.3f} [")
+    assert "| Encoder | Linear probe | kNN |" in md
     assert "![random-resnet18](neighbours/random-resnet18.png)" in md and "map/random-resnet18-test-tsne-view.png" in md
     assert "## Weighted kNN" in md and "k = 3, T = 0.07" in md and "eval view: full" in md
 
