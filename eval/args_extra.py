@@ -45,6 +45,9 @@ def add_extra_arguments(p: argparse.ArgumentParser, command: str) -> None:
         p.description = "2-D map (PCA or t-SNE) of one split's features coloured by a label, view, sex or dataset: PNG + CSV."
         _common(p)
         p.add_argument("--split", choices=("train", "val", "test"), default="test")
+        p.add_argument("--add-shards", action="append", type=Path, default=[], metavar="DIR",
+                       help="another dataset's shards on the same map (its --split, or all of it without splits); "
+                            "repeatable; with --color-by dataset it shows the domain gap")
         p.add_argument("--method", choices=("pca", "tsne"), default="pca")
         p.add_argument("--color-by", default="view", help="a label name (positive / negative / masked), view, sex or dataset")
         p.add_argument("--max-points", type=_positive, default=5000, help="seeded subsample of larger splits (t-SNE is O(N^2))")

@@ -127,33 +127,52 @@ def run_neighbours(args) -> None:
         _log(f"neighbours {spec.name}: {folder / f'{spec.name}.png'}")
 
 
+def _map_sources(args) -> list[tuple[Path, str]]:
+    """(shard folder, split) pairs drawn on one map: --split of --shards, and of every --add-shards folder
+    (all of its splits when it has no such split: a dataset without a split is drawn whole)."""
+    pairs = [(args.shards, args.split)]
+    for root in args.add_shards:
+        splits = load_manifest(root).splits()
+        pairs += [(root, s) for s in ([args.split] if args.split in splits else splits)]
+    return pairs
+
+
 def run_map(args) -> None:
-    from eval.embedmap import colour_values, embed_2d, plot_map
+    from eval.embedmap import FIELDS, colour_values, embed_2d, plot_map
     from eval.shard_samples import SplitSamples
     specs, _ = _prepare(args)
     folder = args.out / "map"
     stem = f"{args.split}-{args.method}-{_slug(args.color_by)}"
     _guard([folder / f"{s.name}-{stem}.png" for s in specs], args.overwrite)
-    samples = SplitSamples(args.shards, args.split)
     label_names = load_manifest(args.shards).label_names
-    if args.color_by not in label_names and args.color_by not in ("view", "sex", "dataset"):
+    if args.color_by not in label_names and args.color_by not in FIELDS:
         raise UsageError(f"--color-by '{args.color_by}': not a label of {args.shards} ({', '.join(label_names)}) "
-                         f"nor view, sex or dataset")
-    keep = np.arange(len(samples))
+                         f"nor {', '.join(FIELDS)}")
+    sources = [(root, SplitSamples(root, split)) for root, split in _map_sources(args)]
+    rows = [(j, i) for j, (_, samples) in enumerate(sources) for i in range(len(samples))]
+    keep = np.arange(len(rows))
     if len(keep) > args.max_points:
         keep = np.sort(np.random.default_rng(args.seed).choice(len(keep), args.max_points, replace=False))
-    metas = [samples.meta(int(i)) for i in keep]
+    picked = [rows[r] for r in keep]
+    metas = [sources[j][1].meta(i) for j, i in picked]
+    keys = [sources[j][1].key(i) for j, i in picked]
     folder.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        fs = _split_features(args, spec, args.split)
-        samples.check_rows(fs.pids, sample_every=max(1, len(samples) // 200))
-        values = colour_values(metas, fs.labels[keep], fs.label_names, args.color_by, _policy(args))
-        coords = embed_2d(fs.features[keep], args.method, seed=args.seed)
+        feats, values = [], []
+        for j, (root, samples) in enumerate(sources):
+            fs = _split_features(args, spec, samples.split, root)
+            samples.check_rows(fs.pids, sample_every=max(1, len(samples) // 200))
+            mine = [i for jj, i in picked if jj == j]
+            feats.append(fs.features[mine])
+            values += colour_values([metas[n] for n, (jj, _) in enumerate(picked) if jj == j], fs.labels[mine],
+                                    fs.label_names, args.color_by, _policy(args))
+        coords = embed_2d(np.concatenate(feats), args.method, seed=args.seed)
+        where = ", ".join(f"{Path(r).name}/{s.split}" for r, s in sources)
         plot_map(coords, values, folder / f"{spec.name}-{stem}.png", legend_title=args.color_by,
-                 title=f"{spec.category}: {spec.name}, {args.split} split, {args.method.upper()} of L2-normalised features")
+                 title=f"{spec.category}: {spec.name}, {where}, {args.method.upper()} of L2-normalised features")
         _write_csv(folder / f"{spec.name}-{stem}.csv",
-                   [{"key": samples.key(int(i)), "x": f"{c[0]:.6f}", "y": f"{c[1]:.6f}", args.color_by: v}
-                    for i, c, v in zip(keep, coords, values)])
+                   [{"key": k, "split": sources[j][1].split, "x": f"{c[0]:.6f}", "y": f"{c[1]:.6f}", args.color_by: v}
+                    for k, (j, _), c, v in zip(keys, picked, coords, values)])
         _log(f"map {spec.name}: {folder / f'{spec.name}-{stem}.png'}")
 
 

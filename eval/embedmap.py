@@ -9,7 +9,7 @@ import numpy as np
 
 from eval.labels import LabelPolicy, apply_policy
 
-COLOUR_FIELDS = ("view", "sex", "dataset")
+FIELDS = ("view", "sex", "dataset")
 
 
 def embed_2d(features: np.ndarray, method: str = "pca", *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
@@ -29,13 +29,12 @@ def embed_2d(features: np.ndarray, method: str = "pca", *, seed: int = 0, perple
 
 def colour_values(metas: list[dict], raw_labels: np.ndarray, label_names: list[str], colour_by: str,
                   policy: LabelPolicy = LabelPolicy()) -> list[str]:
-    """Category per image: "positive" / "negative" / "masked" for a label name (label policy applied), or the
-    metadata field's value for view / sex / dataset."""
-    if colour_by in COLOUR_FIELDS:
+    """Category per image: "positive" / "negative" / "masked" for a label name (label policy applied; "no such
+    label" for shards without it), or the metadata field's value for view / sex / dataset."""
+    if colour_by in FIELDS:
         return [str(m.get(colour_by) or "unknown") for m in metas]
     if colour_by not in label_names:
-        raise ValueError(f"--color-by '{colour_by}': not a label of the shards ({', '.join(label_names)}) "
-                         f"nor one of {', '.join(COLOUR_FIELDS)}")
+        return ["no such label"] * len(metas)
     y = apply_policy(raw_labels[:, [label_names.index(colour_by)]], policy)[:, 0]
     return ["masked" if np.isnan(v) else ("positive" if v == 1 else "negative") for v in y]
 

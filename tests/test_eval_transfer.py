@@ -144,6 +144,16 @@ def test_transfer_real_cxr_folder_to_nih_layout(real_shards, tmp_path, capsys):
     ssl = json.loads((out / "transfer" / "ssl-run.json").read_text())
     assert paired["mean_auroc"]["diff"] == pytest.approx(ssl["shifted"]["mean_auroc"] - res["shifted"]["mean_auroc"])
 
+    # Both datasets on one map, coloured by dataset (features from the cache of the runs above)
+    rc, err = _run(capsys, "map", "--shards", src, "--add-shards", dst, "--out", out, "--init", "random", "--color-by",
+                   "dataset", *FAST)
+    assert rc == 0, err
+    with open(out / "map" / "random-resnet18-test-pca-dataset.csv") as f:
+        pts = list(csv.DictReader(f))
+    datasets = [p["dataset"] for p in pts]
+    assert len(pts) == res["num_images"]["test"] + 60 and datasets.count("pneumonia") == res["num_images"]["test"]
+    assert len(set(datasets)) == 2 and {p["split"] for p in pts} == {"test", "train"}
+
     rc, err = _run(capsys, "report", "--out", out)
     assert rc == 0, err
     md = (out / "report.md").read_text()
