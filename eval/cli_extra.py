@@ -44,9 +44,10 @@ def run_knn(args) -> None:
     for spec in specs:
         train, val, test = (_split_features(args, spec, s) for s in ("train", "val", "test"))
         try:
-            result, preds = knn_protocol(train, val, test, tasks, policy=_policy(args), k=args.k, temperature=args.temperature,
-                                         device=args.device, chunk_elements=args.chunk_elements,
-                                         num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards))
+            result, preds = knn_protocol(train, val, test, tasks, policy=_policy(args), k=args.k,
+                                         temperature=args.temperature, device=args.device,
+                                         chunk_elements=args.chunk_elements, num_replicates=args.bootstrap,
+                                         seed=args.seed, source=str(args.shards))
         except KnnError as e:
             raise UsageError(f"--k {args.k}: {e}") from None
         _record(result, args, spec, tasks)
@@ -119,7 +120,8 @@ def run_neighbours(args) -> None:
         train, test = _split_features(args, spec, "train"), _split_features(args, spec, "test")
         train_samples.check_rows(train.pids)
         test_samples.check_rows(test.pids)
-        table = neighbour_table(train, test, pick_queries(len(test), args.queries, args.seed), args.k, device=args.device)
+        queries = pick_queries(len(test), args.queries, args.seed)
+        table = neighbour_table(train, test, queries, args.k, device=args.device)
         rows = plot_neighbours(table, train_samples, test_samples, folder / f"{spec.name}.png", tasks=tasks,
                                title=f"{spec.category}: {spec.name} - {args.k} nearest training images (cosine), "
                                      f"eval view {args.eval_view}")
@@ -167,9 +169,10 @@ def run_map(args) -> None:
             values += colour_values([metas[n] for n, (jj, _) in enumerate(picked) if jj == j], fs.labels[mine],
                                     fs.label_names, args.color_by, _policy(args))
         coords = embed_2d(np.concatenate(feats), args.method, seed=args.seed)
+        method = "t-SNE" if args.method == "tsne" else "PCA"
         where = ", ".join(f"{Path(r).name}/{s.split}" for r, s in sources)
         plot_map(coords, values, folder / f"{spec.name}-{stem}.png", legend_title=args.color_by,
-                 title=f"{spec.category}: {spec.name}, {where}, {args.method.upper()} of L2-normalised features")
+                 title=f"{spec.category}: {spec.name}, {where}, {method} of L2-normalised features")
         _write_csv(folder / f"{spec.name}-{stem}.csv",
                    [{"key": k, "split": sources[j][1].split, "x": f"{c[0]:.6f}", "y": f"{c[1]:.6f}", args.color_by: v}
                     for k, (j, _), c, v in zip(keys, picked, coords, values)])

@@ -46,7 +46,8 @@ def plot_map(coords: np.ndarray, values: list[str], path: Path, *, title: str, l
     fig, ax = plt.subplots(figsize=(6, 5))
     for i, cat in enumerate(sorted(set(values))):
         sel = np.array([v == cat for v in values])
-        ax.scatter(coords[sel, 0], coords[sel, 1], s=8, alpha=0.7, color=f"C{i % 10}", label=f"{cat} ({int(sel.sum())})")
+        ax.scatter(coords[sel, 0], coords[sel, 1], s=8, alpha=0.7, color=f"C{i % 10}",
+                   label=f"{cat} ({int(sel.sum())})")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -68,7 +68,8 @@ def topk_cosine(query: np.ndarray, bank: np.ndarray, k: int, *, bank_mask: np.nd
 
 
 def topk_cosine_masked(query: np.ndarray, bank: np.ndarray, k: int, bank_masks: np.ndarray, *, device: str = "cpu",
-                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, names: list[str] | None = None) -> list[Neighbours]:
+                       chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                       names: list[str] | None = None) -> list[Neighbours]:
     """``topk_cosine`` for several bank restrictions ``bank_masks`` (T, M) at once: each similarity block is
     computed once and shared by the T top-k searches (one per task, over the images labelled for it)."""
     bank_masks = np.asarray(bank_masks, dtype=bool)
@@ -129,7 +130,8 @@ def _topk_torch(q, b, inv_norm, masks, k, chunk_elements, torch_device) -> list[
             for t in range(len(masks)):
                 out_s[t].append(best[t][0].cpu().numpy())
                 out_i[t].append(best[t][1].cpu().numpy())
-    return [Neighbours(np.concatenate(i).astype(np.int64), np.concatenate(s).astype(np.float32)) for s, i in zip(out_s, out_i)]
+    return [Neighbours(np.concatenate(i).astype(np.int64), np.concatenate(s).astype(np.float32))
+            for s, i in zip(out_s, out_i)]
 
 
 def knn_scores(bank: np.ndarray, bank_targets: np.ndarray, query: np.ndarray, *, k: int = DEFAULT_K,

@@ -35,7 +35,8 @@ def plot_neighbours(table: dict, train_samples: SplitSamples, test_samples: Spli
     fig, axes = plt.subplots(q, k + 1, figsize=(1.9 * (k + 1), 2.2 * q), squeeze=False)
     rows = []
     for r in range(q):
-        tiles = [(test_samples, int(queries[r]), None)] + [(train_samples, int(idx[r, c]), float(sim[r, c])) for c in range(k)]
+        tiles = [(test_samples, int(queries[r]), None)]
+        tiles += [(train_samples, int(idx[r, c]), float(sim[r, c])) for c in range(k)]
         for c, (samples, i, s) in enumerate(tiles):
             ax = axes[r][c]
             meta = samples.meta(i)

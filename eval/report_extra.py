@@ -56,12 +56,14 @@ def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
             lines.append(f"| {_label(d)} | {name} | {_cell(i.get('auroc'), i.get('auroc_ci'))} | "
                          f"{_cell(s.get('auroc'), s.get('auroc_ci'))} | {_cell(dr.get('drop'), dr.get('drop_ci'))} |")
         m = d["drop"]["mean"]
-        lines.append(f"| {_label(d)} | **mean** | {_cell(d['in_domain'].get('mean_auroc'), d['in_domain'].get('mean_auroc_ci'))} | "
-                     f"{_cell(d['shifted'].get('mean_auroc'), d['shifted'].get('mean_auroc_ci'))} | {_cell(m['drop'], m['drop_ci'])} |")
+        i, s = d["in_domain"], d["shifted"]
+        lines.append(f"| {_label(d)} | **mean** | {_cell(i.get('mean_auroc'), i.get('mean_auroc_ci'))} | "
+                     f"{_cell(s.get('mean_auroc'), s.get('mean_auroc_ci'))} | {_cell(m['drop'], m['drop_ci'])} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
     lines += ([""] + notes if notes else []) + [""] + settings_lines(docs)
     if paired:
-        lines += ["Encoders compared on the shifted (target) set: AUROC(a) − AUROC(b) on the same images, paired patient bootstrap.",
+        lines += ["Encoders compared on the shifted (target) set: AUROC(a) − AUROC(b) on the same images, "
+                  "paired patient bootstrap.",
                   "", "| a − b | mean AUROC diff [95% CI] | p |", "|---|---|---|"]
         for p in paired:
             m = p["mean_auroc"]
@@ -98,7 +100,8 @@ def summary_table(results: dict) -> list[str]:
         for d in results[p]:
             rows.setdefault(_label(d), {"_order": (d.get("encoder", {}).get("category", ""), len(rows))})[p] = d
     order = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
-    lines = ["## Mean AUROC by protocol", "", "Mean test AUROC over each protocol's tasks [95% CI, patient bootstrap].", "",
+    lines = ["## Mean AUROC by protocol", "",
+             "Mean test AUROC over each protocol's tasks [95% CI, patient bootstrap].", "",
              "| Encoder | " + " | ".join(t for _, t in present) + " |", "|---" * (len(present) + 1) + "|"]
     for label, by in sorted(rows.items(), key=lambda kv: (order.get(kv[1]["_order"][0], 9), kv[1]["_order"][1])):
         cells = [_cell(by[p].get("mean_auroc"), by[p].get("mean_auroc_ci")) if p in by else "–" for p, _ in present]

@@ -33,7 +33,8 @@ class SplitSamples:
         for sh in manifest.shards(split):
             entries = read_dali_index(sh.index_path)
             if len(entries) != sh.num_samples:
-                raise ShardFormatError(f"{sh.index_path}: {len(entries)} samples indexed, manifest lists {sh.num_samples}")
+                raise ShardFormatError(f"{sh.index_path}: {len(entries)} samples indexed, "
+                                       f"manifest lists {sh.num_samples}")
             self.refs += [SampleRef(sh.path, e) for e in entries]
 
     def __len__(self) -> int:
@@ -74,7 +75,8 @@ class SplitSamples:
             raise ShardFormatError(f"{self.root}/{self.split}: {len(pids)} feature rows for {len(self)} samples")
         for i in range(0, len(self), sample_every):
             if self.pid(i) != int(pids[i]):
-                raise ShardFormatError(f"{self.root}/{self.split}: feature row {i} is not sample {i} (patient ids differ)")
+                raise ShardFormatError(f"{self.root}/{self.split}: feature row {i} is not sample {i} "
+                                       f"(patient ids differ)")
 
 
 def caption_labels(meta: dict, names: list[str] | None = None, limit: int = 3) -> str:

@@ -76,7 +76,8 @@ def concat_features(parts: list[FeatureSet]) -> FeatureSet:
                       np.concatenate([p.pids for p in parts]), parts[0].label_names)
 
 
-def _replicate_auroc(targets: np.ndarray, scores: np.ndarray, pids: np.ndarray, num_replicates: int, seed: int) -> np.ndarray:
+def _replicate_auroc(targets: np.ndarray, scores: np.ndarray, pids: np.ndarray, num_replicates: int,
+                     seed: int) -> np.ndarray:
     """(B, T) patient-bootstrap replicates of per-task AUROC (NaN where a replicate has one class)."""
     weights = patient_weights(pids, num_replicates, seed)
     out = np.full((num_replicates, targets.shape[1]), np.nan)
@@ -93,12 +94,14 @@ def drop_summary(in_domain: dict, shifted: dict, y_in, s_in, pid_in, y_sh, s_sh,
     from independent patient bootstraps of the two (disjoint) test sets."""
     rep_in = _replicate_auroc(y_in, s_in, pid_in, num_replicates, seed)
     rep_sh = _replicate_auroc(y_sh, s_sh, pid_sh, num_replicates, seed + 1)  # other draws: the sets are independent
-    both = [j for j, t in enumerate(tasks) if in_domain["tasks"][t]["auroc"] is not None and shifted["tasks"][t]["auroc"] is not None]
+    point_in = {t: in_domain["tasks"][t]["auroc"] for t in tasks}
+    point_sh = {t: shifted["tasks"][t]["auroc"] for t in tasks}
+    both = [j for j, t in enumerate(tasks) if point_in[t] is not None and point_sh[t] is not None]
     out = {"tasks": {}}
     for j in both:
         t = tasks[j]
         lo, hi = percentile_ci(rep_in[:, j] - rep_sh[:, j])
-        out["tasks"][t] = {"drop": in_domain["tasks"][t]["auroc"] - shifted["tasks"][t]["auroc"], "drop_ci": _ci(lo, hi)}
+        out["tasks"][t] = {"drop": point_in[t] - point_sh[t], "drop_ci": _ci(lo, hi)}
     if both:
         d = rep_in[:, both].mean(1) - rep_sh[:, both].mean(1)  # NaN when any task is degenerate in a replicate
         point = float(np.mean([out["tasks"][tasks[j]]["drop"] for j in both]))
@@ -142,4 +145,5 @@ def transfer_protocol(train: FeatureSet, val: FeatureSet, src_test: FeatureSet, 
               "drop": drop, "notes": list(fitted.notes),
               "num_images": {"train": len(train), "val": len(val), "test": len(src_test), "target": len(target)},
               "num_patients": {"test": int(len(np.unique(src_test.pids))), "target": int(len(np.unique(target.pids)))}}
-    return result, {"targets": y_in, "scores": s_in, "pids": src_test.pids}, {"targets": y_sh, "scores": s_sh, "pids": target.pids}
+    return (result, {"targets": y_in, "scores": s_in, "pids": src_test.pids},
+            {"targets": y_sh, "scores": s_sh, "pids": target.pids})

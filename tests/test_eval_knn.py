@@ -46,7 +46,7 @@ def test_chunked_topk_equals_one_block_and_brute_force(data, device):
         part = topk_cosine(query, bank, 7, device=device, chunk_elements=chunk)
         assert np.array_equal(part.indices, whole.indices)
         np.testing.assert_allclose(part.similarity, whole.similarity, rtol=0, atol=1e-6)
-    sim = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+    sim = l2(query) @ l2(bank).T
     assert np.array_equal(whole.indices, np.argsort(-sim, axis=1)[:, :7])
     np.testing.assert_allclose(whole.similarity, np.sort(sim, axis=1)[:, ::-1][:, :7], atol=1e-6)
 
@@ -61,7 +61,8 @@ def test_masked_bank_rows_never_vote_and_k_too_large_is_one_line(data):
     mask = ~np.isnan(y[:, 0])
     nb = topk_cosine(query, bank, 9, bank_mask=mask, chunk_elements=11)
     assert mask[nb.indices].all()
-    with pytest.raises(KnnError, match=r"^task 'Edema': k = 200 is larger than the bank \(\d+ labelled training images\)$"):
+    with pytest.raises(KnnError, match=r"^task 'Edema': k = 200 is larger than the bank \(\d+ labelled training "
+                                       r"images\)$"):
         knn_scores(bank, y, query, k=200, task_names=["Edema", "B", "C"])
     with pytest.raises(KnnError, match="larger than the bank"):
         topk_cosine(query, bank, 158)
@@ -76,7 +77,8 @@ def test_knn_protocol_counts_policy_and_signal():
         raw = cls.astype(np.float32)[:, None].repeat(2, 1)
         raw[::5, 1] = np.nan   # blank
         raw[1::7, 1] = -1      # uncertain
-        return FeatureSet((centres[cls] + r.normal(size=(n, 16))).astype(np.float32), raw, np.arange(n) // 2, ["A", "B"])
+        x = (centres[cls] + r.normal(size=(n, 16))).astype(np.float32)
+        return FeatureSet(x, raw, np.arange(n) // 2, ["A", "B"])
     train, val, test = fs(120, 2), fs(30, 3), fs(60, 4)
     zero, mask = LabelPolicy("zero", "u-ignore"), LabelPolicy("mask", "u-ones")
     res, preds = knn_protocol(train, val, test, ["A", "B"], policy=zero, k=10, num_replicates=100)
@@ -90,7 +92,8 @@ def test_knn_protocol_counts_policy_and_signal():
     assert res["tasks"]["A"]["auroc"] > 0.95 and res["tasks"]["A"]["auroc_ci"][0] > 0.85
     res_m, _ = knn_protocol(train, val, test, ["A", "B"], policy=mask, k=10, num_replicates=100)
     bm = res_m["tasks"]["B"]
-    assert bm["n_train_pos"] == int(np.sum(train.labels[:, 1] == 1) + unc.sum()) and bm["n_train_neg"] == int(np.sum(train.labels[:, 1] == 0))
+    assert bm["n_train_pos"] == int(np.sum(train.labels[:, 1] == 1) + unc.sum())  # u-ones
+    assert bm["n_train_neg"] == int(np.sum(train.labels[:, 1] == 0))  # blanks masked
     assert preds["scores"].shape == (60, 2)
 
 
@@ -102,7 +105,8 @@ def test_knn_cli_end_to_end_and_errors(tmp_path, capsys):
     out = tmp_path / "eval"
     fast = ["--shards", shards, "--out", out, "--arch", "resnet18", "--image-size", "32", "--resize-size", "36",
             "--batch-size", "16", "--bootstrap", "100", "--init", "random", "--device", "cpu"]
-    assert eval_main([str(a) for a in ["knn", *fast, "--k", "3", "--temperature", "0.1", "--blank", "mask"]]) == 0, capsys.readouterr().err
+    rc = eval_main([str(a) for a in ["knn", *fast, "--k", "3", "--temperature", "0.1", "--blank", "mask"]])
+    assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "knn" / "random-resnet18.json").read_text())
     assert res["k"] == 3 and res["temperature"] == 0.1 and res["label_policy"]["blank"] == "mask"
     assert res["eval_view"] in ("full", "center") and res["encoder"]["category"] == "Scratch"

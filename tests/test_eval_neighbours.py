@@ -78,8 +78,9 @@ def test_neighbours_and_map_end_to_end(shards, tmp_path, capsys):
         assert [p["key"] for p in pts] == keys["test"]
         assert all(np.isfinite(float(p["x"])) and np.isfinite(float(p["y"])) for p in pts)
     raw = feats["test"].labels[:, 0]
-    assert [p["Cardiomegaly"] for p in csv.DictReader(open(out / "map" / "random-resnet18-test-pca-Cardiomegaly.csv"))] == \
-        ["positive" if v == 1 else "negative" if v == 0 else "masked" for v in raw]
+    with open(out / "map" / "random-resnet18-test-pca-Cardiomegaly.csv") as f:
+        coloured = [p["Cardiomegaly"] for p in csv.DictReader(f)]
+    assert coloured == ["positive" if v == 1 else "negative" if v == 0 else "masked" for v in raw]
 
     rc, err = _run(capsys, "knn", *_fast(shards, out), "--k", "3", "--bootstrap", "50")
     assert rc == 0, err
@@ -90,8 +91,9 @@ def test_neighbours_and_map_end_to_end(shards, tmp_path, capsys):
     md = (out / "report.md").read_text()
     knn = json.loads((out / "knn" / "random-resnet18.json").read_text())
     lin = json.loads((out / "linear" / "random-resnet18.json").read_text())
-    row = next(line for line in md.splitlines() if line.startswith("| Scratch: random-resnet18") and line.count("|") == 4)
-    assert row.split(" | ")[1].startswith(f"{lin['mean_auroc']:.3f} [") and row.split(" | ")[2].startswith(f"{knn['mean_auroc']:.3f} [")
+    row = next(ln for ln in md.splitlines() if ln.startswith("| Scratch: random-resnet18") and ln.count("|") == 4)
+    cells = row.split(" | ")
+    assert cells[1].startswith(f"{lin['mean_auroc']:.3f} [") and cells[2].startswith(f"{knn['mean_auroc']:.3f} [")
     assert "| Encoder | Linear probe | kNN |" in md
     assert "![random-resnet18](neighbours/random-resnet18.png)" in md and "map/random-resnet18-test-tsne-view.png" in md
     assert "## Weighted kNN" in md and "k = 3, T = 0.07" in md and "eval view: full" in md

@@ -42,7 +42,8 @@ def test_builtin_name_map_and_errors():
     with pytest.raises(TaskError, match=r"'Nope' is not a label of S"):
         map_tasks(tasks, False, list(CHEXPERT_LABELS), list(NIH_LABELS), {"Nope": "Edema"}, source="S", target="T")
     with pytest.raises(TaskError, match=r"^T: no task of S maps to a target label"):
-        map_tasks(["Lung Opacity", "Fracture"], False, list(CHEXPERT_LABELS), list(NIH_LABELS), {}, source="S", target="T")
+        map_tasks(["Lung Opacity", "Fracture"], False, list(CHEXPERT_LABELS), list(NIH_LABELS), {},
+                  source="S", target="T")
     with pytest.raises(TaskError, match="expected SOURCE_NAME=TARGET_NAME"):
         parse_task_map(["Edema"])
 
@@ -121,7 +122,8 @@ def test_transfer_real_cxr_folder_to_nih_layout(real_shards, tmp_path, capsys):
     assert res["task_map"] == {"Pneumonia": "Pneumonia"} and res["target_splits"] == ["train"]
     assert res["num_images"]["target"] == 60 and res["label_policy"] == {"blank": "zero", "uncertain": "u-ignore"}
     assert res["eval_view"] in ("full", "center")
-    ind, sh, drop = res["in_domain"]["tasks"]["Pneumonia"], res["shifted"]["tasks"]["Pneumonia"], res["drop"]["tasks"]["Pneumonia"]
+    ind, sh = res["in_domain"]["tasks"]["Pneumonia"], res["shifted"]["tasks"]["Pneumonia"]
+    drop = res["drop"]["tasks"]["Pneumonia"]
     assert (sh["n_pos"], sh["n_neg"]) == (30, 30) and ind["n_train_pos"] > 10 and ind["n_val_neg"] > 3
     assert ind["auroc"] > 0.7, res  # random-init features separate Normal from bacterial pneumonia in-domain
     for row in (ind, sh):
@@ -132,12 +134,14 @@ def test_transfer_real_cxr_folder_to_nih_layout(real_shards, tmp_path, capsys):
     # No refitting on the target: scoring the same probes on another target leaves the source predictions unchanged.
     with np.load(out / "transfer" / "random-resnet18-source.npz") as z:
         before = z["scores"].copy()
-    rc, err = _run(capsys, "transfer", "--shards", src, "--target-shards", src, "--out", tmp_path / "eval2", "--init", "random", *FAST)
+    rc, err = _run(capsys, "transfer", "--shards", src, "--target-shards", src, "--out", tmp_path / "eval2",
+                   "--init", "random", *FAST)
     assert rc == 0, err
     with np.load(tmp_path / "eval2" / "transfer" / "random-resnet18-source.npz") as z:
         assert np.array_equal(z["scores"], before)
     same = json.loads((tmp_path / "eval2" / "transfer" / "random-resnet18.json").read_text())
-    assert same["target_splits"] == ["test"] and same["drop"]["tasks"]["Pneumonia"]["drop"] == pytest.approx(0.0, abs=1e-12)
+    assert same["target_splits"] == ["test"]
+    assert same["drop"]["tasks"]["Pneumonia"]["drop"] == pytest.approx(0.0, abs=1e-12)
 
     # encoders pair in command-line order (--encoder files first, then --init baselines)
     paired = json.loads((out / "transfer" / "paired" / "ssl-run-vs-random-resnet18.json").read_text())
