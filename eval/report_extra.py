@@ -39,7 +39,9 @@ def knn_section(docs: list[dict]) -> list[str]:
     lines = _auroc_table(docs, "Weighted kNN (frozen features, cosine similarity)")
     params = sorted({(d.get("k"), d.get("temperature")) for d in docs}, key=str)
     lines += [", ".join(f"k = {k}, T = {t}" for k, t in params) + "; training split = bank; nothing tuned.", ""]
-    return lines + settings_lines(docs)
+    if not any("eval view:" in line for line in lines):  # eval.report's table may state the settings already
+        lines += settings_lines(docs)
+    return lines
 
 
 def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
