@@ -39,6 +39,9 @@ def add_extra_arguments(p: argparse.ArgumentParser, command: str) -> None:
                        help="source label = target label, beyond the built-in CheXpert / MIMIC / NIH names; repeatable")
         p.add_argument("--c-grid", type=_positive_floats, default=None,
                        help="inverse regularisation grid (default 1e-4..1e2)")
+        p.add_argument("--finetuned", action="store_true",
+                       help="also score each encoder's fine-tuned checkpoint OUT/finetune/<encoder>.pt (from "
+                            "`python -m eval finetune` on the same source shards) on both sets, unchanged")
     elif command == "neighbours":
         p.description = "PNG grid: Q test images, each with its k most cosine-similar training images, captioned."
         _common(p)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,12 @@ def run_transfer(args) -> None:
     if not tgt_splits:
         raise UsageError(f"{target}: target shards hold no samples")
     folder = args.out / "transfer"
-    _guard([folder / f"{s.name}.json" for s in specs], args.overwrite)
+    names = [s.name for s in specs] + ([f"{s.name}-finetuned" for s in specs] if args.finetuned else [])
+    _guard([folder / f"{n}.json" for n in names], args.overwrite)
+    for spec in specs if args.finetuned else []:  # fail before any work, not after the linear results are written
+        ckpt = args.out / "finetune" / f"{spec.name}.pt"
+        if not ckpt.is_file():
+            raise UsageError(f"{ckpt}: no fine-tuned checkpoint; run `python -m eval finetune` for {spec.name} first")
     shifted_preds = {}
     for spec in specs:
         train, val, test = (_split_features(args, spec, s) for s in ("train", "val", "test"))
@@ -94,16 +100,58 @@ def run_transfer(args) -> None:
         _save_predictions(folder / f"{spec.name}-target.npz", p_sh, list(mapping))
         _write_json(folder / f"{spec.name}.json", result)
         shifted_preds[spec.name] = p_sh
-        m = result["drop"]["mean"]
-        _log(f"transfer {spec.name}: in-domain {_fmt(result['in_domain']['mean_auroc'])}, shifted "
-             f"{_fmt(result['shifted']['mean_auroc'])}, drop {_fmt(m['drop'])}")
+        _log_transfer(spec.name, result)
+        if args.finetuned:
+            shifted_preds[f"{spec.name}-finetuned"] = _transfer_finetuned(args, spec, mapping, tgt_splits, map_notes)
     for a, b in itertools.combinations(list(shifted_preds), 2):
+        if a.endswith("-finetuned") != b.endswith("-finetuned"):
+            continue  # encoders are compared under the same protocol
         pa, pb = shifted_preds[a], shifted_preds[b]
         cmp = paired_bootstrap(pa["targets"], pa["scores"], pb["scores"], pa["pids"], list(mapping),
                                num_replicates=args.bootstrap, seed=args.seed)
         cmp.update(a=a, b=b, protocol="transfer", evaluated_on="target", target_shards=target, task_names=list(mapping))
         _write_json(folder / "paired" / f"{a}-vs-{b}.json", cmp)
         _log(f"transfer paired {a} - {b} on the target: {_fmt(cmp['mean_auroc']['diff'])}")
+
+
+def _log_transfer(name: str, result: dict) -> None:
+    _log(f"transfer {name}: in-domain {_fmt(result['in_domain']['mean_auroc'])}, shifted "
+         f"{_fmt(result['shifted']['mean_auroc'])}, drop {_fmt(result['drop']['mean']['drop'])}")
+
+
+def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[str], map_notes: list[str]) -> dict:
+    from eval.cli import _transform
+    from eval.transfer import score_shift
+    from eval.transfer_finetuned import load_finetuned, score_split
+    name = f"{spec.name}-finetuned"
+    ft_json = args.out / "finetune" / f"{spec.name}.json"
+    model, head, ft_tasks = load_finetuned(args.out / "finetune" / f"{spec.name}.pt", spec)
+    missing = [t for t in mapping if t not in ft_tasks]
+    if missing:
+        raise UsageError(f"{ft_json}: fine-tuned without task '{missing[0]}'; re-run finetune with the same --tasks")
+    trained = json.loads(ft_json.read_text()) if ft_json.is_file() else {}
+    if trained.get("shards") != str(args.shards.resolve()):
+        raise UsageError(f"{ft_json}: fine-tuned on {trained.get('shards')}, not on --shards {args.shards}")
+    if trained.get("label_policy") not in (None, _policy(args).to_json()):
+        raise UsageError(f"{ft_json}: fine-tuned under label policy {trained['label_policy']}, "
+                         f"not {_policy(args).to_json()}; pass the same --blank / --uncertainty")
+    kw = dict(spec=spec, transform=_transform(args), device=args.device, batch_size=args.batch_size,
+              num_threads=args.num_threads)
+    cols = [ft_tasks.index(t) for t in mapping]
+    src = score_split(model, head, args.shards, ["test"], cols, **kw)
+    tgt = score_split(model, head, args.target_shards, tgt_splits, cols, **kw)
+    result, p_in, p_sh = score_shift(src, tgt, mapping, policy=_policy(args), num_replicates=args.bootstrap,
+                                     seed=args.seed, target_name=str(args.target_shards))
+    result.update(probe="finetuned", notes=list(map_notes), checkpoint=str(args.out / "finetune" / f"{spec.name}.pt"),
+                  trained_label_policy=trained.get("label_policy"), target_shards=str(args.target_shards.resolve()),
+                  target_splits=tgt_splits, chosen_lr=trained.get("chosen_lr"), best_epoch=trained.get("best_epoch"))
+    _record(result, args, spec, list(mapping))
+    folder = args.out / "transfer"
+    _save_predictions(folder / f"{name}-source.npz", p_in, list(mapping))
+    _save_predictions(folder / f"{name}-target.npz", p_sh, list(mapping))
+    _write_json(folder / f"{name}.json", result)
+    _log_transfer(name, result)
+    return p_sh
 
 
 def run_neighbours(args) -> None:

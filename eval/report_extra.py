@@ -44,9 +44,13 @@ def knn_section(docs: list[dict]) -> list[str]:
     return lines
 
 
+def _transfer_label(doc: dict) -> str:
+    return _label(doc) + (", fine-tuned" if doc.get("probe") == "finetuned" else ", linear probe")
+
+
 def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
     targets = sorted({d.get("target_shards", "?") for d in docs})
-    lines = ["## Distribution shift (linear probe fitted and selected on the source, not refitted)", "",
+    lines = ["## Distribution shift (fitted and selected on the source, not refitted)", "",
              f"Source: {', '.join(sorted({d.get('shards', '?') for d in docs}))}; target: {', '.join(targets)}. "
              "Drop = in-domain − shifted AUROC; CIs from independent patient bootstraps of the two test sets.", "",
              "| Encoder | Task (source → target) | In-domain AUROC | Shifted AUROC | Drop |", "|---|---|---|---|---|"]
@@ -55,11 +59,11 @@ def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
             i, s = d["in_domain"]["tasks"].get(task, {}), d["shifted"]["tasks"].get(task, {})
             dr = d["drop"]["tasks"].get(task, {})
             name = task if task == target else f"{task} → {target}"
-            lines.append(f"| {_label(d)} | {name} | {_cell(i.get('auroc'), i.get('auroc_ci'))} | "
+            lines.append(f"| {_transfer_label(d)} | {name} | {_cell(i.get('auroc'), i.get('auroc_ci'))} | "
                          f"{_cell(s.get('auroc'), s.get('auroc_ci'))} | {_cell(dr.get('drop'), dr.get('drop_ci'))} |")
         m = d["drop"]["mean"]
         i, s = d["in_domain"], d["shifted"]
-        lines.append(f"| {_label(d)} | **mean** | {_cell(i.get('mean_auroc'), i.get('mean_auroc_ci'))} | "
+        lines.append(f"| {_transfer_label(d)} | **mean** | {_cell(i.get('mean_auroc'), i.get('mean_auroc_ci'))} | "
                      f"{_cell(s.get('mean_auroc'), s.get('mean_auroc_ci'))} | {_cell(m['drop'], m['drop_ci'])} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
     lines += ([""] + notes if notes else []) + [""] + settings_lines(docs)

@@ -3,6 +3,8 @@ on the source's test split and on target shards (another dataset); label names m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from eval.bootstrap import bootstrap_ci, patient_weights, percentile_ci
@@ -115,6 +117,42 @@ def _ci(lo: float, hi: float) -> list[float | None]:
     return [float(lo) if np.isfinite(lo) else None, float(hi) if np.isfinite(hi) else None]
 
 
+@dataclass
+class Scored:
+    """One evaluated set: raw labels (N, L) in ``label_names`` order, patient ids and the model's scores (N, T)."""
+    labels: np.ndarray
+    label_names: list[str]
+    pids: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+
+def score_shift(src: Scored, tgt: Scored, mapping: dict[str, str], *, policy: LabelPolicy, num_replicates: int,
+                seed: int, target_name: str) -> tuple[dict, dict, dict]:
+    """In-domain and shifted AUROC with CIs and the drop, for scores made by one unchanged model on both sets.
+    Returns (result, in-domain predictions, shifted predictions); task columns in ``mapping`` order."""
+    tasks = list(mapping)
+    y_in = select_targets(src.labels, src.label_names, tasks, policy)
+    y_sh = select_targets(tgt.labels, tgt.label_names, [mapping[t] for t in tasks], policy)
+    check_labelled(y_sh, [mapping[t] for t in tasks], "evaluated", target_name)
+    in_domain = merge_ci(evaluate(y_in, src.scores, tasks).to_dict(),
+                         bootstrap_ci(y_in, src.scores, src.pids, tasks, num_replicates=num_replicates, seed=seed))
+    shifted = merge_ci(evaluate(y_sh, tgt.scores, tasks).to_dict(),
+                       bootstrap_ci(y_sh, tgt.scores, tgt.pids, tasks, num_replicates=num_replicates, seed=seed))
+    for t in tasks:
+        shifted["tasks"][t]["target_label"] = mapping[t]
+    drop = drop_summary(in_domain, shifted, y_in, src.scores, src.pids, y_sh, tgt.scores, tgt.pids, tasks,
+                        num_replicates=num_replicates, seed=seed)
+    result = {"protocol": "transfer", "task_map": dict(mapping), "label_policy": policy.to_json(),
+              "in_domain": in_domain, "shifted": shifted, "drop": drop, "notes": [],
+              "num_images": {"test": len(src), "target": len(tgt)},
+              "num_patients": {"test": int(len(np.unique(src.pids))), "target": int(len(np.unique(tgt.pids)))}}
+    return (result, {"targets": y_in, "scores": src.scores, "pids": src.pids},
+            {"targets": y_sh, "scores": tgt.scores, "pids": tgt.pids})
+
+
 def transfer_protocol(train: FeatureSet, val: FeatureSet, src_test: FeatureSet, target: FeatureSet,
                       mapping: dict[str, str], *, policy: LabelPolicy = LabelPolicy(), c_grid=DEFAULT_C_GRID,
                       num_replicates: int = 1000, seed: int = 0, source: str = "source", target_name: str = "target",
@@ -124,26 +162,14 @@ def transfer_protocol(train: FeatureSet, val: FeatureSet, src_test: FeatureSet, 
     tasks = list(mapping)
     y_tr = select_targets(train.labels, train.label_names, tasks, policy)
     y_va = select_targets(val.labels, val.label_names, tasks, policy)
-    y_in = select_targets(src_test.labels, src_test.label_names, tasks, policy)
-    y_sh = select_targets(target.labels, target.label_names, [mapping[t] for t in tasks], policy)
     check_labelled(y_tr, tasks, "train", source)
-    check_labelled(y_sh, [mapping[t] for t in tasks], "evaluated", target_name)
     fitted = fit_linear_probes(train.features, y_tr, np.concatenate([src_test.features, target.features]), tasks,
                                val_x=val.features, val_y=y_va, c_grid=c_grid, seed=seed, **(probe or {}))
     s_in, s_sh = fitted.test_scores[: len(src_test)], fitted.test_scores[len(src_test):]
-    in_domain = merge_ci(evaluate(y_in, s_in, tasks).to_dict(),
-                         bootstrap_ci(y_in, s_in, src_test.pids, tasks, num_replicates=num_replicates, seed=seed))
-    shifted = merge_ci(evaluate(y_sh, s_sh, tasks).to_dict(),
-                       bootstrap_ci(y_sh, s_sh, target.pids, tasks, num_replicates=num_replicates, seed=seed))
-    add_counts(in_domain, [split_counts(y_tr, tasks, "train"), split_counts(y_va, tasks, "val")])
-    for t in tasks:
-        shifted["tasks"][t]["target_label"] = mapping[t]
-    drop = drop_summary(in_domain, shifted, y_in, s_in, src_test.pids, y_sh, s_sh, target.pids, tasks,
-                        num_replicates=num_replicates, seed=seed)
-    result = {"protocol": "transfer", "probe": "linear", "task_map": dict(mapping), "label_policy": policy.to_json(),
-              "chosen_c": fitted.chosen_c, "val_auroc": fitted.val_auroc, "in_domain": in_domain, "shifted": shifted,
-              "drop": drop, "notes": list(fitted.notes),
-              "num_images": {"train": len(train), "val": len(val), "test": len(src_test), "target": len(target)},
-              "num_patients": {"test": int(len(np.unique(src_test.pids))), "target": int(len(np.unique(target.pids)))}}
-    return (result, {"targets": y_in, "scores": s_in, "pids": src_test.pids},
-            {"targets": y_sh, "scores": s_sh, "pids": target.pids})
+    result, p_in, p_sh = score_shift(Scored(src_test.labels, src_test.label_names, src_test.pids, s_in),
+                                     Scored(target.labels, target.label_names, target.pids, s_sh), mapping,
+                                     policy=policy, num_replicates=num_replicates, seed=seed, target_name=target_name)
+    add_counts(result["in_domain"], [split_counts(y_tr, tasks, "train"), split_counts(y_va, tasks, "val")])
+    result.update(probe="linear", chosen_c=fitted.chosen_c, val_auroc=fitted.val_auroc, notes=list(fitted.notes))
+    result["num_images"].update(train=len(train), val=len(val))
+    return result, p_in, p_sh

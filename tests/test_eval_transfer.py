@@ -161,8 +161,35 @@ def test_transfer_real_cxr_folder_to_nih_layout(real_shards, tmp_path, capsys):
     rc, err = _run(capsys, "report", "--out", out)
     assert rc == 0, err
     md = (out / "report.md").read_text()
-    assert "## Distribution shift" in md and "| Scratch: random-resnet18 (resnet18) |" in md and "| SSL: ssl-run" in md
+    assert "## Distribution shift" in md and "| Scratch: random-resnet18 (resnet18), linear probe |" in md
+    assert "| SSL: ssl-run (resnet18), linear probe" in md
     assert "label policy: blank = negative, uncertain (-1) u-ignore" in md and "ssl-run − random-resnet18" in md
+
+
+def test_transfer_of_the_fine_tuned_checkpoint(real_shards, tmp_path, capsys):
+    src, dst, _ = real_shards
+    out = tmp_path / "eval"
+    rc, err = _run(capsys, "transfer", "--shards", src, "--target-shards", dst, "--out", out, "--init", "random",
+                   "--finetuned", *FAST)
+    assert rc == 2 and "no fine-tuned checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = _run(capsys, "finetune", "--shards", src, "--out", out, "--init", "random", "--epochs", "1", *FAST)
+    assert rc == 0, err
+    rc, err = _run(capsys, "transfer", "--shards", src, "--target-shards", dst, "--out", out, "--init", "random",
+                   "--finetuned", *FAST)
+    assert rc == 0, err
+    res = json.loads((out / "transfer" / "random-resnet18-finetuned.json").read_text())
+    assert res["probe"] == "finetuned" and res["num_images"]["target"] == 60
+    # The checkpoint is scored unchanged: on the source test split it reproduces finetune's own test scores.
+    with np.load(out / "finetune" / "random-resnet18.npz") as ft, \
+            np.load(out / "transfer" / "random-resnet18-finetuned-source.npz") as tr:
+        assert np.array_equal(ft["pids"], tr["pids"])
+        np.testing.assert_allclose(tr["scores"], ft["scores"], atol=1e-5)
+    assert res["in_domain"]["tasks"]["Pneumonia"]["auroc"] == pytest.approx(
+        json.loads((out / "finetune" / "random-resnet18.json").read_text())["tasks"]["Pneumonia"]["auroc"], abs=1e-3)
+    assert not (out / "transfer" / "paired").exists()  # a probe and a fine-tuned model are not paired
+    rc, err = _run(capsys, "report", "--out", out)
+    assert rc == 0, err
+    assert "| Scratch: random-resnet18 (resnet18), fine-tuned | Pneumonia |" in (out / "report.md").read_text()
 
 
 def test_transfer_bad_inputs_one_line(real_shards, capsys):
