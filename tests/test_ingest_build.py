@@ -102,7 +102,7 @@ def test_chexpert_build_roundtrip(chexpert_root, tmp_path, capsys):
     assert tsv[0] == "source_path\treason" and len(tsv) == 3
     assert len((out / "filtered.tsv").read_text().splitlines()) == 1 + laterals
     printed = capsys.readouterr().out
-    assert f"inputs {len(rows)} = written {frontal - 2} + rejected 2 + filtered by --views {laterals}" in printed
+    assert f"inputs {len(rows)} = written {frontal - 2} + rejected 2 + filtered {laterals}" in printed
     assert set(m.data["splits"]) == set(SPLITS) and m.data["splits"]["test"]["num_samples"] == 0  # train.csv: no test
     by_path = {r["Path"].split("/", 1)[1]: r for r in rows}
     patients = json.loads((out / "patients.json").read_text())
