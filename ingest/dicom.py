@@ -109,6 +109,8 @@ def _view_code(ds) -> tuple[str, str] | None:
 def read_header(path) -> DicomHeader:
     """The HEADER_TAGS of one file without loading pixel data; raises DicomReject for a non-DICOM."""
     ds, forced = _dcmread(path, specific_tags=list(HEADER_TAGS), defer_size=DEFER_BYTES)
+    if len(ds) == 0:
+        raise DicomReject("unreadable DICOM header (no data set after the file meta: truncated?)")
     try:
         return DicomHeader(
             transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "") or ""), sop_class=_str(ds, "SOPClassUID"),
