@@ -197,3 +197,67 @@ def test_many_dicoms_scan_in_parallel_with_identical_output(tmp_path):
     assert a == b
     m = load_manifest(tmp_path / "a")
     assert m.num_patients == 40 and m.data["counts"] == {"inputs": 261, "written": 260, "rejected": 1, "filtered": 0}
+
+
+def _view_code(scheme: str, value: str):
+    import pydicom
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator, item.CodeValue, item.CodeMeaning = scheme, value, "view"
+    return pydicom.Sequence([item])
+
+
+def test_filters_views_and_patient_key_end_to_end(tmp_path):
+    """Every header filter leaves its reason in filtered.tsv or rejects.tsv; views from ViewCodeSequence;
+    the patient key falls back to --patient-from and the manifest says so."""
+    root = tmp_path / "arch"
+    root.mkdir()
+    x = _ramp(32, 40)
+    common = {"StudyInstanceUID": "1.2.3.4", "PatientID": "P1"}
+    make_dicom(root / "a.dcm", x, ViewCodeSequence=_view_code("SCT", "399348003"), **common)        # AP by code
+    make_dicom(root / "b.dcm", x, ViewCodeSequence=_view_code("SRT", "R-10236"), **common)          # left lateral
+    make_dicom(root / "c.dcm", x, ViewPosition="PA", ViewCodeSequence=_view_code("SCT", "399348003"), **common)
+    make_dicom(root / "d.dcm", x, ViewCodeSequence=_view_code("SCT", "123"), BodyPartExamined="ABDOMEN", **common)
+    make_dicom(root / "burned.dcm", x, BurnedInAnnotation="YES", **common)
+    make_dicom(root / "mr.dcm", x, Modality="MR", **common)
+    make_dicom(root / "multi.dcm", np.concatenate([x, x // 2]), NumberOfFrames=2, Rows=32, **common)
+    make_dicom(root / "noid1.dcm", x, StudyInstanceUID="1.2.3.9")
+    make_dicom(root / "noid2.dcm", x, StudyInstanceUID="1.2.3.9")
+    salt = tmp_path / "k"
+    salt.write_text("0123456789abcdef" * 2)
+    salt.chmod(0o600)
+    base = ["--source", "dicom", "--root", str(root), "--workers", "0", "--size", "16", "--no-progress",
+            "--salt-file", str(salt), "--private-log", str(tmp_path / "log.tsv"), "--split-mode", "hash",
+            "--val-frac", "0", "--test-frac", "0"]
+
+    def built(out, *extra):
+        assert build.main([*base, "--out", str(tmp_path / out), *extra]) == 0
+        m = load_manifest(tmp_path / out)
+        ids = {pseudonymise(p.name, b"0123456789abcdef" * 2, "f"): p.name for p in root.iterdir()}
+        rej = {ids[r["input_id"]]: r["reason"] for r in m.data["rejects"]}
+        filt = dict(line.split("\t") for line in (tmp_path / out / "filtered.tsv").read_text().splitlines()[1:])
+        metas = {ids[json.loads(s["json"])["source_path"]]: json.loads(s["json"])
+                 for sh in m.shards("train") for s in iter_shard(sh.path)}
+        return m, rej, {ids[k]: v for k, v in filt.items()}, metas
+
+    m, rej, filt, metas = built("o1")
+    assert sorted(metas) == ["a.dcm", "b.dcm", "c.dcm", "d.dcm"]
+    assert [metas[n]["view"] for n in ("a.dcm", "b.dcm", "c.dcm", "d.dcm")] == ["AP", "LAT", "PA", "UNKNOWN"]
+    assert metas["a.dcm"]["flags"] == {"view_from": "ViewCodeSequence"}
+    assert metas["d.dcm"]["flags"] == {"body_part_not_chest": "ABDOMEN"}
+    assert rej["burned.dcm"].startswith("BurnedInAnnotation is YES")
+    assert rej["multi.dcm"] == "multi-frame DICOM (2 frames); --frames first keeps the first"
+    assert rej["noid1.dcm"].startswith("DICOM without PatientID: choose --patient-from study")
+    assert filt == {"mr.dcm": "modality MR not selected by --modalities CR,DX"}
+    m, rej, filt, metas = built("o2", "--frames", "first", "--allow-burned-in", "--modalities", "all",
+                                "--patient-from", "study", "--body-parts", "CHEST")
+    assert set(metas) == {"a.dcm", "b.dcm", "c.dcm", "burned.dcm", "mr.dcm", "multi.dcm", "noid1.dcm", "noid2.dcm"}
+    assert filt == {"d.dcm": "BodyPartExamined ABDOMEN not selected by --body-parts CHEST"} and not rej
+    assert metas["multi.dcm"]["flags"]["multiframe_first_of"] == 2
+    assert "first_frame_of:2" in metas["multi.dcm"]["preprocessing"]
+    assert metas["burned.dcm"]["flags"] == {"burned_in_annotation": True}
+    assert metas["noid1.dcm"]["patient_id"] == metas["noid2.dcm"]["patient_id"] != metas["a.dcm"]["patient_id"]
+    assert m.data["patient_key"] == {"rule": "PatientID, else --patient-from study",
+                                     "counts": {"PatientID": 6, "StudyInstanceUID": 2}}
+    assert m.data["options"]["patient_from"] == "study"
+    m, rej, filt, metas = built("o3", "--patient-from", "file")
+    assert metas["noid1.dcm"]["patient_id"] != metas["noid2.dcm"]["patient_id"]
