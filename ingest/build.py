@@ -15,7 +15,7 @@ import struct
 import sys
 from pathlib import Path
 
-from ingest.dicom_filters import FRAMES_CHOICES, PATIENT_FROM_CHOICES, DicomPolicy, parse_list_option
+from ingest.dicom_filters import POLICY_OPTIONS, add_policy_options, policy_from_args
 from ingest.manifest import FILTERED_NAME, PATIENTS_NAME, summary_table, write_outputs
 from ingest.plan import Plan, make_plan
 from ingest.pseudonym import (PrivacyError, check_outside, default_private_log, default_salt_file,
@@ -35,7 +35,6 @@ PRIVATE_SOURCES = ("dicom", "folder")
 # Options that change the output bytes (recorded in the manifest and the resume fingerprint); --workers does not.
 OUTPUT_OPTIONS = ("source", "size", "quality", "views", "split_mode", "split_seed", "shuffle_seed", "val_frac",
                   "test_frac", "shard_max_bytes", "shard_max_samples", "dataset_name")
-DICOM_OPTIONS = ("modalities", "body_parts", "allow_burned_in", "frames", "patient_from")
 
 
 class BuildError(RuntimeError):
@@ -104,14 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-log", type=Path, default=None,
                    help="dicom / folder: TSV mapping input_id to raw path for rejected / filtered inputs, outside "
                         "OUT, mode 600 (default: a file per OUT under $XDG_STATE_HOME/cxr-ssl/ingest/)")
-    p.add_argument("--modalities", default="CR,DX", help="dicom: comma list of Modality values to keep, or all")
-    p.add_argument("--body-parts", default="any", help="dicom: any (keep all, flag non-chest BodyPartExamined) or "
-                                                      "a comma list to keep (others filtered; an empty tag is kept)")
-    p.add_argument("--allow-burned-in", action="store_true", help="dicom: keep BurnedInAnnotation=YES (flagged)")
-    p.add_argument("--frames", choices=FRAMES_CHOICES, default="reject", help="dicom: multi-frame files")
-    p.add_argument("--patient-from", choices=PATIENT_FROM_CHOICES, default=None,
-                   help="dicom: patient key when PatientID is empty (StudyInstanceUID, or each file its own patient); "
-                        "without it such files are rejected")
+    add_policy_options(p)
     p.add_argument("--file-timeout-s", type=float, default=300.0,
                    help="a worker still decoding one file after this long is killed; the file is rejected")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any input is rejected")
@@ -137,15 +129,6 @@ def _check_args(a: argparse.Namespace) -> frozenset[str]:
         return parse_views_option(a.views)
     except ValueError as e:
         raise BuildError(str(e)) from None
-
-
-def dicom_policy(a: argparse.Namespace) -> DicomPolicy:
-    try:
-        modalities = parse_list_option(a.modalities, "--modalities")
-        body_parts = None if a.body_parts.strip().lower() == "any" else parse_list_option(a.body_parts, "--body-parts")
-    except ValueError as e:
-        raise BuildError(str(e)) from None
-    return DicomPolicy(modalities, body_parts, a.allow_burned_in, a.frames, a.patient_from)
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -272,7 +255,10 @@ def _file_sha256(path: Path) -> str:
 
 def run(a: argparse.Namespace) -> int:
     views = _check_args(a)
-    policy = dicom_policy(a)
+    try:
+        policy = policy_from_args(a)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     if not a.root.is_dir():
         raise BuildError(f"{a.root}: --root is not a directory")
     if a.out.resolve().is_relative_to(a.root.resolve()):
@@ -378,7 +364,7 @@ def options_json(a: argparse.Namespace, privacy: Privacy) -> dict:
     """The options that shaped the output, as recorded in the manifest (not --workers: it changes nothing)."""
     out = {k: getattr(a, k) for k in OUTPUT_OPTIONS}
     if a.source == "dicom":
-        out.update({k: getattr(a, k) for k in DICOM_OPTIONS})
+        out.update({k: getattr(a, k) for k in POLICY_OPTIONS})
     if a.labels_csv is None:
         out["labels_csv"] = None
     elif privacy.private:  # the CSV's name may identify; its hash still pins it

@@ -7,6 +7,7 @@ No header field other than those returned here leaves this module.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,8 @@ def _dcmread(src, **kw):
     """dcmread, retried with force=True for files without preamble / DICM prefix; (dataset, forced)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+    # Lenient reads of other vendors' files warn per odd value; the reject reasons are what users see.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     try:
         return pydicom.dcmread(src, **kw), False
     except InvalidDicomError:

@@ -3,6 +3,7 @@ modality, SOP class family, burned-in annotation, multi-frame, body part, view (
 ViewCodeSequence code) and the patient key. Shared by `build-shards --source dicom` and `ingest scan`."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 from ingest.dicom import SUPPORTED_PHOTOMETRIC, DicomHeader
@@ -31,6 +32,7 @@ VIEW_CODES = {
     "49370004": "LAT", "G-A104": "LAT",                             # lateral
 }
 VIEW_SCHEMES = ("SCT", "SRT", "SNM3", "99SDM", "DCM")
+POLICY_OPTIONS = ("modalities", "body_parts", "allow_burned_in", "frames", "patient_from")  # argparse dests
 
 
 @dataclass(frozen=True)
@@ -123,3 +125,23 @@ def patient_key(h: DicomHeader, policy: DicomPolicy, rel_path: str) -> tuple[str
         return "DICOM without PatientID and StudyInstanceUID (--patient-from file: each file its own patient)"
     return ("DICOM without PatientID: choose --patient-from study (one patient per StudyInstanceUID) or "
             "--patient-from file (each file its own patient)")
+
+
+def add_policy_options(p: argparse.ArgumentParser) -> None:
+    """The dicom filter options, shared by build-shards and scan."""
+    p.add_argument("--modalities", default=",".join(DEFAULT_MODALITIES),
+                   help="dicom: comma list of Modality values to keep, or all")
+    p.add_argument("--body-parts", default="any", help="dicom: any (keep all, flag non-chest BodyPartExamined) or "
+                                                      "a comma list to keep (others filtered; an empty tag is kept)")
+    p.add_argument("--allow-burned-in", action="store_true", help="dicom: keep BurnedInAnnotation=YES (flagged)")
+    p.add_argument("--frames", choices=FRAMES_CHOICES, default="reject", help="dicom: multi-frame files")
+    p.add_argument("--patient-from", choices=PATIENT_FROM_CHOICES, default=None,
+                   help="dicom: patient key when PatientID is empty (StudyInstanceUID, or each file its own "
+                        "patient); without it such files are rejected")
+
+
+def policy_from_args(a: argparse.Namespace) -> DicomPolicy:
+    """ValueError with a one-line reason for a bad list option."""
+    modalities = parse_list_option(a.modalities, "--modalities")
+    body_parts = None if a.body_parts.strip().lower() == "any" else parse_list_option(a.body_parts, "--body-parts")
+    return DicomPolicy(modalities, body_parts, a.allow_burned_in, a.frames, a.patient_from)

@@ -57,6 +57,14 @@ def test_other_tools_files_decode(name, syntax, bits):
     assert info["original_bit_depth"] == bits and out.max() > out.min()  # a real image, not a blank
 
 
+def test_jpeg_lossless_process14_twin_of_rle():
+    """GDCM's JPEG Lossless SV1 file and the RLE file of the same RGB image: identical stored pixels (ingest
+    itself rejects RGB; this checks the process 14 decoder pydicom uses for it)."""
+    jpeg, rle = _read(_bundled("SC_rgb_jpeg_gdcm.dcm")), _read(_bundled("SC_rgb_rle.dcm"))
+    assert jpeg.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    assert np.array_equal(jpeg.pixel_array, rle.pixel_array) and jpeg.pixel_array.std() > 0
+
+
 def test_decoders_installed_for_every_pacs_syntax():
     import pydicom.uid as U
     from pydicom.pixels import get_decoder
