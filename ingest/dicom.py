@@ -20,6 +20,7 @@ HEADER_TAGS = ("SOPClassUID", "Modality", "PatientID", "StudyInstanceUID", "View
                "PatientSex", "PatientAge", "BodyPartExamined", "BurnedInAnnotation", "NumberOfFrames",
                "PhotometricInterpretation", "Rows", "Columns", "BitsStored", "PixelData")
 DEFER_BYTES = 1024  # values above this (the pixel data) are never loaded by a header read
+MEDIA_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
 # CharLS (pyjpegls) decodes JPEG-LS ~3x faster than libjpeg on a 2048x2500 12-bit radiograph (bench ingest);
 # left alone, pydicom may pick libjpeg. Other syntaxes use pydicom's own choice.
 PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
@@ -115,11 +116,13 @@ def _view_code(ds) -> tuple[str, str] | None:
 def read_header(path) -> DicomHeader:
     """The HEADER_TAGS of one file without loading pixel data; raises DicomReject for a non-DICOM."""
     ds, forced = _dcmread(path, specific_tags=list(HEADER_TAGS), defer_size=DEFER_BYTES)
-    if len(ds) == 0:
+    media_sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    if len(ds) == 0 and media_sop != MEDIA_DIRECTORY_SOP:  # a DICOMDIR holds none of the tags read here
         raise DicomReject("unreadable DICOM header (no data set after the file meta: truncated?)")
     try:
         return DicomHeader(
-            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "") or ""), sop_class=_str(ds, "SOPClassUID"),
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "") or ""),
+            sop_class=_str(ds, "SOPClassUID") or media_sop,
             modality=_str(ds, "Modality").upper(), patient_id=_str(ds, "PatientID"),
             study_uid=_str(ds, "StudyInstanceUID"), view_position=_str(ds, "ViewPosition"), view_code=_view_code(ds),
             sex=_str(ds, "PatientSex"), age=_str(ds, "PatientAge"), body_part=_str(ds, "BodyPartExamined").upper(),

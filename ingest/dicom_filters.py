@@ -22,6 +22,7 @@ NON_RADIOGRAPH_SOP = {
     "1.2.840.10008.5.1.4.1.1.11": "presentation state",
     "1.2.840.10008.5.1.4.1.1.104": "encapsulated document",
     "1.2.840.10008.5.1.4.1.1.9": "waveform",
+    "1.2.840.10008.1.3.10": "media directory (DICOMDIR)",
 }
 # ViewCodeSequence (CID 4010 "DX View"): SNOMED CT codes and their legacy SNOMED-RT (SRT) equivalents.
 VIEW_CODES = {
@@ -87,6 +88,8 @@ def judge(h: DicomHeader, policy: DicomPolicy) -> Verdict:
     family = sop_family(h.sop_class)
     if family is not None:
         return Verdict("filtered", f"SOP class {h.sop_class} is a {family}, not a radiograph")
+    if not h.sop_class and not h.has_pixels:
+        return Verdict("rejected", "DICOM without SOP class and without pixel data (not an image object)")
     if not h.has_pixels:
         return Verdict("rejected", "DICOM without pixel data")
     if policy.modalities is not None and h.modality not in policy.modalities:

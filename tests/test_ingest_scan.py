@@ -25,19 +25,22 @@ def test_scan_counts_match_build(tmp_path, capsys):
     shutil.copy(get_testdata_file("test-SR.dcm", download=False), root / "report.dcm")
     shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False), root / "mr.dcm")
     (root / "readme.txt").write_text("not dicom")
+    dicomdir = get_testdata_file("MR_small.dcm", download=False).replace("MR_small.dcm", "dicomdirtests/DICOMDIR")
+    shutil.copy(dicomdir, root / "DICOMDIR")  # a PACS / CD export's index: no image
     json_path = tmp_path / "scan.json"
     assert scan.main(["--source", "dicom", "--root", str(root), "--workers", "0", "--json", str(json_path)]) == 0
     printed = capsys.readouterr().out
     r = json.loads(json_path.read_text())
     c = r["counts"]
-    assert r["files"] == 8 and c["outcome"] == {"would write": 2, "filtered": 3, "rejected": 3}
-    assert c["modality"] == {"DX": 4, "MR": 1, "SR": 1, "CT": 1}
+    assert r["files"] == 9 and c["outcome"] == {"would write": 2, "filtered": 4, "rejected": 3}
+    assert c["modality"] == {"DX": 4, "MR": 1, "SR": 1, "CT": 1, "(missing)": 1}
     assert c["view"] == {"PA (from ViewPosition)": 1, "LAT (from ViewPosition)": 1}
     assert c["rejected"] == {"not a DICOM file": 1, "BurnedInAnnotation is YES": 1, "DICOM without PatientID": 1}
     assert set(c["filtered"]) == {"modality CT not selected by --modalities CR,DX",
                                   "modality MR not selected by --modalities CR,DX",
                                   "SOP class 1.2.840.10008.5.1.4.1.1.88.33 is a structured report / key object "
-                                  "selection, not a radiograph"}
+                                  "selection, not a radiograph",
+                                  "SOP class 1.2.840.10008.1.3.10 is a media directory (DICOMDIR), not a radiograph"}
     jls = next(k for k in r["decoders"] if k.startswith("JPEG-LS Lossless"))
     assert r["decoders"][jls].startswith("installed") and "decoder: installed" in printed
     text = printed + json_path.read_text()
@@ -49,6 +52,6 @@ def test_scan_counts_match_build(tmp_path, capsys):
     assert build.main(["--source", "dicom", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "0",
                        "--no-progress", "--salt-file", str(salt), "--private-log", str(tmp_path / "log")]) == 0
     counts = load_manifest(tmp_path / "out").data["counts"]
-    assert (counts["written"], counts["filtered"], counts["rejected"]) == (2, 3, 3)
+    assert (counts["written"], counts["filtered"], counts["rejected"]) == (2, 4, 3)
     assert scan.main(["--source", "dicom", "--root", str(tmp_path / "nowhere")]) == 2
     assert scan.main(["--source", "dicom", "--root", str(root), "--modalities", ","]) == 2
