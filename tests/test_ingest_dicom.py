@@ -74,6 +74,24 @@ def test_window_and_monochrome1_on_12bit():
     assert plain.min() == 0 and plain.max() == 255 and (plain == 255).mean() < 0.05
 
 
+def _identifying_values(root) -> set[str]:
+    """Every name, date, time, free-text id and instance UID in the inputs' headers (standard UIDs excepted)."""
+    import pydicom
+    out = set()
+    for f in root.rglob("*"):
+        try:
+            ds = pydicom.dcmread(f, force=True, stop_before_pixels=True)
+        except Exception:
+            continue
+        for elem in [*ds.iterall(), *getattr(ds, "file_meta", pydicom.Dataset()).iterall()]:
+            if elem.VR in ("PN", "DA", "DT", "TM", "UI", "SH", "LO") and elem.value:
+                for v in (elem.value if elem.VM > 1 else [elem.value]):
+                    v = str(v).strip()
+                    if len(v) >= 4 and not v.startswith("1.2.840.10008."):
+                        out.add(v)
+    return out
+
+
 def _all_bytes_under(out) -> dict:
     return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
@@ -143,7 +161,8 @@ def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path, capsy
     assert json.loads((out / "patients.json").read_text()) == sorted({pid, pseudonymise("MRN-777", salt, "d")})
     components = {c for f in root.rglob("*") for c in f.relative_to(root).parts}
     components |= {c.rsplit(".", 1)[0] for c in components} | {root.name, str(root), salt_file.name, str(log)}
-    headers = [*IDENTIFIERS.values(), "Doe", "Jane", "Roe^Richard", "MRN-777", "0012345", *real_ids]
+    headers = [*IDENTIFIERS.values(), "Doe", "Jane", "Roe^Richard", "MRN-777", "0012345", *real_ids,
+               *_identifying_values(root)]
     for p, data in _all_bytes_under(out).items():
         leaked = [n for n in [*components, *headers, salt.decode()] if n.encode() in data]
         assert not leaked, f"{p.relative_to(out)} contains {leaked}"
@@ -261,3 +280,44 @@ def test_filters_views_and_patient_key_end_to_end(tmp_path):
     assert m.data["options"]["patient_from"] == "study"
     m, rej, filt, metas = built("o3", "--patient-from", "file")
     assert metas["noid1.dcm"]["patient_id"] != metas["noid2.dcm"]["patient_id"]
+
+
+def test_folder_source_leaks_no_path_or_csv_identifier(tmp_path):
+    """The folder source under the same rule: file and sub-folder names, CSV patient / study values and the CSV's
+    own name appear nowhere under OUT (class folder names are the labels, so they do, by design)."""
+    import csv
+    root = tmp_path / "export_StMary"
+    rng = np.random.default_rng(0)
+    files = ["pneumonia/Ward7_Bloggs/MRN-4455_chest.png", "normal/2019-06-12_Sykes.png", "normal/Nguyen_Thi.png",
+             "normal/broken_Quimby.png", ".hidden_Krabappel/x_Skinner.png", "top_Milhouse.png"]
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 20), dtype=np.uint8)).save(root / rel)
+    (root / "normal/broken_Quimby.png").write_bytes(b"\x89PNG truncated")
+    salt = tmp_path / "team-key"
+    salt.write_text("q" * 40)
+    salt.chmod(0o600)
+    args = ["--source", "folder", "--root", str(root), "--workers", "0", "--size", "16", "--no-progress",
+            "--salt-file", str(salt), "--private-log", str(tmp_path / "paths.tsv")]
+    assert build.main([*args, "--out", str(tmp_path / "o1")]) == 0
+    labels = tmp_path / "cases_Wiggum_2019.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient", "study", "label"])
+        w.writerow([files[0], "MRN-4455", "ACC-2019-777", "pneumonia"])
+        w.writerow([files[1], "MRN-9911", "", "normal"])
+        w.writerow(["../outside_Flanders.png", "MRN-1234", "", "normal"])
+    assert build.main([*args, "--out", str(tmp_path / "o2"), "--labels-csv", str(labels)]) == 0
+    components = {c for rel in files for c in rel.split("/")} - {"pneumonia", "normal"}
+    components |= {c.rsplit(".", 1)[0] for c in components} | {root.name, labels.name, labels.stem, "outside_Flanders",
+                                                                 "MRN-4455", "MRN-9911", "MRN-1234", "ACC-2019-777"}
+    components = {c for c in components if c}
+    for out in (tmp_path / "o1", tmp_path / "o2"):
+        m = load_manifest(out)
+        assert m.data["counts"]["rejected"] >= 1 and all(set(r) == {"input_id", "sha256", "reason"}
+                                                         for r in m.data["rejects"])
+        for p, data in _all_bytes_under(out).items():
+            leaked = [n for n in components if n.encode() in data]
+            assert not leaked, f"{p.relative_to(tmp_path)} contains {leaked}"
+    private = (tmp_path / "paths.tsv").read_text()
+    assert "../outside_Flanders.png" in private and "normal/broken_Quimby.png" not in private  # last run's log
