@@ -96,16 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-csv", type=Path, help="folder / dicom: CSV with path [, patient, study, view, sex, age] "
                                                    "and a 'label' column or one column per label")
     p.add_argument("--dataset-name", help="folder / dicom: value of the 'dataset' field and key prefix")
-    p.add_argument("--salt-file", type=Path, default=None,
+    p.add_argument("--salt-file", type=Path, default=argparse.SUPPRESS,
                    help=f"dicom / folder: the pseudonym key, kept by the data team outside OUT; created (mode 600, "
                         f"random) when absent and reused so a growing archive keeps its pseudonyms "
                         f"(default: {default_salt_file()})")
-    p.add_argument("--private-log", type=Path, default=None,
+    p.add_argument("--private-log", type=Path, default=argparse.SUPPRESS,
                    help="dicom / folder: TSV mapping input_id to raw path for rejected / filtered inputs, outside "
                         "OUT, mode 600 (default: a file per OUT under $XDG_STATE_HOME/cxr-ssl/ingest/)")
     add_policy_options(p)
     p.add_argument("--file-timeout-s", type=float, default=300.0,
-                   help="a worker still decoding one file after this long is killed; the file is rejected")
+                   help="with --workers >= 1: a worker still decoding one file after this long is killed and the "
+                        "file rejected (a crashing decoder costs its file only, whatever this is)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any input is rejected")
     p.add_argument("--overwrite", action="store_true", help="replace a finished (or differently configured) output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -185,7 +186,7 @@ def sample_task(seq: int, rec: Record, split: str, plan: Plan, privacy: Privacy)
     labels = [rec.labels.get(n) for n in plan.label_names]
     meta = {"dataset": rec.dataset, "patient_id": rec.patient_id, "study_id": rec.study_id, "view": rec.view,
             "sex": rec.sex, "age": rec.age, "labels": dict(zip(plan.label_names, labels)), "split": split,
-            "source_path": privacy.input_id(rec.source_path), "flags": rec.flags}
+            "source_path": privacy.input_id(rec.source_path), "flags": rec.flags}  # private: salted pseudonym
     lbl = struct.pack(f"<{len(labels)}f", *(math.nan if v is None else float(v) for v in labels))
     pid = struct.pack("<q", plan.patient_index[rec.patient_id])
     return SampleTask(seq, rec.source_path, rec.kind, rec.key, meta, lbl, pid)
@@ -376,6 +377,7 @@ def options_json(a: argparse.Namespace, privacy: Privacy) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.salt_file, a.private_log = getattr(a, "salt_file", None), getattr(a, "private_log", None)
     try:
         return run(a)
     except (BuildError, SourceError) as e:

@@ -82,8 +82,8 @@ def collect(root: Path, workers: int, policy) -> dict:
     seconds = time.perf_counter() - t0
     syntaxes = {_uid_name(s): decoder_status(s) for s in counts["transfer_syntax"] if s}
     counts["transfer_syntax"] = Counter({_uid_name(s): n for s, n in counts["transfer_syntax"].items()})
-    return {"files": len(files), "header_seconds": seconds, "counts": {k: dict(v.most_common()) for k, v in counts.items()},
-            "decoders": syntaxes}
+    return {"files": len(files), "header_seconds": seconds, "decoders": syntaxes,
+            "counts": {k: dict(v.most_common()) for k, v in counts.items()}}
 
 
 def print_report(r: dict, file=None) -> None:

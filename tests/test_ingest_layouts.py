@@ -132,7 +132,8 @@ def test_folder_with_labels_csv_on_figure1(shared_data, tmp_path, capsys):
     from ingest.pseudonym import default_salt_file, pseudonymise
     salt = default_salt_file().read_text().strip().encode()
     fid = lambda rel: pseudonymise(rel, salt, "f")  # noqa: E731
-    assert [(r["input_id"], r["reason"]) for r in m.data["rejects"]] == [(fid("images/COVID-99999.jpg"), "missing file")]
+    assert [(r["input_id"], r["reason"]) for r in m.data["rejects"]] == [
+        (fid("images/COVID-99999.jpg"), "missing file")]
     metas = {n: _metas(out, "train")[fid(n)] for n in (f"images/{n}" for n in names[:-1])}
     # The patient table is fixed before decoding (the .pid bytes depend on it), so it keeps the row of
     # COVID-99999 whose only image was rejected; the split counts only patients with written samples.

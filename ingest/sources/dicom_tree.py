@@ -87,7 +87,6 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
             flags = {**flags, "view_from": "ViewCodeSequence"}
         records.append(Record(
             key=sample_key(dataset, patient, study, n), dataset=dataset, source_path=rel, patient_id=patient,
-            shard_path=pseudonymise(rel, salt, "f"),  # the salt holder can map it back
             study_id=study, view=view, labels=csv_labels.get(rel, {}) if opts.labels_csv is not None else {},
             sex=normalise_sex(h.sex or None), age=normalise_age(h.age or None), kind="dicom", flags=flags,
         ))

@@ -43,7 +43,7 @@ def _from_class_folders(root: Path, dataset: str, salt: bytes) -> SourceResult:
             continue
         pid = path_id(rel, salt)
         records.append(Record(key=sample_key(dataset, pid, "s0", 0), dataset=dataset, source_path=rel,
-                              patient_id=pid, study_id="s0", view="UNKNOWN", shard_path=pseudonymise(rel, salt, "f"),
+                              patient_id=pid, study_id="s0", view="UNKNOWN",
                               labels={c: int(c == cls) for c in classes}))
     return SourceResult(dataset, tuple(classes), records, rejects)
 
@@ -63,7 +63,6 @@ def _from_csv(root: Path, csv_path: Path, dataset: str, salt: bytes) -> SourceRe
         n = per_study[(patient, study)] = per_study.get((patient, study), -1) + 1
         records.append(Record(key=sample_key(dataset, patient, study, n), dataset=dataset, source_path=row.path,
                               patient_id=patient, study_id=study, view=normalise_view(row.view),
-                              shard_path=pseudonymise(row.path, salt, "f"),
                               labels=row.labels, sex=normalise_sex(row.sex), age=normalise_age(row.age)))
     return SourceResult(dataset, names, records, rejects)
 
