@@ -182,6 +182,8 @@ def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path, capsy
     (out3 / "pseudonym-salt.txt").write_text("x" * 64)
     assert build.main([*args, "--out", str(out3), "--overwrite"]) == 2
     assert build.main([*args, "--out", str(tmp_path / "o4"), "--salt-file", str(tmp_path / "o4" / "k")]) == 2
+    assert build.main([*args, "--out", str(tmp_path / "o6"), "--private-log", str(tmp_path / "o6" / "log")]) == 2
+    assert not (tmp_path / "o4" / "k").exists() and not (tmp_path / "o6" / "log").exists()
     salt_file.chmod(0o644)
     assert build.main([*args, "--out", str(tmp_path / "o5"), "--salt-file", str(salt_file)]) == 2
     assert "chmod 600" in capsys.readouterr().err
