@@ -64,7 +64,9 @@ def _context(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                         "in_channels": spec.in_channels, "path": str(spec.path) if spec.path else None,
                         "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec)},
             "shards": str(args.shards.resolve()), "task_names": tasks, "device": args.device,
-            "label_policy": _policy(args).to_json(), "eval_view": args.eval_view, "transform": _transform(args).as_dict(), "argv": getattr(args, "argv", sys.argv[1:]), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "label_policy": _policy(args).to_json(), "eval_view": args.eval_view,
+            "transform": _transform(args).as_dict(),
+            "argv": getattr(args, "argv", sys.argv[1:]), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _transform(args) -> Transform:
@@ -115,7 +117,8 @@ def run_linear(args) -> None:
     _guard([args.out / "linear" / f"{s.name}.json" for s in specs], args.overwrite)
     for spec in specs:
         train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
-        result, preds = linear_protocol(train, val, test, tasks, policy=_policy(args), c_grid=args.c_grid or DEFAULT_C_GRID,
+        result, preds = linear_protocol(train, val, test, tasks, policy=_policy(args),
+                                        c_grid=args.c_grid or DEFAULT_C_GRID,
                                         num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards), probe=_probe(args))
         result.update(_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
@@ -230,10 +233,11 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
             cfg = _finetune_cfg(args)
             cfg.seed = args.seed + s
             vidx, vinfo = val_selection(val_index.pid, y_va, f, args.seed + s, args.val_policy, args.val_min_per_class)
-            result, preds, _ = finetune(spec, args.shards, tasks, label_names, cfg, grid=parse_grid(args.grid), policy=policy,
-                                        device=args.device, transform=_transform(args),
+            result, preds, _ = finetune(spec, args.shards, tasks, label_names, cfg, grid=parse_grid(args.grid),
+                                        policy=policy, device=args.device, transform=_transform(args),
                                         train_patients=np.unique(train_pids[subsets[f]]),
-                                        val_patients=np.unique(val_index.pid[vidx]), num_threads=args.num_threads, log=_log)
+                                        val_patients=np.unique(val_index.pid[vidx]), num_threads=args.num_threads,
+                                        log=_log)
             targets, test_pids = preds["targets"], preds["pids"]
             counts = {t: {k: v for k, v in row.items() if k.startswith(("n_train", "n_val"))}
                       for t, row in result["tasks"].items()}
@@ -247,10 +251,12 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                       "seed_std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "mean_auroc_ci": bootstrap_mean_over_runs(targets, [r["scores"] for r in runs[f]], test_pids,
                                                                 num_replicates=args.bootstrap, seed=args.seed),
-                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]],
+                      "num_images": [r["num_images"] for r in runs[f]],
+                      "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]],
                       "val_selection": [r["val"] for r in runs[f]], "label_counts": [r["counts"] for r in runs[f]]})
-    return {"protocol": "fractions", "mode": "finetune", "label_policy": policy.to_json(), "uncertainty": policy.uncertain,
-            "num_seeds": args.seeds, "curve": curve, "val_policy": val_policy_json(args.val_policy, args.val_min_per_class),
+    return {"protocol": "fractions", "mode": "finetune", "label_policy": policy.to_json(),
+            "uncertainty": policy.uncertain, "num_seeds": args.seeds, "curve": curve,
+            "val_policy": val_policy_json(args.val_policy, args.val_min_per_class),
             "notes": [], "ci": "patient bootstrap of the test set, runs averaged inside each replicate"}
 
 
@@ -267,6 +273,10 @@ def run_compare(args) -> None:
         with np.load(path) as z:
             loaded.append({k: z[k] for k in z.files})
     a, b = loaded
+    settings = [_settings(folder / f"{name}.json") for name in (args.a, args.b)]
+    if settings[0] != settings[1]:
+        raise UsageError(f"{args.a} and {args.b} were evaluated under different settings ({settings[0]} vs "
+                         f"{settings[1]}); re-run one with the other's --blank / --uncertainty / --eval-view")
     if list(a["tasks"]) != list(b["tasks"]) or a["pids"].shape != b["pids"].shape or not np.array_equal(a["pids"], b["pids"]) \
             or not np.array_equal(a["targets"], b["targets"], equal_nan=True):
         raise UsageError(f"{args.a} and {args.b} were not scored on the same test samples and tasks; re-run both on the same shards")
@@ -276,6 +286,12 @@ def run_compare(args) -> None:
     _write_json(out, result)
     m = result["mean_auroc"]
     _log(f"compare {args.a} - {args.b} ({args.protocol}): mean AUROC diff {_fmt(m['diff'])} 95% CI {_fmt_ci(m['ci'])} p={_fmt(m['p_value'])}")
+
+
+def _settings(path: Path) -> dict:
+    """The label policy and eval view a stored result was computed under (None where not recorded)."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    return {"label_policy": doc.get("label_policy"), "eval_view": doc.get("eval_view")}
 
 
 def run_report(args) -> None:

@@ -86,10 +86,12 @@ class ImageSource:
                 yield images, labels, pids
             return
         for i in range(0, self.images.shape[0], batch_size):
-            yield self.images[i : i + batch_size].float(), self.labels[i : i + batch_size], self.pids[i : i + batch_size]
+            rows = slice(i, i + batch_size)
+            yield self.images[rows].float(), self.labels[rows], self.pids[rows]
 
 
-def _predict(model, head, source: ImageSource, batch_size: int, torch_device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _predict(model, head, source: ImageSource, batch_size: int,
+             torch_device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
     model.eval()
     scores, labels, pids = [], [], []
@@ -153,7 +155,8 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
             sched.step()  # also on all-masked batches: the schedule follows the planned steps
         val_scores, val_raw, val_pids = _predict(model, head, val, cfg.batch_size, torch_device)
         rows = slice(None) if val_patients is None else np.isin(val_pids, val_patients)
-        val_auroc = evaluate(select_targets(val_raw[rows], label_names, tasks, policy), val_scores[rows], tasks).mean_auroc
+        val_targets = select_targets(val_raw[rows], label_names, tasks, policy)
+        val_auroc = evaluate(val_targets, val_scores[rows], tasks).mean_auroc
         run.history.append({"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "val_mean_auroc": _num(val_auroc),
                             "seconds": time.perf_counter() - t0, "images": n_seen})
         log(f"  lr={cfg.lr:g} wd={cfg.weight_decay:g} epoch {epoch}: loss {loss_sum / max(1, n_seen):.4f} val mean AUROC {val_auroc:.4f}")

@@ -166,11 +166,12 @@ def fractions_linear(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks
             per_task[t] = float(np.mean(task_vals)) if np.isfinite(task_vals).all() else None
         curve.append({"fraction": f, "mean_auroc": float(np.mean(vals)), "seed_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "mean_auroc_ci": ci, "per_seed": vals.tolist(), "tasks": per_task,
-                      "num_images": [r["num_images"] for r in runs[f]], "num_patients": [r["num_patients"] for r in runs[f]],
+                      "num_images": [r["num_images"] for r in runs[f]],
+                      "num_patients": [r["num_patients"] for r in runs[f]],
                       "val_selection": [r["val"] for r in runs[f]], "chosen_c": [r["chosen_c"] for r in runs[f]],
                       "label_counts": [r["counts"] for r in runs[f]]})
-    return {"protocol": "fractions", "mode": "linear", "label_policy": policy.to_json(), "uncertainty": policy.uncertain,
-            "num_seeds": num_seeds, "curve": curve, "notes": notes,
+    return {"protocol": "fractions", "mode": "linear", "label_policy": policy.to_json(),
+            "uncertainty": policy.uncertain, "num_seeds": num_seeds, "curve": curve, "notes": notes,
             "val_policy": val_policy_json(val_policy, val_min_per_class),
             "test_counts": split_counts({"test": y_te}, tasks),
             "ci": "patient bootstrap of the test set, runs averaged inside each replicate"}

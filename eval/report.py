@@ -37,7 +37,8 @@ def _label(doc: dict) -> str:
 def _policy_text(policy: dict | None) -> str:
     if not policy:
         return "not recorded (results written before label policies were recorded)"
-    blank = {"zero": "blank = negative", "mask": "blank = masked"}.get(policy.get("blank"), f"blank = {policy.get('blank')}")
+    names = {"zero": "blank = negative", "mask": "blank = masked"}
+    blank = names.get(policy.get("blank"), f"blank = {policy.get('blank')}")
     return f"{blank}, uncertain (-1) {policy.get('uncertain', '?')}"
 
 
@@ -79,7 +80,8 @@ def _fewshot_table(docs: list[dict]) -> list[str]:
     tasks = list(dict.fromkeys(t for d in docs for t in d["tasks"]))
     lines = ["## k-shot linear probe", "",
              "Every labelled test image (not balanced); AUROC mean ± sd over seeds, [95% CI of the mean over seeds]; "
-             "balanced accuracy at p = 0.5 beside it. Features standardised with the whole (unlabelled) training split. "
+             "balanced accuracy at p = 0.5 beside it. Features standardised with the whole (unlabelled) training "
+             "split. "
              "The probe's C is fixed, not tuned: a k-shot budget has no validation labels to choose it on.", "",
              "| Encoder | k | seeds | C | " + " | ".join(tasks) + " | Mean AUROC | Mean balanced accuracy |",
              "|---" * (len(tasks) + 6) + "|"]
@@ -112,8 +114,8 @@ def _fractions_table(docs: list[dict]) -> list[str]:
         by = {c["fraction"]: c for c in d["curve"]}
         cells = [_cell(by[f]["mean_auroc"], by[f].get("mean_auroc_ci")) if f in by else "–" for f in fracs]
         lines.append(f"| {_label(d)} | {d['mode']} | " + " | ".join(cells) + " |")
-    selection = list(dict.fromkeys((d.get("val_policy") or {}).get("description", "whole validation split (not recorded)")
-                                   for d in docs))
+    unknown = "whole validation split (not recorded)"
+    selection = list(dict.fromkeys((d.get("val_policy") or {}).get("description", unknown) for d in docs))
     return lines + [""] + settings_lines(docs) + [f"_Model selection: {t}._" for t in selection] + [""]
 
 

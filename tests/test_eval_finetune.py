@@ -48,7 +48,8 @@ def test_each_epoch_is_a_fresh_shuffle_of_exactly_the_chosen_patients_with_their
     img0b, _, pid0b, _ = _epoch(loader, 0)
     assert np.array_equal(pid0, pid0b) and torch.equal(img0, img0b)
     # images carry their own labels and pids: match each against the deterministic eval view
-    ev = list(iterate_valid(eval_loader(shards, "train", batch_size=16, device="cpu", transform=Transform(32, 32), channels=1)))
+    center = Transform(32, 32, view="center")  # the moco-cxr preset's geometry: resize + centre crop
+    ev = list(iterate_valid(eval_loader(shards, "train", batch_size=16, device="cpu", transform=center, channels=1)))
     ev_img, ev_lbl, ev_pid = torch.cat([e[0] for e in ev]), torch.cat([e[1] for e in ev]), torch.cat([e[2] for e in ev])
     for i in range(len(pid0)):
         j = int(torch.argmin((ev_img - img0[i]).abs().flatten(1).amax(1)))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.labels import (LabelPolicy, TaskError, apply_policy, apply_uncertainty, as_policy, check_labelled, label_counts,
-                         resolve_tasks, select_targets, split_counts)
+from eval.labels import (LabelPolicy, TaskError, apply_policy, apply_uncertainty, as_policy, check_labelled,
+                         label_counts, resolve_tasks, select_targets, split_counts)
 from eval.metrics import auroc, balanced_accuracy
 from eval.probes import fit_linear_probes
 from eval.sampling import balanced_test_indices, fraction_subsets, kshot_indices, matched_val_subset
@@ -66,7 +66,8 @@ def test_label_policies_blank_negative_by_default():
     raw = np.array([[1, 0, -1, np.nan]], dtype=np.float32)
     default = apply_policy(raw, LabelPolicy())[0]
     assert default[[0, 1, 3]].tolist() == [1, 0, 0] and np.isnan(default[2])  # blank = negative, -1 ignored
-    masked = {u: apply_policy(raw, LabelPolicy(blank="mask", uncertain=u))[0] for u in ("u-ignore", "u-zeros", "u-ones")}
+    masked = {u: apply_policy(raw, LabelPolicy(blank="mask", uncertain=u))[0]
+              for u in ("u-ignore", "u-zeros", "u-ones")}
     assert masked["u-ignore"][:2].tolist() == [1, 0] and np.isnan(masked["u-ignore"][2:]).all()
     assert masked["u-zeros"][:3].tolist() == [1, 0, 0] and np.isnan(masked["u-zeros"][3])
     assert masked["u-ones"][:3].tolist() == [1, 0, 1] and np.isnan(masked["u-ones"][3])
@@ -91,7 +92,8 @@ def test_label_policies_blank_negative_by_default():
 
 def test_label_counts_and_split_counts():
     t = np.array([[1, 0], [0, np.nan], [1, 1], [np.nan, 0]], dtype=np.float32)
-    assert label_counts(t, ["A", "B"]) == {"A": {"pos": 2, "neg": 1, "masked": 1}, "B": {"pos": 1, "neg": 2, "masked": 1}}
+    assert label_counts(t, ["A", "B"]) == {"A": {"pos": 2, "neg": 1, "masked": 1},
+                                           "B": {"pos": 1, "neg": 2, "masked": 1}}
     both = split_counts({"train": t, "test": t[:2]}, ["A", "B"])
     assert both["A"] == {"n_train_pos": 2, "n_train_neg": 1, "n_test_pos": 1, "n_test_neg": 1}
     with pytest.raises(ValueError, match="disagree"):
@@ -156,7 +158,8 @@ def test_masking_and_zeroing_blanks_fit_different_probes():
         assert res["label_policy"] == {"blank": blank, "uncertain": "u-ignore"}
         row = res["tasks"]["Effusion"]
         assert (row["n_train_pos"], row["n_val_pos"], row["n_test_pos"]) == (60, 30, 40)
-        assert (row["n_train_neg"], row["n_val_neg"], row["n_test_neg"]) == ((220, 110, 165) if blank == "zero" else (20, 10, 15))
+        expected_neg = (220, 110, 165) if blank == "zero" else (20, 10, 15)
+        assert (row["n_train_neg"], row["n_val_neg"], row["n_test_neg"]) == expected_neg
     y_zero = results["zero"][1]["targets"][:, 0]  # blank = negative: positives vs everything else
     au = {b: auroc(y_zero, results[b][1]["scores"][:, 0]) for b in results}
     assert au["zero"] > 0.95 and au["mask"] < 0.75, au
