@@ -73,7 +73,21 @@ def _auroc_table(docs: list[dict], title: str) -> list[str]:
         cells = [_cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
         lines.append(f"| {_label(d)} | " + " | ".join(cells) + f" | {_cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
-    return lines + [""] + settings_lines(docs) + (notes + [""] if notes else [])
+    return lines + [""] + settings_lines(docs) + counts_lines(docs, tasks) + (notes + [""] if notes else [])
+
+
+def counts_lines(docs: list[dict], tasks: list[str]) -> list[str]:
+    """Positive / negative images per task and split under the table's label policy (from the first result that
+    records them: every row of a table shares its shards and policy, or settings_lines says otherwise)."""
+    rows = next((d["tasks"] for d in docs if any("n_train_pos" in r for r in d.get("tasks", {}).values())), None)
+    if rows is None:
+        return []
+    cells = []
+    for t in tasks:
+        r = rows.get(t, {})
+        per_split = [f"{s} {r[f'n_{s}_pos']}/{r[f'n_{s}_neg']}" for s in ("train", "val", "test") if f"n_{s}_pos" in r]
+        cells.append(f"{t}: {', '.join(per_split)}")
+    return ["_Images positive/negative per task: " + "; ".join(cells) + "._", ""]
 
 
 def _fewshot_table(docs: list[dict]) -> list[str]:
