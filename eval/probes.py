@@ -24,11 +24,21 @@ class ProbeResult:
 def standardise(train: np.ndarray, *others: np.ndarray, scale_from: np.ndarray | None = None) -> list[np.ndarray]:
     # Scale fitted on training images only (``scale_from``: all of the training split, labels unused; default the
     # probe's own training rows): nothing about val/test leaks into the probe.
-    ref = train if scale_from is None else scale_from
-    mean = ref.mean(axis=0)
-    std = ref.std(axis=0)
-    std[std < 1e-8] = 1.0  # constant features (dead ReLUs) stay 0 instead of dividing by zero
+    mean, std = feature_scale(train if scale_from is None else scale_from)
     return [((x - mean) / std).astype(np.float64) for x in (train, *others)]
+
+
+def feature_scale(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (D,) of ``ref`` (N, D), accumulated in float64; a constant feature (dead ReLU)
+    gets std 1 so it stays 0 instead of dividing by zero."""
+    n, chunk_rows = ref.shape[0], 16384  # bounded temporaries on a 200k x 2048 split
+    mean = ref.mean(axis=0, dtype=np.float64)
+    sq = np.zeros(ref.shape[1], dtype=np.float64)
+    for i in range(0, n, chunk_rows):
+        sq += np.sum((ref[i : i + chunk_rows].astype(np.float64) - mean) ** 2, axis=0)
+    std = np.sqrt(sq / max(n, 1))
+    std[std < 1e-8] = 1.0
+    return mean, std
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):

@@ -9,7 +9,7 @@ from eval.bootstrap import bootstrap_ci, bootstrap_mean_over_runs
 from eval.features import FeatureSet
 from eval.labels import LabelPolicy, check_labelled, label_counts, select_targets, split_counts
 from eval.metrics import auroc, balanced_accuracy, evaluate
-from eval.probes import DEFAULT_C_GRID, fit_linear_probes, standardise
+from eval.probes import DEFAULT_C_GRID, feature_scale, fit_linear_probes
 from eval.sampling import DEFAULT_VAL_MIN_PER_CLASS, fraction_subsets, kshot_indices, matched_val_subset
 
 VAL_POLICIES = ("matched", "full")
@@ -70,7 +70,10 @@ def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k
     of the mean and 2.5-97.5 percentile range over seeds."""
     y_tr = targets_of(train, tasks, policy, "train", source)
     y_te = targets_of(test, tasks, policy, "test", source)
-    tr_all, te_all = standardise(train.features, test.features)  # (N_train, D), (N_test, D)
+    # Scale from the whole training split (features only); only the 2k drawn rows are scaled per draw, so a
+    # 200k-image split is never copied whole in float64.
+    mean, std = feature_scale(train.features)  # (D,), (D,)
+    te_all = (test.features - mean) / std      # (N_test, D)
     per_task: dict[str, dict] = {}
     aurocs = np.full((num_seeds, len(tasks)), np.nan)
     baccs = np.full_like(aurocs, np.nan)
@@ -86,8 +89,9 @@ def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k
             if idx is None:
                 notes.append(f"{name}: skipped: fewer than {k} positive and {k} negative training patients")
                 break
-            fitted = fit_linear_probes(tr_all[idx], y_tr[idx][:, [j]], te_all[keep], [name], fixed_c=c,
-                                       seed=seed + s, prescaled=True, **(probe or {}))
+            x = (train.features[idx] - mean) / std  # (2k, D)
+            fitted = fit_linear_probes(x, y_tr[idx][:, [j]], te_all[keep], [name], fixed_c=c, seed=seed + s,
+                                       prescaled=True, **(probe or {}))
             p = fitted.test_scores[:, 0]
             aurocs[s, j] = auroc(y_te[keep, j], p)
             baccs[s, j] = balanced_accuracy(y_te[keep, j], p)
