@@ -1,6 +1,7 @@
 """`python -m bench ingest`: ingest throughput. Per-core decode -> resize -> encode rate and `build-shards`
 end to end with 1, 2, ... workers (scaling), on CheXpert-small-like JPEGs (~320x390 gray), 1024x1024 PNGs,
-and big JPEGs with and without the draft (DCT-scaled) fast path. Inputs are generated in a temp folder."""
+big JPEGs with and without the draft (DCT-scaled) fast path, and 2048x2500 12-bit DICOM radiographs per
+transfer syntax (uncompressed, JPEG-LS lossless, JPEG 2000 lossless). Inputs are generated in a temp folder."""
 from __future__ import annotations
 
 import argparse
@@ -100,11 +101,71 @@ def bench_build(report: BenchReport, root: Path, label: str, workers_list: list[
                    images_per_s=ips, images_per_s_per_worker=ips / w, scaling=ips / base)
 
 
+DICOM_SYNTAXES = ("ExplicitVRLittleEndian", "JPEGLSLossless", "JPEG2000Lossless")
+
+
+def make_dicom_radiographs(count: int, seed: int = 0) -> list[bytes]:
+    """``count`` different 2048x2500 12-bit DX images (a real CXR scaled to 12 bits plus sensor noise), stored
+    uncompressed; the compressed twins are made by bench_dicom."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, base in enumerate(_base_images(count, rng)):
+        img = np.asarray(Image.fromarray(base).resize((2048, 2500), Image.BICUBIC)).astype(np.float32) * 16
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"bench-{seed}-{i}"])
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.StudyInstanceUID = "DX", f"bench{i}", f"1.2.3.{i}"
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 2500, 2048, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.PixelData = img.tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_dicom(report: BenchReport, count: int, repeats: int) -> None:
+    """decode -> window -> resize -> encode of one 2048x2500 12-bit radiograph per transfer syntax, 1 process."""
+    import pydicom
+    import pydicom.uid as U
+    from ingest.preprocess import process_bytes
+    plain = make_dicom_radiographs(count)
+    for name in DICOM_SYNTAXES:
+        datas = []
+        try:
+            for d in plain:
+                ds = pydicom.dcmread(io.BytesIO(d))
+                if name != "ExplicitVRLittleEndian":
+                    ds.compress(getattr(U, name))  # CharLS (pyjpegls) / OpenJPEG (pylibjpeg-openjpeg)
+                buf = io.BytesIO()
+                ds.save_as(buf)
+                datas.append(buf.getvalue())
+        except (RuntimeError, ImportError) as e:
+            report.notes.append(f"dicom {name}: skipped, no encoder to make the input ({str(e).splitlines()[0]})")
+            continue
+        t = time_fn(lambda: [process_bytes(d, "dicom", 256, 95) for d in datas], warmup=1, repeats=repeats,
+                    sync=False)
+        ratio = sum(len(d) for d in plain) / sum(len(d) for d in datas)
+        report.add(input=f"dicom 2048x2500 12-bit {getattr(U, name).name} (x{ratio:.2f} smaller)",
+                   stage="decode+window+resize+encode, 1 process", workers=1, images=len(datas), median_s=t.median_s,
+                   images_per_s=len(datas) / t.median_s, images_per_s_per_worker=len(datas) / t.median_s, scaling=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench ingest", description=__doc__)
     p.add_argument("--jpeg-images", type=int, default=2000, help="CheXpert-small-like 320x390 JPEGs")
     p.add_argument("--png-images", type=int, default=120, help="1024x1024 PNGs")
     p.add_argument("--big-jpeg-images", type=int, default=60, help="2048x2500 JPEGs (draft fast path)")
+    p.add_argument("--dicom-images", type=int, default=2, help="2048x2500 12-bit DICOMs per transfer syntax")
     p.add_argument("--workers", default="1,2", help="comma list of worker counts for build-shards")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="JSON file or folder (default: print only; 'default' = bench/results/<machine>/)")
@@ -125,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_process(report, png, "png 1024x1024 gray", a.repeats)
         bench_process(report, big, "jpeg 2048x2500 gray", a.repeats)
         bench_process(report, big, "jpeg 2048x2500 gray", a.repeats, draft=False)
+        if a.dicom_images > 0:
+            bench_dicom(report, a.dicom_images, a.repeats)
         bench_pool(report, jpeg, "jpeg 320x390 gray", workers, a.repeats)
         bench_build(report, jpeg, "jpeg 320x390 gray", workers, a.repeats, tmp)
         bench_build(report, png, "png 1024x1024 gray", workers, a.repeats, tmp)

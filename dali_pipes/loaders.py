@@ -174,11 +174,14 @@ class EvalLoader:
 
     def __init__(self, shard_root, split: str, *, batch_size: int, device: str, image_size: int, resize_size: int,
                  channels: int, dtype: torch.dtype, rank: int, world_size: int, num_threads: int,
-                 device_id: int | None, prefetch: int = 2):
+                 device_id: int | None, prefetch: int = 2, view: str = "center"):
         _check_rank(rank, world_size, batch_size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if resize_size < image_size:
+        if view not in P.EVAL_VIEWS:
+            raise ValueError(f"unknown eval view {view!r} (choose from {', '.join(P.EVAL_VIEWS)})")
+        self.view = view
+        if view == "center" and resize_size < image_size:
             raise ValueError(f"resize_size {resize_size} is smaller than the centre crop {image_size}")
         self.manifest, self.shards = _open_split(shard_root, split)
         self.label_names = self.manifest.label_names
@@ -204,7 +207,7 @@ class EvalLoader:
             seed=0, prefetch=self.prefetch, paths=[str(s.path) for s in self.shards],
             index_paths=[str(s.index_path) for s in self.shards], rank=self.rank, world_size=self.world_size,
             image_size=self.image_size, resize_size=self.resize_size, channels=self.channels,
-            dali_dtype=self._dali_dtype, device=self.device)
+            dali_dtype=self._dali_dtype, device=self.device, view=self.view)
         positions = torch.arange(self.batch_size)
         for b in range(self._len):
             images, labels, pids = pipe.run()
@@ -230,8 +233,10 @@ def build_pretrain_loader(shard_root, split: str = "train", *, batch_size: int, 
 def build_eval_loader(shard_root, split: str, *, batch_size: int, device: str = "cpu", image_size: int = 224,
                       resize_size: int = 256, channels: int = 1, dtype: torch.dtype = torch.float32, rank: int = 0,
                       world_size: int = 1, num_threads: int = 2, device_id: int | None = None,
-                      prefetch: int = 2) -> EvalLoader:
-    """Deterministic single-view loader with labels, pids and a ``valid`` mask; no shuffle, every sample once."""
+                      prefetch: int = 2, view: str = "center") -> EvalLoader:
+    """Deterministic single-view loader with labels, pids and a ``valid`` mask; no shuffle, every sample once.
+    ``view``: "center" (resize shorter side to resize_size, centre crop) or "full" (whole film squashed to
+    image_size; see ``pipelines.eval_view``)."""
     return EvalLoader(shard_root, split, batch_size=batch_size, device=device, image_size=image_size,
                       resize_size=resize_size, channels=channels, dtype=dtype, rank=rank, world_size=world_size,
-                      num_threads=num_threads, device_id=device_id, prefetch=prefetch)
+                      num_threads=num_threads, device_id=device_id, prefetch=prefetch, view=view)

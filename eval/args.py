@@ -4,8 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eval.labels import UNCERTAINTY_POLICIES
-from eval.sampling import DEFAULT_FRACTIONS
+from eval.labels import BLANK_POLICIES, UNCERTAINTY_POLICIES
+from eval.sampling import DEFAULT_FRACTIONS, DEFAULT_VAL_MIN_PER_CLASS
+
+# Spelled out (not imported from eval.features) so that parsing arguments does not import torch; a test keeps
+# them equal.
+EVAL_VIEWS = ("full", "center")
+VAL_POLICIES = ("matched", "full")
 
 # "finetune" + dali_pipes' AugmentConfig.PRESETS, spelled out so that parsing arguments (and --help) does not import
 # torch / DALI; a test keeps the two lists equal.
@@ -67,6 +72,18 @@ def _positive(text: str) -> int:
     return value
 
 
+MIN_FEWSHOT_SEEDS = 20
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = _positive(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="eval folder (results, predictions, feature cache, report)")
     p.add_argument("--overwrite", action="store_true", help="replace finished output in --out")
@@ -82,10 +99,22 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--in-channels", type=int, choices=(1, 3), default=None,
                    help="input channels for --init (default: 1 for random, 3 for imagenet); checked against --encoder")
     p.add_argument("--tasks", default="all", help="'all' (every label of the shards), 'chexpert5', or comma-separated label names")
+    p.add_argument("--blank", choices=BLANK_POLICIES, default="zero",
+                   help="policy for blank (not mentioned) labels: 'zero' = negative (default; CheXpert's convention, "
+                        "as in the CheXpert baselines and the CXR SSL studies) or 'mask' (left out of training and "
+                        "scoring)")
     p.add_argument("--uncertainty", choices=UNCERTAINTY_POLICIES, default="u-ignore", help="policy for -1 labels (default u-ignore)")
+    p.add_argument("--eval-view", choices=EVAL_VIEWS, default="full",
+                   help="deterministic input view: 'full' (default) squashes the whole film to image-size x image-size "
+                        "(aspect not kept: no anatomy is cut, and training's random resized crops are also resized "
+                        "to a square from aspect ratios 3/4..4/3, so the mild squash stays in distribution; "
+                        "letterbox bars would waste pixels and never occur in training); 'center' resizes the "
+                        "shorter side to --resize-size and centre-crops image-size (cuts the costophrenic angles "
+                        "and apices of a portrait film)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="DALI pipeline + model device (default: gpu if CUDA is available)")
     p.add_argument("--image-size", type=_positive, default=224)
-    p.add_argument("--resize-size", type=int, default=None, help="shorter side before the centre crop (default image-size * 8/7)")
+    p.add_argument("--resize-size", type=int, default=None,
+                   help="--eval-view center: shorter side before the centre crop (default image-size * 8/7)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--num-threads", type=_positive, default=2, help="DALI CPU threads")
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default OUT/cache)")
@@ -124,13 +153,17 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--c-grid", type=_positive_floats, default=None, help="inverse regularisation grid (default 1e-4..1e2, 7 values)")
     elif command == "fewshot":
-        p.description = "k positives + k negatives per task, a probe per seed, balanced test set; mean and spread over seeds."
+        p.description = ("k positives + k negatives per task, a probe per seed (fixed C), scored on the whole test split "
+                         "(AUROC and balanced accuracy); mean, sd and 95% interval over >= 20 seeds.")
         _common(p)
         p.add_argument("--k", type=_positive, default=10)
-        p.add_argument("--seeds", type=_positive, default=20, help="repetitions (>= 20 recommended)")
+        p.add_argument("--seeds", type=_at_least(MIN_FEWSHOT_SEEDS), default=MIN_FEWSHOT_SEEDS,
+                       help=f"repetitions, each a fresh k-shot draw (at least {MIN_FEWSHOT_SEEDS}: the spread over "
+                            f"draws is as large as the differences between encoders)")
         p.add_argument("--C", type=_positive_float, default=1.0, dest="c",
-                       help="probe inverse regularisation, fixed (default 1.0, on standardised features): a k-shot budget "
-                            "has no validation labels to choose it on, so C is not tuned (recorded in the result JSON)")
+                       help="probe inverse regularisation, fixed (default 1.0, on features standardised with the "
+                            "whole unlabelled training split): a k-shot budget has no validation labels to choose it "
+                            "on, so C is not tuned (recorded in the result JSON)")
     elif command == "fractions":
         p.description = "Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or end-to-end."
         _common(p)
@@ -138,6 +171,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="label fractions in (0, 1], sampled by patient and nested (default 0.001,0.01,0.1,1)")
         p.add_argument("--seeds", type=_positive, default=3)
         p.add_argument("--mode", choices=("linear", "finetune", "both"), default="linear")
+        p.add_argument("--val-policy", choices=VAL_POLICIES, default="matched",
+                       help="validation labels for choosing C / the best epoch / the grid cell: 'matched' (default) "
+                            "subsamples val by patient to the same fraction as train (nested, per seed), so a 1%% "
+                            "curve point is not tuned on 100%% of val; 'full' uses all of val")
+        p.add_argument("--val-min-per-class", type=_positive, default=DEFAULT_VAL_MIN_PER_CLASS,
+                       help=f"matched val: the subset is enlarged (more patients, same order) until every task has at "
+                            f"least this many positive and negative val images, where val has them (default "
+                            f"{DEFAULT_VAL_MIN_PER_CLASS})")
         p.add_argument("--c-grid", type=_positive_floats, default=None)
         _finetune_args(p)
     elif command == "finetune":

@@ -14,7 +14,7 @@ import numpy as np
 
 from eval.args import UsageError, build_parser, parse_grid
 from eval.features import EncoderError, EncoderSpec, Transform, default_device, encoder_hash, encoder_spec, extract_features
-from eval.labels import TaskError, resolve_tasks
+from eval.labels import LabelPolicy, TaskError, resolve_tasks
 from ingest.schema import ShardFormatError, load_manifest
 
 
@@ -64,12 +64,18 @@ def _context(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                         "in_channels": spec.in_channels, "path": str(spec.path) if spec.path else None,
                         "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec)},
             "shards": str(args.shards.resolve()), "task_names": tasks, "device": args.device,
-            "transform": _transform(args).as_dict(), "argv": getattr(args, "argv", sys.argv[1:]), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "label_policy": _policy(args).to_json(), "eval_view": args.eval_view,
+            "transform": _transform(args).as_dict(),
+            "argv": getattr(args, "argv", sys.argv[1:]), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _transform(args) -> Transform:
     resize = args.resize_size or int(round(args.image_size * 8 / 7))
-    return Transform(args.image_size, resize)
+    return Transform(args.image_size, resize, view=args.eval_view)
+
+
+def _policy(args) -> LabelPolicy:
+    return LabelPolicy(blank=args.blank, uncertain=args.uncertainty)
 
 
 def _features(args, spec: EncoderSpec, split: str):
@@ -111,7 +117,8 @@ def run_linear(args) -> None:
     _guard([args.out / "linear" / f"{s.name}.json" for s in specs], args.overwrite)
     for spec in specs:
         train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
-        result, preds = linear_protocol(train, val, test, tasks, policy=args.uncertainty, c_grid=args.c_grid or DEFAULT_C_GRID,
+        result, preds = linear_protocol(train, val, test, tasks, policy=_policy(args),
+                                        c_grid=args.c_grid or DEFAULT_C_GRID,
                                         num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards), probe=_probe(args))
         result.update(_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
@@ -126,12 +133,13 @@ def run_fewshot(args) -> None:
     _guard([args.out / "fewshot" / f"{s.name}-k{args.k}.json" for s in specs], args.overwrite)
     for spec in specs:
         train, test = _features(args, spec, "train"), _features(args, spec, "test")
-        result = fewshot_protocol(train, test, tasks, k=args.k, num_seeds=args.seeds, policy=args.uncertainty, c=args.c,
+        result = fewshot_protocol(train, test, tasks, k=args.k, num_seeds=args.seeds, policy=_policy(args), c=args.c,
                                   seed=args.seed, source=str(args.shards), probe=_probe(args))
         result.update(_context(args, spec, tasks))
         _write_json(args.out / "fewshot" / f"{spec.name}-k{args.k}.json", result)
         m = result["mean_auroc"]
-        _log(f"fewshot k={args.k} {spec.name}: mean AUROC {_fmt(m and m['auroc'])} +- {_fmt(m and m['auroc_std'])} over {args.seeds} seeds")
+        _log(f"fewshot k={args.k} {spec.name}: mean AUROC {_fmt(m and m['auroc'])} +- {_fmt(m and m['auroc_std'])} "
+             f"over {args.seeds} seeds")
 
 
 def _finetune_cfg(args):
@@ -154,7 +162,7 @@ def run_finetune(args) -> None:
     label_names = load_manifest(args.shards).label_names
     for spec in specs:
         result, preds, state = finetune(spec, args.shards, tasks, label_names, _finetune_cfg(args), grid=grid,
-                                        policy=args.uncertainty, device=args.device, transform=_transform(args),
+                                        policy=_policy(args), device=args.device, transform=_transform(args),
                                         num_threads=args.num_threads, log=_log)
         result = merge_ci(result, bootstrap_ci(preds["targets"], preds["scores"], preds["pids"], tasks,
                                                num_replicates=args.bootstrap, seed=args.seed))
@@ -192,8 +200,10 @@ def run_fractions(args) -> None:
         if "linear" in modes:
             train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
             result = fractions_linear(train, val, test, tasks, fractions=args.fractions, num_seeds=args.seeds,
-                                      policy=args.uncertainty, c_grid=args.c_grid or DEFAULT_C_GRID,
-                                      num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards), probe=_probe(args))
+                                      policy=_policy(args), c_grid=args.c_grid or DEFAULT_C_GRID,
+                                      num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards),
+                                      probe=_probe(args), val_policy=args.val_policy,
+                                      val_min_per_class=args.val_min_per_class)
             result.update(_context(args, spec, tasks))
             _write_json(args.out / "fractions" / f"{spec.name}-linear.json", result)
             _log(f"fractions linear {spec.name}: " + ", ".join(f"{c['fraction']:g}: {c['mean_auroc']:.3f}" for c in result["curve"]))
@@ -206,9 +216,15 @@ def run_fractions(args) -> None:
 def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
     from eval.bootstrap import bootstrap_mean_over_runs
     from eval.finetune import finetune
+    from eval.labels import select_targets
+    from eval.protocols import val_policy_json, val_selection
     from eval.sampling import fraction_subsets, split_patient_ids
+    from eval.train_loader import build_labelled_index
     label_names = load_manifest(args.shards).label_names
+    policy = _policy(args)
     train_pids = split_patient_ids(args.shards, "train")
+    val_index = build_labelled_index(args.shards, "val")
+    y_va = select_targets(val_index.raw_labels(), label_names, tasks, policy)
     runs: dict[float, list] = {f: [] for f in args.fractions}
     targets = test_pids = None
     for s in range(args.seeds):
@@ -216,12 +232,18 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
         for f in sorted(args.fractions):
             cfg = _finetune_cfg(args)
             cfg.seed = args.seed + s
-            result, preds, _ = finetune(spec, args.shards, tasks, label_names, cfg, grid=parse_grid(args.grid), policy=args.uncertainty,
-                                     device=args.device, transform=_transform(args), train_patients=np.unique(train_pids[subsets[f]]),
-                                     num_threads=args.num_threads, log=_log)
+            vidx, vinfo = val_selection(val_index.pid, y_va, f, args.seed + s, args.val_policy, args.val_min_per_class)
+            result, preds, _ = finetune(spec, args.shards, tasks, label_names, cfg, grid=parse_grid(args.grid),
+                                        policy=policy, device=args.device, transform=_transform(args),
+                                        train_patients=np.unique(train_pids[subsets[f]]),
+                                        val_patients=np.unique(val_index.pid[vidx]), num_threads=args.num_threads,
+                                        log=_log)
             targets, test_pids = preds["targets"], preds["pids"]
+            counts = {t: {k: v for k, v in row.items() if k.startswith(("n_train", "n_val"))}
+                      for t, row in result["tasks"].items()}
             runs[f].append({"scores": preds["scores"], "mean_auroc": result["mean_auroc"], "lr": result["chosen_lr"],
-                            "weight_decay": result["chosen_weight_decay"], "num_images": int(result["train_images"])})
+                            "weight_decay": result["chosen_weight_decay"], "num_images": int(result["train_images"]),
+                            "val": vinfo, "counts": counts})
     curve = []
     for f in sorted(args.fractions):
         vals = np.array([r["mean_auroc"] if r["mean_auroc"] is not None else np.nan for r in runs[f]])
@@ -229,8 +251,12 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
                       "seed_std": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "mean_auroc_ci": bootstrap_mean_over_runs(targets, [r["scores"] for r in runs[f]], test_pids,
                                                                 num_replicates=args.bootstrap, seed=args.seed),
-                      "num_images": [r["num_images"] for r in runs[f]], "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]]})
-    return {"protocol": "fractions", "mode": "finetune", "uncertainty": args.uncertainty, "num_seeds": args.seeds, "curve": curve,
+                      "num_images": [r["num_images"] for r in runs[f]],
+                      "chosen": [[r["lr"], r["weight_decay"]] for r in runs[f]],
+                      "val_selection": [r["val"] for r in runs[f]], "label_counts": [r["counts"] for r in runs[f]]})
+    return {"protocol": "fractions", "mode": "finetune", "label_policy": policy.to_json(),
+            "uncertainty": policy.uncertain, "num_seeds": args.seeds, "curve": curve,
+            "val_policy": val_policy_json(args.val_policy, args.val_min_per_class),
             "notes": [], "ci": "patient bootstrap of the test set, runs averaged inside each replicate"}
 
 
@@ -247,6 +273,10 @@ def run_compare(args) -> None:
         with np.load(path) as z:
             loaded.append({k: z[k] for k in z.files})
     a, b = loaded
+    settings = [_settings(folder / f"{name}.json") for name in (args.a, args.b)]
+    if settings[0] != settings[1]:
+        raise UsageError(f"{args.a} and {args.b} were evaluated under different settings ({settings[0]} vs "
+                         f"{settings[1]}); re-run one with the other's --blank / --uncertainty / --eval-view")
     if list(a["tasks"]) != list(b["tasks"]) or a["pids"].shape != b["pids"].shape or not np.array_equal(a["pids"], b["pids"]) \
             or not np.array_equal(a["targets"], b["targets"], equal_nan=True):
         raise UsageError(f"{args.a} and {args.b} were not scored on the same test samples and tasks; re-run both on the same shards")
@@ -256,6 +286,12 @@ def run_compare(args) -> None:
     _write_json(out, result)
     m = result["mean_auroc"]
     _log(f"compare {args.a} - {args.b} ({args.protocol}): mean AUROC diff {_fmt(m['diff'])} 95% CI {_fmt_ci(m['ci'])} p={_fmt(m['p_value'])}")
+
+
+def _settings(path: Path) -> dict:
+    """The label policy and eval view a stored result was computed under (None where not recorded)."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    return {"label_policy": doc.get("label_policy"), "eval_view": doc.get("eval_view")}
 
 
 def run_report(args) -> None:

@@ -152,13 +152,25 @@ class FeatureSet:
         return len(self.pids)
 
 
+EVAL_VIEWS = ("full", "center")
+
+
 @dataclass(frozen=True)
 class Transform:
+    """The deterministic eval view: ``full`` squashes the whole film to image_size x image_size; ``center`` resizes
+    the shorter side to resize_size and centre-crops image_size (resize_size is unused by ``full``)."""
     image_size: int = 224
     resize_size: int = 256
+    view: str = "full"
+
+    def __post_init__(self):
+        if self.view not in EVAL_VIEWS:
+            raise ValueError(f"unknown eval view '{self.view}' (choose from {', '.join(EVAL_VIEWS)})")
 
     def as_dict(self) -> dict:
-        return {"image_size": self.image_size, "resize_size": self.resize_size}
+        if self.view == "full":
+            return {"eval_view": "full", "image_size": self.image_size}
+        return {"eval_view": "center", "image_size": self.image_size, "resize_size": self.resize_size}
 
 
 def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform, device: str = "cpu") -> str:
@@ -185,7 +197,7 @@ def eval_loader(shard_root: Path, split: str, *, batch_size: int, device: str, t
     import dali_pipes
     return dali_pipes.build_eval_loader(str(shard_root), split, batch_size=batch_size, device=device,
                                         image_size=transform.image_size, resize_size=transform.resize_size,
-                                        channels=channels, num_threads=num_threads,
+                                        view=transform.view, channels=channels, num_threads=num_threads,
                                         device_id=0 if device == "gpu" else None)
 
 

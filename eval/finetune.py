@@ -14,7 +14,7 @@ import numpy as np
 
 from dali_pipes.augment import AugmentConfig
 from eval.features import EncoderSpec, Transform, build_encoder, eval_loader, iterate_valid
-from eval.labels import select_targets
+from eval.labels import LabelPolicy, select_targets, split_counts
 from eval.metrics import evaluate
 
 # 7 learning rates x 4 weight decays, the size of Azizi et al.'s (2021) fine-tuning sweep. Their exact values
@@ -54,25 +54,27 @@ class FinetuneConfig:
 
 
 class ImageSource:
-    """The deterministic eval view of one split (+ raw labels), decoded once into host memory when it fits
-    ``max_images``, otherwise streamed from the DALI loader at every pass (order does not matter for scoring)."""
+    """The deterministic eval view of one split (+ raw labels, patient ids), decoded once into host memory when it
+    fits ``max_images``, otherwise streamed from the DALI loader at every pass (order does not matter for scoring)."""
 
     def __init__(self, make_loader, max_images: int):
         self.make_loader, self.max_images = make_loader, max_images
-        self.images = self.labels = None
+        self.images = self.labels = self.pids = None
         self._try_load()
 
     def _try_load(self):
         import torch
-        imgs, lbls, n = [], [], 0
-        for images, labels, _ in iterate_valid(self.make_loader()):
+        imgs, lbls, pids, n = [], [], [], 0
+        for images, labels, pid in iterate_valid(self.make_loader()):
             n += images.shape[0]
             if n > self.max_images:
                 return
             imgs.append(images.to("cpu", torch.float16).contiguous())
             lbls.append(labels.float().cpu())
+            pids.append(pid.cpu().long())
         self.images = torch.cat(imgs) if imgs else torch.zeros(0)
         self.labels = torch.cat(lbls) if lbls else torch.zeros(0)
+        self.pids = torch.cat(pids) if pids else torch.zeros(0, dtype=torch.long)
 
     @property
     def in_memory(self) -> bool:
@@ -80,23 +82,26 @@ class ImageSource:
 
     def batches(self, batch_size: int):
         if not self.in_memory:
-            for images, labels, _ in iterate_valid(self.make_loader()):
-                yield images, labels
+            for images, labels, pids in iterate_valid(self.make_loader()):
+                yield images, labels, pids
             return
         for i in range(0, self.images.shape[0], batch_size):
-            yield self.images[i : i + batch_size].float(), self.labels[i : i + batch_size]
+            rows = slice(i, i + batch_size)
+            yield self.images[rows].float(), self.labels[rows], self.pids[rows]
 
 
-def _predict(model, head, source: ImageSource, batch_size: int, torch_device) -> tuple[np.ndarray, np.ndarray]:
+def _predict(model, head, source: ImageSource, batch_size: int,
+             torch_device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
     model.eval()
-    scores, labels = [], []
+    scores, labels, pids = [], [], []
     with torch.no_grad(), torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
-        for images, lbl in source.batches(batch_size):
+        for images, lbl, pid in source.batches(batch_size):
             x = images.to(torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             scores.append(torch.sigmoid(head(model(x)).float()).cpu().numpy())
             labels.append(lbl.float().cpu().numpy())
-    return np.concatenate(scores), np.concatenate(labels)
+            pids.append(pid.cpu().numpy().astype(np.int64))
+    return np.concatenate(scores), np.concatenate(labels), np.concatenate(pids)
 
 
 @dataclass
@@ -110,9 +115,10 @@ class FinetuneRun:
 
 
 def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], label_names: list[str],
-              cfg: FinetuneConfig, *, policy: str, device: str, log=print) -> FinetuneRun:
+              cfg: FinetuneConfig, *, policy: LabelPolicy, device: str, val_patients: np.ndarray | None = None,
+              log=print) -> FinetuneRun:
     """Fine-tune one (lr, weight decay) setting on ``train`` (a FinetuneLoader: reshuffled and re-augmented every
-    epoch); keep the epoch with the best validation mean AUROC."""
+    epoch); keep the epoch with the best validation mean AUROC (on ``val_patients``' images only, when given)."""
     import torch
     torch_device = torch.device("cuda" if device == "gpu" else "cpu")
     torch.manual_seed(cfg.seed)
@@ -147,8 +153,10 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
                 loss_sum += float(loss.detach()) * images.shape[0]
                 n_seen += images.shape[0]
             sched.step()  # also on all-masked batches: the schedule follows the planned steps
-        val_scores, val_raw = _predict(model, head, val, cfg.batch_size, torch_device)
-        val_auroc = evaluate(select_targets(val_raw, label_names, tasks, policy), val_scores, tasks).mean_auroc
+        val_scores, val_raw, val_pids = _predict(model, head, val, cfg.batch_size, torch_device)
+        rows = slice(None) if val_patients is None else np.isin(val_pids, val_patients)
+        val_targets = select_targets(val_raw[rows], label_names, tasks, policy)
+        val_auroc = evaluate(val_targets, val_scores[rows], tasks).mean_auroc
         run.history.append({"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "val_mean_auroc": _num(val_auroc),
                             "seconds": time.perf_counter() - t0, "images": n_seen})
         log(f"  lr={cfg.lr:g} wd={cfg.weight_decay:g} epoch {epoch}: loss {loss_sum / max(1, n_seen):.4f} val mean AUROC {val_auroc:.4f}")
@@ -164,11 +172,13 @@ def _num(x: float) -> float | None:
 
 
 def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[str], cfg: FinetuneConfig, *,
-             grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None, policy: str = "u-ignore", device: str = "cpu",
-             transform: Transform = Transform(), train_patients: np.ndarray | None = None, num_threads: int = 2,
-             loader_factory=None, log=print) -> tuple[dict, dict, dict]:
+             grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None, policy: LabelPolicy = LabelPolicy(),
+             device: str = "cpu", transform: Transform = Transform(), train_patients: np.ndarray | None = None,
+             val_patients: np.ndarray | None = None, num_threads: int = 2, loader_factory=None,
+             log=print) -> tuple[dict, dict, dict]:
     """Fine-tune over the grid (or cfg.lr / cfg.weight_decay), pick the run and epoch with the best validation mean
-    AUROC, score the test split with it. ``train_patients`` restricts training to those patient ids (label fractions).
+    AUROC, score the test split with it. ``train_patients`` restricts training to those patient ids (label fractions);
+    ``val_patients`` restricts the validation images that choose the epoch and grid cell (fraction-matched val).
     Returns (result dict, test predictions {"targets", "scores", "pids"}, best weights {"backbone", "head"} on CPU)."""
     import torch
 
@@ -187,7 +197,7 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
     for lr in lrs:
         for wd in wds:
             runs.append(train_one(spec, train, val, tasks, label_names, replace_cfg(cfg, lr=lr, weight_decay=wd),
-                                  policy=policy, device=device, log=log))
+                                  policy=policy, device=device, val_patients=val_patients, log=log))
     best = max(runs, key=lambda r: r.best_val_auroc if math.isfinite(r.best_val_auroc) else -math.inf)
     torch_device = torch.device("cuda" if device == "gpu" else "cpu")
     model, dim = build_encoder(spec)
@@ -209,7 +219,13 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
     if n // cfg.batch_size + (n % cfg.batch_size >= 2) == 0:
         result["notes"].append(f"training set of {n} image(s) cannot make a BatchNorm step (needs 2+ per batch): "
                                f"the encoder was not fine-tuned, the test scores are its untrained head's")
-    result.update(protocol="finetune", uncertainty=policy, chosen_lr=best.lr, chosen_weight_decay=best.weight_decay,
+    counts = split_counts({"train": select_targets(train.index.raw_labels(), label_names, tasks, policy),
+                           "val": select_targets(build_labelled_index(shard_root, "val", val_patients).raw_labels(),
+                                                 label_names, tasks, policy), "test": targets}, tasks)
+    for name, row in result["tasks"].items():
+        row.update(counts[name])
+    result.update(protocol="finetune", label_policy=policy.to_json(), uncertainty=policy.uncertain,
+                  eval_view=transform.view, chosen_lr=best.lr, chosen_weight_decay=best.weight_decay,
                   best_epoch=best.best_epoch, best_val_mean_auroc=_num(best.best_val_auroc),
                   train_images=len(train.index), train_patients=int(len(np.unique(train.index.pid))),
                   val_in_memory=val.in_memory,

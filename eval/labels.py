@@ -68,14 +68,23 @@ class LabelPolicy:
 
 
 def as_policy(policy: LabelPolicy | str) -> LabelPolicy:
-    """A LabelPolicy; a bare string names the uncertainty policy under the default blank policy."""
+    """A LabelPolicy; a bare string names the uncertainty policy under the default blank policy. An explicit
+    conversion for callers holding only an uncertainty name: the functions below take a LabelPolicy only, so a
+    forgotten blank policy is an error, not a silent default."""
     return policy if isinstance(policy, LabelPolicy) else LabelPolicy(uncertain=policy)
 
 
-def apply_policy(raw: np.ndarray, policy: LabelPolicy | str = LabelPolicy()) -> np.ndarray:
+def _require_policy(policy) -> LabelPolicy:
+    if not isinstance(policy, LabelPolicy):
+        raise TypeError(f"expected a LabelPolicy (blank + uncertain), got {type(policy).__name__} {policy!r}; "
+                        f"build one with LabelPolicy(blank=..., uncertain=...) or as_policy()")
+    return policy
+
+
+def apply_policy(raw: np.ndarray, policy: LabelPolicy = LabelPolicy()) -> np.ndarray:
     """Targets (N, T) float32 from raw labels (N, T): 1 -> 1, 0 -> 0, NaN (blank) -> 0 or NaN by ``policy.blank``;
     -1 (uncertain) -> NaN under ``u-ignore``, 0 under ``u-zeros``, 1 under ``u-ones`` (Irvin et al. 2019)."""
-    policy = as_policy(policy)
+    policy = _require_policy(policy)
     raw = np.asarray(raw, dtype=np.float32)
     out = np.full(raw.shape, np.nan, dtype=np.float32)
     out[raw == 1] = 1.0
@@ -99,7 +108,7 @@ def apply_uncertainty(raw: np.ndarray, policy: str = "u-ignore") -> np.ndarray:
 
 
 def select_targets(raw: np.ndarray, label_names: list[str], tasks: list[str],
-                   policy: LabelPolicy | str = LabelPolicy()) -> np.ndarray:
+                   policy: LabelPolicy = LabelPolicy()) -> np.ndarray:
     """Targets (N, len(tasks)) for the named tasks, label policy applied."""
     idx = [label_names.index(t) for t in tasks]
     return apply_policy(np.asarray(raw)[:, idx], policy)
@@ -110,3 +119,24 @@ def check_labelled(targets: np.ndarray, tasks: list[str], split: str, source: st
     empty = [t for j, t in enumerate(tasks) if np.isnan(targets[:, j]).all()]
     if empty:
         raise TaskError(f"{source}: split '{split}' has no labels for task '{empty[0]}' (all blank or masked)")
+
+
+def label_counts(targets: np.ndarray, tasks: list[str]) -> dict[str, dict[str, int]]:
+    """Per task ``{"pos", "neg", "masked"}`` image counts of policy-applied ``targets`` (N, T) (1 / 0 / NaN)."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.ndim != 2 or targets.shape[1] != len(tasks):
+        raise ValueError(f"targets {targets.shape} and {len(tasks)} task names disagree")
+    masked = np.isnan(targets)
+    pos = np.sum(~masked & (targets > 0.5), axis=0)
+    neg = np.sum(~masked, axis=0) - pos
+    return {t: {"pos": int(pos[j]), "neg": int(neg[j]), "masked": int(masked[:, j].sum())} for j, t in enumerate(tasks)}
+
+
+def split_counts(targets_by_split: dict[str, np.ndarray], tasks: list[str]) -> dict[str, dict[str, int]]:
+    """Per task ``{"n_<split>_pos", "n_<split>_neg", ...}`` for each split's policy-applied targets: the fields a
+    result JSON carries beside its test metrics, so a reader sees what each probe learnt from."""
+    out: dict[str, dict[str, int]] = {t: {} for t in tasks}
+    for split, targets in targets_by_split.items():
+        for t, c in label_counts(targets, tasks).items():
+            out[t].update({f"n_{split}_pos": c["pos"], f"n_{split}_neg": c["neg"]})
+    return out

@@ -74,6 +74,17 @@ def accuracy(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
     return float(np.mean((probs[keep] >= threshold) == (y[keep] > 0.5)))
 
 
+def balanced_accuracy(y: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean of sensitivity and specificity at ``threshold``, NaN labels masked; NaN when a class is absent.
+    Unlike accuracy it does not reward predicting the majority class of an unbalanced test split."""
+    y, probs = np.asarray(y, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    keep = ~np.isnan(y)
+    pos, pred = y[keep] > 0.5, probs[keep] >= threshold
+    if pos.all() or not pos.any():
+        return float("nan")
+    return float((np.mean(pred[pos]) + np.mean(~pred[~pos])) / 2)
+
+
 @dataclass
 class TaskResult:
     name: str

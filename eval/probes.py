@@ -21,12 +21,24 @@ class ProbeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    # Scale fitted on the training images only: nothing about val/test leaks into the probe.
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std[std < 1e-8] = 1.0  # constant features (dead ReLUs) stay 0 instead of dividing by zero
+def standardise(train: np.ndarray, *others: np.ndarray, scale_from: np.ndarray | None = None) -> list[np.ndarray]:
+    # Scale fitted on training images only (``scale_from``: all of the training split, labels unused; default the
+    # probe's own training rows): nothing about val/test leaks into the probe.
+    mean, std = feature_scale(train if scale_from is None else scale_from)
     return [((x - mean) / std).astype(np.float64) for x in (train, *others)]
+
+
+def feature_scale(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (D,) of ``ref`` (N, D), accumulated in float64; a constant feature (dead ReLU)
+    gets std 1 so it stays 0 instead of dividing by zero."""
+    n, chunk_rows = ref.shape[0], 16384  # bounded temporaries on a 200k x 2048 split
+    mean = ref.mean(axis=0, dtype=np.float64)
+    sq = np.zeros(ref.shape[1], dtype=np.float64)
+    for i in range(0, n, chunk_rows):
+        sq += np.sum((ref[i : i + chunk_rows].astype(np.float64) - mean) ** 2, axis=0)
+    std = np.sqrt(sq / max(n, 1))
+    std[std < 1e-8] = 1.0
+    return mean, std
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
@@ -67,12 +79,15 @@ def _fit_torch(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int,
 def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, task_names: list[str], *,
                       val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
                       c_grid: tuple[float, ...] = DEFAULT_C_GRID, fixed_c: float | None = None,
-                      seed: int = 0, max_iter: int = 1000, backend: str = "sklearn", device: str = "cpu") -> ProbeResult:
+                      seed: int = 0, max_iter: int = 1000, backend: str = "sklearn", device: str = "cpu",
+                      prescaled: bool = False) -> ProbeResult:
     """Train one probe per task on (``train_x`` (N, D), ``train_y`` (N, T) with NaN masked) and score ``test_x``.
 
     C: ``fixed_c`` if given, else the grid value with the best validation AUROC (ties: the smaller C, i.e.
     stronger regularisation); the chosen probe is the one fitted on the training split.
     ``backend``: "sklearn" (lbfgs, CPU) or "torch" (same objective, L-BFGS on ``device`` "cpu" | "gpu").
+    ``prescaled``: the inputs are already standardised (k-shot probes standardise with the whole unlabelled
+    training split once, as 2k examples give a noisy scale); otherwise the scale comes from ``train_x``.
     """
     if backend not in ("sklearn", "torch"):
         raise ValueError(f"unknown probe backend '{backend}' (choose sklearn or torch)")
@@ -82,10 +97,9 @@ def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     if fixed_c is None and (val_x is None or val_y is None):
         raise ValueError("choosing C needs a validation split (val_x, val_y) or a fixed_c")
     has_val = val_x is not None
-    if has_val:
-        tr, te, va = _standardise(train_x, test_x, val_x)
-    else:
-        tr, te = _standardise(train_x, test_x)
+    inputs = [train_x, test_x] + ([val_x] if has_val else [])
+    scaled = [np.asarray(x, dtype=np.float64) for x in inputs] if prescaled else standardise(*inputs)
+    tr, te, va = scaled if has_val else (*scaled, None)
     scores = np.full((test_x.shape[0], len(task_names)), np.nan)
     result = ProbeResult(scores)
     for j, name in enumerate(task_names):

@@ -36,6 +36,37 @@ def _label(doc: dict) -> str:
     return f"{e.get('category', '?')}: {e.get('name', '?')} ({e.get('arch', '?')})"
 
 
+def _policy_text(policy: dict | None) -> str:
+    if not policy:
+        return "not recorded (results written before label policies were recorded)"
+    names = {"zero": "blank = negative", "mask": "blank = masked"}
+    blank = names.get(policy.get("blank"), f"blank = {policy.get('blank')}")
+    return f"{blank}, uncertain (-1) {policy.get('uncertain', '?')}"
+
+
+def _view_text(doc: dict) -> str:
+    t = doc.get("transform") or {}
+    view = doc.get("eval_view") or t.get("eval_view")
+    size = t.get("image_size", "?")
+    if view == "full":
+        return f"full (whole film resized to {size} x {size} px)"
+    if view == "center":
+        return f"center (shorter side {t.get('resize_size', '?')} px, centre crop {size} px)"
+    return "not recorded"
+
+
+def settings_lines(docs: list[dict]) -> list[str]:
+    """The label policy and eval view under a table: one line when every row shares them, else one per encoder
+    (rows under different policies are not comparable, and the reader must see that)."""
+    def one(d):
+        return f"label policy: {_policy_text(d.get('label_policy'))}; eval view: {_view_text(d)}"
+    texts = list(dict.fromkeys(one(d) for d in docs))
+    if len(texts) == 1:
+        return [f"_Setting: {texts[0]}._", ""]
+    return ["_Settings differ between rows (not directly comparable):_", ""] + \
+        [f"- {d.get('encoder', {}).get('name', '?')}: {one(d)}" for d in docs] + [""]
+
+
 def _auroc_table(docs: list[dict], title: str) -> list[str]:
     tasks = list(dict.fromkeys(t for d in docs for t in d.get("task_names", d["tasks"])))
     lines = [f"## {title}", "", "Test AUROC [95% CI, patient bootstrap]. AUPRC in report.json.", "",
@@ -44,21 +75,47 @@ def _auroc_table(docs: list[dict], title: str) -> list[str]:
         cells = [_cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
         lines.append(f"| {_label(d)} | " + " | ".join(cells) + f" | {_cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
-    return lines + ([""] + notes if notes else []) + [""]
+    return lines + [""] + settings_lines(docs) + counts_lines(docs, tasks) + (notes + [""] if notes else [])
+
+
+def counts_lines(docs: list[dict], tasks: list[str]) -> list[str]:
+    """Positive / negative images per task and split under the table's label policy (from the first result that
+    records them: every row of a table shares its shards and policy, or settings_lines says otherwise)."""
+    rows = next((d["tasks"] for d in docs if any("n_train_pos" in r for r in d.get("tasks", {}).values())), None)
+    if rows is None:
+        return []
+    cells = []
+    for t in tasks:
+        r = rows.get(t, {})
+        per_split = [f"{s} {r[f'n_{s}_pos']}/{r[f'n_{s}_neg']}" for s in ("train", "val", "test") if f"n_{s}_pos" in r]
+        cells.append(f"{t}: {', '.join(per_split)}")
+    return ["_Images positive/negative per task: " + "; ".join(cells) + "._", ""]
 
 
 def _fewshot_table(docs: list[dict]) -> list[str]:
     tasks = list(dict.fromkeys(t for d in docs for t in d["tasks"]))
-    lines = ["## k-shot linear probe", "", "Balanced test set; mean ± std of AUROC over seeds (accuracy in report.json). "
+    lines = ["## k-shot linear probe", "",
+             "Every labelled test image (not balanced); AUROC mean ± sd over seeds, [95% CI of the mean over seeds]; "
+             "balanced accuracy at p = 0.5 beside it. Features standardised with the whole (unlabelled) training "
+             "split. "
              "The probe's C is fixed, not tuned: a k-shot budget has no validation labels to choose it on.", "",
-             "| Encoder | k | seeds | C | " + " | ".join(tasks) + " | Mean AUROC | Mean accuracy |", "|---" * (len(tasks) + 6) + "|"]
+             "| Encoder | k | seeds | C | " + " | ".join(tasks) + " | Mean AUROC | Mean balanced accuracy |",
+             "|---" * (len(tasks) + 6) + "|"]
     for d in docs:
         cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–" for t in tasks]
-        m, a = d.get("mean_auroc"), d.get("mean_accuracy")
-        mean = "–" if not m else "{:.3f} ± {:.3f}".format(m["auroc"], m["auroc_std"])
-        acc = "–" if not a else "{:.3f}".format(a["accuracy"])
-        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | " + " | ".join(cells) + f" | {mean} | {acc} |")
-    return lines + [""]
+        m = d.get("mean_auroc")
+        a = d.get("mean_balanced_accuracy") or d.get("mean_accuracy")
+        mean = "–" if not m else _spread_cell(m, "auroc")
+        acc = "–" if not a else _spread_cell(a, "balanced_accuracy" if "balanced_accuracy" in a else "accuracy")
+        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | " + " | ".join(cells)
+                     + f" | {mean} | {acc} |")
+    return lines + [""] + settings_lines(docs)
+
+
+def _spread_cell(m: dict, name: str) -> str:
+    ci = m.get(f"{name}_ci95")
+    text = f"{m[name]:.3f} ± {m[f'{name}_std']:.3f}"
+    return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _num_or_q(x) -> str:
@@ -73,7 +130,9 @@ def _fractions_table(docs: list[dict]) -> list[str]:
         by = {c["fraction"]: c for c in d["curve"]}
         cells = [_cell(by[f]["mean_auroc"], by[f].get("mean_auroc_ci")) if f in by else "–" for f in fracs]
         lines.append(f"| {_label(d)} | {d['mode']} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    unknown = "whole validation split (not recorded)"
+    selection = list(dict.fromkeys((d.get("val_policy") or {}).get("description", unknown) for d in docs))
+    return lines + [""] + settings_lines(docs) + [f"_Model selection: {t}._" for t in selection] + [""]
 
 
 def _compare_table(docs: list[dict]) -> list[str]:

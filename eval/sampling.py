@@ -1,13 +1,15 @@
-"""Label-scarce training sets: nested patient-level label fractions and k-shot (k positives + k negatives)
-draws with balanced test sets, all seeded.
+"""Label-scarce training sets: nested patient-level label fractions, the fraction-matched validation subset,
+and k-shot (k positives + k negatives) draws, all seeded.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_FRACTIONS = (0.001, 0.01, 0.1, 1.0)
+DEFAULT_VAL_MIN_PER_CLASS = 5
 
 
 def fraction_subsets(pids: np.ndarray, fractions: tuple[float, ...] = DEFAULT_FRACTIONS, seed: int = 0) -> dict[float, np.ndarray]:
@@ -25,6 +27,48 @@ def fraction_subsets(pids: np.ndarray, fractions: tuple[float, ...] = DEFAULT_FR
         chosen = order[: max(1, math.ceil(f * len(patients)))]
         out[f] = np.flatnonzero(np.isin(pids, chosen))
     return out
+
+
+@dataclass(frozen=True)
+class ValSubset:
+    """Validation images used for model selection at one label fraction."""
+    indices: np.ndarray        # (M,) indices into the validation split, sorted
+    num_patients: int
+    matched_patients: int      # ceil(fraction * patients): the size before any enlargement
+    enlarged: bool             # True when patients were added to reach the per-class minimum
+
+    def to_json(self) -> dict:
+        return {"num_images": int(len(self.indices)), "num_patients": self.num_patients,
+                "matched_patients": self.matched_patients, "enlarged": self.enlarged}
+
+
+def matched_val_subset(pids: np.ndarray, targets: np.ndarray, fraction: float, seed: int,
+                       min_per_class: int = DEFAULT_VAL_MIN_PER_CLASS) -> ValSubset:
+    """Validation images of a seeded, nested patient sample of ``fraction`` of the val patients (as
+    ``fraction_subsets``), enlarged along the same patient order until every task of ``targets`` (M, T; 1 / 0 /
+    NaN) has ``min_per_class`` positive and negative images, or as many as the whole split has."""
+    pids, targets = np.asarray(pids), np.asarray(targets, dtype=np.float64)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    patients = np.unique(pids)
+    order = np.random.default_rng(seed).permutation(patients)
+    matched = max(1, math.ceil(fraction * len(patients)))
+    # (P, T) positive / negative images per patient, in sampling order; the cumulative sums give each prefix's counts.
+    rank = np.empty(len(patients), dtype=np.int64)
+    rank[np.searchsorted(patients, order)] = np.arange(len(patients))
+    row = rank[np.searchsorted(patients, pids)]
+    pos = np.zeros((len(patients), targets.shape[1]))
+    neg = np.zeros_like(pos)
+    np.add.at(pos, row, np.nan_to_num(targets, nan=0.0) > 0.5)
+    np.add.at(neg, row, targets < 0.5)
+    cum_pos, cum_neg = np.cumsum(pos, axis=0), np.cumsum(neg, axis=0)
+    goal_pos = np.minimum(min_per_class, cum_pos[-1])   # (T,) a split short of the minimum counts as all it has
+    goal_neg = np.minimum(min_per_class, cum_neg[-1])
+    ok = np.all((cum_pos >= goal_pos) & (cum_neg >= goal_neg), axis=1)   # (P,) prefix length i + 1 suffices
+    needed = int(np.argmax(ok)) + 1
+    size = max(matched, needed)
+    chosen = order[:size]
+    return ValSubset(np.flatnonzero(np.isin(pids, chosen)), int(size), int(matched), size > matched)
 
 
 def kshot_indices(targets: np.ndarray, pids: np.ndarray, k: int, seed: int) -> list[np.ndarray | None]:

@@ -26,6 +26,19 @@ class LabelledIndex:
     def __len__(self) -> int:
         return len(self.pid)
 
+    def raw_labels(self) -> np.ndarray:
+        """(N, L) float32 raw labels of the selected samples, read by offset (no image decoding)."""
+        out = np.empty((len(self), self.num_labels), dtype=np.float32)
+        for s, path in enumerate(self.shard_paths):
+            rows = np.flatnonzero(self.shard == s)
+            if not len(rows):
+                continue
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                for r in rows.tolist():
+                    off, size = self.lbl[r]
+                    out[r] = np.frombuffer(data[off : off + size], dtype="<f4")
+        return out
+
 
 def build_labelled_index(shard_root, split: str, patient_ids: np.ndarray | None = None) -> LabelledIndex:
     """Scan the DALI ``.idx`` files and each ``.pid`` (8 bytes) of ``split``; keep the samples of ``patient_ids``

@@ -29,18 +29,21 @@ def _tsv_cell(text: str) -> str:
     return str(text).replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
 
-def write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
+def write_tsv(path: Path, rows: list[dict]) -> None:
+    """Rows of one shape; the header is their keys (source_path, reason; or input_id, sha256, reason)."""
+    columns = list(rows[0]) if rows else ["source_path", "reason"]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write("source_path\treason\n")
-        for p, reason in rows:
-            f.write(f"{_tsv_cell(p)}\t{_tsv_cell(reason)}\n")
+        f.write("\t".join(columns) + "\n")
+        for row in rows:
+            f.write("\t".join(_tsv_cell(row[c]) for c in columns) + "\n")
     tmp.replace(path)
 
 
-def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], splits: dict, rejects: list[tuple[str, str]],
-                  filtered: list[tuple[str, str]], num_inputs: int, options: dict, extra: dict) -> dict:
-    """Write patients.json, rejects.tsv, filtered.tsv, then manifest.json; returns the manifest dict."""
+def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], splits: dict, rejects: list[dict],
+                  filtered: list[dict], num_inputs: int, options: dict, extra: dict) -> dict:
+    """Write patients.json, rejects.tsv, filtered.tsv, then manifest.json; returns the manifest dict. A reject
+    is {source_path, reason} for public datasets, {input_id, sha256, reason} where paths may identify."""
     written = sum(s["num_samples"] for s in splits.values())
     if num_inputs != written + len(rejects) + len(filtered):
         raise AssertionError(f"inputs {num_inputs} != written {written} + rejected {len(rejects)} + filtered {len(filtered)}")
@@ -55,7 +58,7 @@ def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], 
         "patient_table": PATIENTS_NAME,
         "splits": {s: splits[s] for s in SPLITS},
         "counts": {"inputs": num_inputs, "written": written, "rejected": len(rejects), "filtered": len(filtered)},
-        "rejects": [{"source_path": p, "reason": r} for p, r in rejects],
+        "rejects": rejects,
         "filtered_list": FILTERED_NAME,
         "options": options,
         "tool_versions": tool_versions(),
@@ -77,7 +80,7 @@ def summary_table(manifest: dict, file=None) -> None:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))), file=file)
     c = manifest["counts"]
     print(f"inputs {c['inputs']:,} = written {c['written']:,} + rejected {c['rejected']:,}"
-          f" + filtered by --views {c['filtered']:,}", file=file)
+          f" + filtered {c['filtered']:,}", file=file)
     reasons: dict[str, int] = {}
     for r in manifest["rejects"]:
         reason = r["reason"].split(" (")[0]

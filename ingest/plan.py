@@ -40,7 +40,7 @@ def make_plan(dataset: str, label_names: tuple[str, ...], records: list[Record],
     seen: dict[str, str] = {}
     for r in sorted(records, key=lambda r: (r.key, r.source_path)):
         if r.key in seen:
-            rejects.append(Reject(r.source_path, f"duplicate sample key {r.key} (also {seen[r.key]})"))
+            rejects.append(Reject(r.source_path, f"duplicate sample key {r.key}"))
             continue
         seen[r.key] = r.source_path
         if r.view not in views:

@@ -20,7 +20,7 @@ class Record:
     """One input image as a source describes it, before any pixel is read."""
     key: str                      # stable unique sample key (ingest.schema.sample_key)
     dataset: str
-    source_path: str              # relative to --root, POSIX separators
+    source_path: str              # relative to --root, POSIX separators (dicom / folder: never written to OUT)
     patient_id: str               # pseudonymous patient id (already hashed for DICOM)
     study_id: str
     view: str                     # one of VIEWS
@@ -30,8 +30,6 @@ class Record:
     official_split: str | None = None  # train | val | test when the dataset defines it
     flags: dict = field(default_factory=dict)  # e.g. {"view_contradiction": "..."}
     kind: str = "image"           # "image" (Pillow) or "dicom" (pydicom)
-    shard_path: str | None = None  # shown as the shard's source_path instead (DICOM: a pseudonym, as PACS export
-                                   # folder names often carry MRNs or names)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _private_ingest_dirs(tmp_path_factory, monkeypatch):
+    """The per-user pseudonym salt and private ingest logs go to a test folder, never the real home."""
+    base = tmp_path_factory.getbasetemp() / "user-dirs"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(base / "state"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data``: real CXRs and metadata. Tests using it skip when it is absent (a clone elsewhere)."""

@@ -14,6 +14,7 @@ import pytest
 from eval.__main__ import main as eval_main
 from eval.features import Transform, encoder_spec, extract_features, feature_cache_key
 from eval.sampling import split_patient_ids
+from eval.train_loader import build_labelled_index
 
 FAST = ["--arch", "resnet18", "--image-size", "32", "--resize-size", "36", "--batch-size", "16", "--bootstrap", "200"]
 
@@ -58,6 +59,26 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
         assert 0 <= r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1] <= 1 and 0 <= r["auprc"] <= 1
     with np.load(out / "linear" / "random-resnet18.npz") as z:
         assert z["scores"].shape == z["targets"].shape == (lin["num_images"]["test"], 3)
+    # the label policy and view are recorded; per-task counts equal the raw shard labels counted directly
+    assert lin["label_policy"] == {"blank": "zero", "uncertain": "u-ignore"} and lin["eval_view"] == "full"
+    assert lin["transform"] == {"eval_view": "full", "image_size": 32}
+    raw = {s: build_labelled_index(shards, s).raw_labels() for s in ("train", "val", "test")}
+    for j, t in enumerate(["Cardiomegaly", "Edema", "Pleural Effusion"]):
+        for split, r in raw.items():
+            assert lin["tasks"][t][f"n_{split}_pos"] == int(np.sum(r[:, j] == 1))
+            assert lin["tasks"][t][f"n_{split}_neg"] == int(np.sum((r[:, j] == 0) | np.isnan(r[:, j])))
+    assert any(np.isnan(r).any() for r in raw.values())  # the fixture has blanks, so the two policies differ
+
+    # --blank mask --eval-view center: blanks leave the counts, and the view makes its own cache entries
+    rc, err = _run(capsys, "linear", "--shards", shards, "--out", tmp_path / "masked", *FAST, "--init", "random",
+                   "--blank", "mask", "--eval-view", "center")
+    assert rc == 0, err
+    masked = json.loads((tmp_path / "masked" / "linear" / "random-resnet18.json").read_text())
+    assert masked["label_policy"] == {"blank": "mask", "uncertain": "u-ignore"} and masked["eval_view"] == "center"
+    edema_neg = masked["tasks"]["Edema"]["n_train_neg"]
+    assert edema_neg == int(np.sum(raw["train"][:, 1] == 0)) < lin["tasks"]["Edema"]["n_train_neg"]
+    center_keys = {p.name for p in (tmp_path / "masked" / "cache").glob("*.npz")}
+    assert len(center_keys) == 3 and not center_keys & {p.name for p in (out / "cache").glob("*.npz")}
 
     cache_files = sorted((out / "cache").glob("*.npz"))
     assert len(cache_files) == 6  # 2 encoders x 3 splits
@@ -74,12 +95,23 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert rc == 0, err
     few = json.loads((out / "fewshot" / "random-resnet18-k2.json").read_text())
     assert few["num_seeds"] == 20 and all(len(v) == 20 for v in few["per_seed_auroc"].values())
+    assert few["C"] == 1.0 and few["C_tuned"] is False and few["label_policy"]["blank"] == "zero"
+    for t, row in few["tasks"].items():  # scored on every labelled test image, not a balanced subset
+        assert (row["n_test_pos"], row["n_test_neg"]) == (lin["tasks"][t]["n_test_pos"], lin["tasks"][t]["n_test_neg"])
+        lo, hi = row["auroc_ci95"]
+        assert lo <= row["auroc"] <= hi and 0 <= row["balanced_accuracy"] <= 1
+    assert few["mean_balanced_accuracy"]["balanced_accuracy_std"] >= 0
 
     rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.25,1", "--seeds", "2")
     assert rc == 0, err
     frac = json.loads((out / "fractions" / "random-resnet18-linear.json").read_text())
     assert [c["fraction"] for c in frac["curve"]] == [0.25, 1.0]
     assert frac["curve"][1]["mean_auroc"] == pytest.approx(lin_random_mean(out), abs=1e-9)  # 100% = the linear probe
+    assert frac["val_policy"]["policy"] == "matched" and frac["val_policy"]["min_per_class"] == 5
+    num_val = lin["num_images"]["val"]
+    assert [v["num_images"] for v in frac["curve"][1]["val_selection"]] == [num_val, num_val]  # 100%: all of val
+    assert all(v["num_images"] <= num_val for v in frac["curve"][0]["val_selection"])
+    assert frac["curve"][0]["label_counts"][0]["Edema"]["n_train_pos"] <= lin["tasks"]["Edema"]["n_train_pos"]
 
     # End-to-end half of the curve; a 4-image budget streams the validation split instead of keeping it decoded.
     rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.5,1", "--seeds", "1", "--mode", "finetune",
@@ -97,6 +129,10 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     ft = json.loads((out / "finetune" / "ssl-run.json").read_text())
     assert len(ft["grid"]) == 2 and ft["chosen_lr"] in (0.01, 0.05) and ft["val_in_memory"]
     assert ft["train_images"] == lin["num_images"]["train"] and ft["config"]["augment"]["name"] == "finetune"
+    assert ft["label_policy"] == lin["label_policy"] and ft["eval_view"] == "full"
+    for t in ("Cardiomegaly", "Edema"):  # the training loader counts its labels under the same policy
+        assert {k: v for k, v in ft["tasks"][t].items() if k.startswith("n_")} == \
+            {k: v for k, v in lin["tasks"][t].items() if k.startswith("n_")}
     import torch
     best = torch.load(out / "finetune" / "ssl-run.pt", weights_only=True)
     assert best["lr"] == ft["chosen_lr"] and best["epoch"] == ft["best_epoch"] and best["head"]["weight"].shape == (3, 512)
@@ -113,6 +149,10 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "C is fixed, not tuned" in md and "| Scratch: random-resnet18 (resnet18) | 2 | 20 | 1 |" in md
     assert "| Scratch: random-resnet18" in md and "| SSL: ssl-run" in md and "Paired comparisons" in md
+    setting = ("_Setting: label policy: blank = negative, uncertain (-1) u-ignore; "
+               "eval view: full (whole film resized to 32 x 32 px)._")
+    assert md.count(setting) == 4  # under the linear, fine-tune, k-shot and fraction tables
+    assert "_Model selection: validation patients subsampled to the training fraction" in md
     for png in ("fractions.png", "roc-linear.png", "roc-finetune.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(json.loads((out / "report.json").read_text())) >= {"linear", "finetune", "fewshot", "fractions", "compare"}
@@ -158,6 +198,11 @@ def test_bad_inputs_one_line_errors(shards, encoder_file, tmp_path, capsys, monk
         (["finetune", *common, "--init", "random", "--grid", "0.1:-1"], "--grid '0.1:-1'"),
         (["linear", *common, "--init", "random", "--c-grid", "0,1"], "--c-grid"),
         (["linear", *common, "--init", "random", "--uncertainty", "u-maybe"], "--uncertainty"),
+        (["linear", *common, "--init", "random", "--blank", "maybe"], "--blank: invalid choice: 'maybe'"),
+        (["finetune", *common, "--init", "random", "--eval-view", "letterbox"],
+         "--eval-view: invalid choice: 'letterbox'"),
+        (["fractions", *common, "--init", "random", "--val-policy", "half"], "--val-policy: invalid choice: 'half'"),
+        (["fewshot", *common, "--init", "random", "--seeds", "5"], "--seeds: expected an integer >= 20"),
     ]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no cached ImageNet weights
     cases.append((["linear", *common, "--init", "imagenet"], "local torch hub cache"))
@@ -187,6 +232,7 @@ def test_features_drop_padding_and_cache_key(shards, tmp_path):
 def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "eval", "linear", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--uncertainty" in res.stdout and "--bootstrap" in res.stdout
+    assert "--blank" in res.stdout and "--eval-view" in res.stdout
     # argument parsing stays light: no torch / DALI until a protocol runs
     res = subprocess.run([sys.executable, "-c", "import sys, eval.cli; print(sorted(m for m in ('torch', 'dali_pipes', "
                           "'nvidia.dali') if m in sys.modules))"], capture_output=True, text=True, timeout=120)
@@ -311,3 +357,18 @@ def test_report_table_rows_scratch_imagenet_ssl_with_cis_and_fraction_plot_style
         enc = label.split(",")[0]
         assert colour.setdefault(enc, c) == c and style == ("--" if label.endswith("fine-tuned") else "-")
     assert len(set(colour.values())) == 3
+
+
+def test_compare_refuses_results_under_different_label_policies_or_views(tmp_path, capsys):
+    folder = tmp_path / "eval" / "linear"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    targets, pids = rng.integers(0, 2, (40, 1)).astype(np.float32), np.arange(40)
+    for name, blank, view in (("a", "zero", "full"), ("b", "mask", "full"), ("c", "zero", "full")):
+        np.savez(folder / f"{name}.npz", targets=targets, scores=rng.random((40, 1)), pids=pids, tasks=np.array(["T"]))
+        (folder / f"{name}.json").write_text(json.dumps({"label_policy": {"blank": blank, "uncertain": "u-ignore"},
+                                                         "eval_view": view}))
+    rc, err = _run(capsys, "compare", "--out", tmp_path / "eval", "--a", "a", "--b", "b", "--bootstrap", "50")
+    assert rc == 2 and "different settings" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = _run(capsys, "compare", "--out", tmp_path / "eval", "--a", "a", "--b", "c", "--bootstrap", "50")
+    assert rc == 0, err

@@ -102,7 +102,7 @@ def test_chexpert_build_roundtrip(chexpert_root, tmp_path, capsys):
     assert tsv[0] == "source_path\treason" and len(tsv) == 3
     assert len((out / "filtered.tsv").read_text().splitlines()) == 1 + laterals
     printed = capsys.readouterr().out
-    assert f"inputs {len(rows)} = written {frontal - 2} + rejected 2 + filtered by --views {laterals}" in printed
+    assert f"inputs {len(rows)} = written {frontal - 2} + rejected 2 + filtered {laterals}" in printed
     assert set(m.data["splits"]) == set(SPLITS) and m.data["splits"]["test"]["num_samples"] == 0  # train.csv: no test
     by_path = {r["Path"].split("/", 1)[1]: r for r in rows}
     patients = json.loads((out / "patients.json").read_text())
@@ -338,3 +338,56 @@ def test_nothing_usable_is_an_error(tmp_path, capsys):
                        "--no-progress"]) == 1
     assert "no sample written" in capsys.readouterr().err
     assert load_manifest(tmp_path / "out").data["counts"] == {"inputs": 2, "written": 0, "rejected": 2, "filtered": 0}
+
+
+def test_dead_or_hung_worker_costs_one_reject_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A decoder that segfaults, a worker killed -9 from outside mid-file, and one that hangs past
+    --file-timeout-s: three rejects with their reasons, every other image written, the run finishes."""
+    import threading
+    from ingest import workers
+    root = tmp_path / "root"
+    (root / "cls").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(root / "cls" / f"{i:02d}.png")
+    for name in ("segv", "kill", "hang"):
+        (root / "cls" / f"{name}.png").write_bytes(name.upper().encode() + b" not decoded by this test")
+    pid_file = tmp_path / "busy.pid"
+    real = workers.process_bytes
+
+    def faulty(data, kind, size, quality):  # runs in the forked worker
+        if data.startswith(b"SEGV"):
+            import faulthandler
+            faulthandler.disable()  # pytest's handler would print the child's stack: noise, not a failure
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if data.startswith(b"KILL"):
+            pid_file.write_text(str(os.getpid()))
+            time.sleep(60)
+        if data.startswith(b"HANG"):
+            time.sleep(60)
+        return real(data, kind, size, quality)
+
+    monkeypatch.setattr(workers, "process_bytes", faulty)
+
+    def killer():  # kill -9 the worker that is busy with kill.png, from outside
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert _build(root, out, "--source", "folder", "--workers", "2", "--file-timeout-s", "3", "--size", "16",
+                  "--private-log", str(tmp_path / "log.tsv"), source="folder") == 0
+    t.join()
+    assert time.monotonic() - t0 < 45
+    m = load_manifest(out)
+    assert m.data["counts"] == {"inputs": 15, "written": 12, "rejected": 3, "filtered": 0}
+    log = {line.split("\t")[4]: line.split("\t")[3] for line in (tmp_path / "log.tsv").read_text().splitlines()[1:]}
+    assert log["cls/segv.png"] == "decoder process killed by SIGSEGV while reading this file"
+    assert log["cls/kill.png"] == "decoder process killed by SIGKILL while reading this file"
+    assert log["cls/hang.png"] == "decoding took longer than --file-timeout-s 3"
+    assert verify.main([str(out)]) == 0

@@ -128,12 +128,18 @@ def test_folder_with_labels_csv_on_figure1(shared_data, tmp_path, capsys):
                        "--val-frac", "0", "--test-frac", "0"]) == 0
     m = load_manifest(out)
     assert m.label_names == ["COVID-19"] and m.data["datasets"] == ["figure1"]
-    assert [(r["source_path"], r["reason"]) for r in m.data["rejects"]] == [("images/COVID-99999.jpg", "missing file")]
-    metas = _metas(out, "train")
+    # folder paths and CSV patient ids may identify: OUT shows salted pseudonyms (salt kept outside OUT)
+    from ingest.pseudonym import default_salt_file, pseudonymise
+    salt = default_salt_file().read_text().strip().encode()
+    fid = lambda rel: pseudonymise(rel, salt, "f")  # noqa: E731
+    assert [(r["input_id"], r["reason"]) for r in m.data["rejects"]] == [
+        (fid("images/COVID-99999.jpg"), "missing file")]
+    metas = {n: _metas(out, "train")[fid(n)] for n in (f"images/{n}" for n in names[:-1])}
     # The patient table is fixed before decoding (the .pid bytes depend on it), so it keeps the row of
     # COVID-99999 whose only image was rejected; the split counts only patients with written samples.
     assert len(metas) == 11 and m.num_patients == 8 and m.data["splits"]["train"]["num_patients"] == 7
-    assert metas["images/COVID-00003b.jpg"]["patient_id"] == "COVID-00003" and metas["images/COVID-00003b.jpg"]["view"] == "AP"
+    assert metas["images/COVID-00003b.jpg"]["patient_id"] == pseudonymise("COVID-00003", salt, "p")
+    assert metas["images/COVID-00003b.jpg"]["view"] == "AP"
     assert metas["images/COVID-00015a.png"]["labels"] == {"COVID-19": 1}
     assert metas["images/COVID-00003a.jpg"]["labels"] == {"COVID-19": None}  # blank: not mentioned, not 0
     assert metas["images/COVID-00001.jpg"]["photometric_interpretation"] == "RGB"

@@ -5,6 +5,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ingest.dicom_filters import DicomPolicy
 from ingest.records import Record, Reject
 
 # --source name -> module exposing read(root: Path, opts: SourceOptions) -> SourceResult
@@ -24,9 +25,10 @@ class SourceError(ValueError):
 @dataclass
 class SourceOptions:
     labels_csv: Path | None = None      # folder / dicom: CSV with path [+ patient] + label columns
-    pseudonym_salt: bytes = b""         # dicom: salt of the PatientID / StudyInstanceUID hash
+    pseudonym_salt: bytes = b""         # dicom / folder: salt of the identifier and path pseudonyms
     dataset_name: str | None = None     # folder / dicom: the `dataset` field (default: the source name)
     workers: int = 0                    # dicom: processes reading headers (0: in-process)
+    dicom: DicomPolicy = field(default_factory=DicomPolicy)  # dicom: header filters and patient key
 
 
 @dataclass
@@ -36,6 +38,8 @@ class SourceResult:
     records: list[Record]
     rejects: list[Reject] = field(default_factory=list)   # inputs unusable before any pixel is read
     has_official_split: bool = False
+    filtered: list[Reject] = field(default_factory=list)  # excluded by a source filter (dicom: --modalities, ...)
+    notes: dict = field(default_factory=dict)  # recorded in the manifest (dicom: the patient key used)
 
 
 def read_source(name: str, root: Path, opts: SourceOptions) -> SourceResult:

@@ -53,7 +53,7 @@ def read_labels_csv(csv_path: Path) -> tuple[tuple[str, ...], list[CsvRow]]:
                 mine = {t.strip() for t in df["label"].iat[i].split("|") if t.strip()}
                 labels = {n: int(n in mine) for n in names}
             else:
-                labels = {n: parse_label(df[n].iat[i], where=f"{csv_path.name} line {i + 2} {n}") for n in names}
+                labels = {n: parse_label(df[n].iat[i], where=f"--labels-csv line {i + 2} {n}") for n in names}
         except ValueError as e:
             error = str(e)
         rows.append(CsvRow(i + 2, df["path"].iat[i].strip(), get("patient", i), get("study", i), get("view", i),
