@@ -4,19 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 from eval.args import _common, _positive, _positive_float, _positive_floats
 
 EXTRA_COMMANDS = ("knn", "transfer", "neighbours", "map")
-
-
-def _policy_and_view(p: argparse.ArgumentParser) -> None:
-    # The common options may already carry these (they apply to every protocol); add them only where missing.
-    if "--blank" not in p._option_string_actions:
-        p.add_argument("--blank", choices=("zero", "mask"), default="zero",
-                       help="blank (not mentioned) labels: zero = negative (CheXpert's convention, default) or mask")
-    if "--eval-view" not in p._option_string_actions:
-        p.add_argument("--eval-view", choices=("full", "center"), default="full",
-                       help="full: the whole film resized to image-size (default); center: resize + centre crop")
 
 
 def add_extra_arguments(p: argparse.ArgumentParser, command: str) -> None:
@@ -60,4 +51,3 @@ def add_extra_arguments(p: argparse.ArgumentParser, command: str) -> None:
                        help="a label name (positive / negative / masked), view, sex or dataset")
         p.add_argument("--max-points", type=_positive, default=5000,
                        help="seeded subsample of larger splits (t-SNE is O(N^2))")
-    _policy_and_view(p)

@@ -12,13 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from eval.args import UsageError
-from eval.cli import _context, _features, _guard, _log, _prepare, _probe, _save_predictions, _write_json
-from eval.labels import LabelPolicy, TaskError
+from eval.cli import _context, _features, _guard, _log, _policy, _prepare, _probe, _save_predictions, _write_json
+from eval.labels import TaskError
 from ingest.schema import load_manifest
-
-
-def _policy(args) -> LabelPolicy:
-    return LabelPolicy(blank=args.blank, uncertain=args.uncertainty)
 
 
 def _split_features(args, spec, split: str, shards: Path | None = None):
@@ -29,8 +25,7 @@ def _split_features(args, spec, split: str, shards: Path | None = None):
 
 
 def _record(result: dict, args, spec, tasks: list[str]) -> dict:
-    result.update(_context(args, spec, tasks))
-    result.update(eval_view=args.eval_view, label_policy=_policy(args).to_json())
+    result.update(_context(args, spec, tasks))  # encoder, shards, label_policy, eval_view, transform, argv
     return result
 
 

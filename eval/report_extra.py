@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.labels import LabelPolicy
 
 
 def _cell(x, ci=None) -> str:
@@ -23,25 +22,16 @@ def _label(doc: dict) -> str:
 
 
 def settings_lines(docs: list[dict]) -> list[str]:
-    """One line per distinct (label policy, eval view) among ``docs``: what every number above was made under."""
-    seen = []
-    for d in docs:
-        pol = d.get("label_policy")
-        text = LabelPolicy(**pol).describe() if pol else "label policy: not recorded"
-        text += f"; eval view: {d.get('eval_view') or 'not recorded'}"
-        if text not in seen:
-            seen.append(text)
-    return [f"_{t}_" for t in seen] + [""]
+    """eval.report's label policy / eval view lines (imported here: eval.report imports this module)."""
+    from eval.report import settings_lines as report_settings
+    return report_settings(docs)
 
 
 def knn_section(docs: list[dict]) -> list[str]:
     from eval.report import _auroc_table
     lines = _auroc_table(docs, "Weighted kNN (frozen features, cosine similarity)")
     params = sorted({(d.get("k"), d.get("temperature")) for d in docs}, key=str)
-    lines += [", ".join(f"k = {k}, T = {t}" for k, t in params) + "; training split = bank; nothing tuned.", ""]
-    if not any("eval view:" in line for line in lines):  # eval.report's table may state the settings already
-        lines += settings_lines(docs)
-    return lines
+    return lines + [", ".join(f"k = {k}, T = {t}" for k, t in params) + "; training split = bank; nothing tuned.", ""]
 
 
 def _transfer_label(doc: dict) -> str:
