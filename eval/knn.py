@@ -9,9 +9,9 @@ import numpy as np
 
 from eval.bootstrap import bootstrap_ci
 from eval.features import FeatureSet
-from eval.labels import LabelPolicy, check_labelled, select_targets
+from eval.labels import LabelPolicy, check_labelled, select_targets, split_counts
 from eval.metrics import evaluate
-from eval.protocols import merge_ci
+from eval.protocols import add_counts, merge_ci
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -153,18 +153,6 @@ def knn_scores(bank: np.ndarray, bank_targets: np.ndarray, query: np.ndarray, *,
     return scores
 
 
-def split_counts(targets: np.ndarray, tasks: list[str], split: str) -> dict[str, dict[str, int]]:
-    """{task: {"n_<split>_pos": .., "n_<split>_neg": ..}} of targets after the label policy (NaN = masked)."""
-    return {t: {f"n_{split}_pos": int(np.sum(targets[:, j] == 1)), f"n_{split}_neg": int(np.sum(targets[:, j] == 0))}
-            for j, t in enumerate(tasks)}
-
-
-def add_counts(result: dict, counts: list[dict[str, dict[str, int]]]) -> None:
-    for per_split in counts:
-        for task, row in per_split.items():
-            result["tasks"].setdefault(task, {}).update(row)
-
-
 def knn_protocol(train: FeatureSet, val: FeatureSet | None, test: FeatureSet, tasks: list[str], *,
                  policy: LabelPolicy = LabelPolicy(), k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                  device: str = "cpu", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, num_replicates: int = 1000,
@@ -179,10 +167,10 @@ def knn_protocol(train: FeatureSet, val: FeatureSet | None, test: FeatureSet, ta
                         chunk_elements=chunk_elements, task_names=tasks)
     result = merge_ci(evaluate(y_te, scores, tasks).to_dict(),
                       bootstrap_ci(y_te, scores, test.pids, tasks, num_replicates=num_replicates, seed=seed))
-    counts = [split_counts(y_tr, tasks, "train")]
+    by_split = {"train": y_tr, "test": y_te}
     if val is not None:
-        counts.append(split_counts(select_targets(val.labels, val.label_names, tasks, policy), tasks, "val"))
-    add_counts(result, counts)
+        by_split["val"] = select_targets(val.labels, val.label_names, tasks, policy)
+    add_counts(result, split_counts(by_split, tasks))
     result.update(protocol="knn", k=k, temperature=temperature, similarity="cosine", label_policy=policy.to_json(),
                   num_images={"train": len(train), "test": len(test)},
                   num_patients={"train": int(len(np.unique(train.pids))), "test": int(len(np.unique(test.pids)))})

@@ -9,11 +9,10 @@ import numpy as np
 
 from eval.bootstrap import bootstrap_ci, patient_weights, percentile_ci
 from eval.features import FeatureSet
-from eval.knn import add_counts, split_counts
-from eval.labels import LabelPolicy, TaskError, check_labelled, select_targets
+from eval.labels import LabelPolicy, TaskError, check_labelled, select_targets, split_counts
 from eval.metrics import evaluate, weighted_auroc_auprc
 from eval.probes import DEFAULT_C_GRID, fit_linear_probes
-from eval.protocols import merge_ci
+from eval.protocols import add_counts, merge_ci
 
 # Names that denote the same finding in different label sets. CheXpert and MIMIC-CXR share CheXpert's 14 names;
 # NIH ChestX-ray14 spells two differently. Findings without an equivalent (CheXpert's Lung Opacity, NIH's
@@ -141,6 +140,8 @@ def score_shift(src: Scored, tgt: Scored, mapping: dict[str, str], *, policy: La
                          bootstrap_ci(y_in, src.scores, src.pids, tasks, num_replicates=num_replicates, seed=seed))
     shifted = merge_ci(evaluate(y_sh, tgt.scores, tasks).to_dict(),
                        bootstrap_ci(y_sh, tgt.scores, tgt.pids, tasks, num_replicates=num_replicates, seed=seed))
+    add_counts(in_domain, split_counts({"test": y_in}, tasks))
+    add_counts(shifted, split_counts({"target": y_sh}, tasks))
     for t in tasks:
         shifted["tasks"][t]["target_label"] = mapping[t]
     drop = drop_summary(in_domain, shifted, y_in, src.scores, src.pids, y_sh, tgt.scores, tgt.pids, tasks,
@@ -169,7 +170,7 @@ def transfer_protocol(train: FeatureSet, val: FeatureSet, src_test: FeatureSet, 
     result, p_in, p_sh = score_shift(Scored(src_test.labels, src_test.label_names, src_test.pids, s_in),
                                      Scored(target.labels, target.label_names, target.pids, s_sh), mapping,
                                      policy=policy, num_replicates=num_replicates, seed=seed, target_name=target_name)
-    add_counts(result["in_domain"], [split_counts(y_tr, tasks, "train"), split_counts(y_va, tasks, "val")])
+    add_counts(result["in_domain"], split_counts({"train": y_tr, "val": y_va}, tasks))
     result.update(probe="linear", chosen_c=fitted.chosen_c, val_auroc=fitted.val_auroc, notes=list(fitted.notes))
     result["num_images"].update(train=len(train), val=len(val))
     return result, p_in, p_sh

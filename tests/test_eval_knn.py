@@ -89,6 +89,7 @@ def test_knn_protocol_counts_policy_and_signal():
     assert b["n_train_neg"] == int(np.sum(train.labels[:, 1] == 0) + blank.sum())  # blank = negative
     assert b["n_val_pos"] + b["n_val_neg"] == 30 - int(np.sum(val.labels[:, 1] == -1))
     assert b["n_pos"] + b["n_neg"] == 60 - int(np.sum(test.labels[:, 1] == -1))
+    assert (b["n_test_pos"], b["n_test_neg"]) == (b["n_pos"], b["n_neg"])
     assert res["tasks"]["A"]["auroc"] > 0.95 and res["tasks"]["A"]["auroc_ci"][0] > 0.85
     res_m, _ = knn_protocol(train, val, test, ["A", "B"], policy=mask, k=10, num_replicates=100)
     bm = res_m["tasks"]["B"]

@@ -124,7 +124,8 @@ def test_transfer_real_cxr_folder_to_nih_layout(real_shards, tmp_path, capsys):
     assert res["eval_view"] in ("full", "center")
     ind, sh = res["in_domain"]["tasks"]["Pneumonia"], res["shifted"]["tasks"]["Pneumonia"]
     drop = res["drop"]["tasks"]["Pneumonia"]
-    assert (sh["n_pos"], sh["n_neg"]) == (30, 30) and ind["n_train_pos"] > 10 and ind["n_val_neg"] > 3
+    assert (sh["n_pos"], sh["n_neg"]) == (sh["n_target_pos"], sh["n_target_neg"]) == (30, 30)
+    assert ind["n_train_pos"] > 10 and ind["n_val_neg"] > 3 and ind["n_test_pos"] == ind["n_pos"]
     assert ind["auroc"] > 0.7, res  # random-init features separate Normal from bacterial pneumonia in-domain
     for row in (ind, sh):
         assert row["auroc_ci"][0] <= row["auroc"] <= row["auroc_ci"][1]
