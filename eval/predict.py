@@ -41,14 +41,16 @@ def sniff(data: bytes) -> str:
 
 def _pixel_count(data: bytes, kind: str) -> int:
     """Width x height from the header alone, before any pixel is decoded (decompression bombs)."""
+    from PIL import Image
     try:
         if kind == "dicom":
             import pydicom
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Rows", "Columns"])
             return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
-        from PIL import Image
         with Image.open(io.BytesIO(data)) as im:
             return int(im.width) * int(im.height)
+    except Image.DecompressionBombError:  # Pillow's own header check (twice its MAX_IMAGE_PIXELS)
+        raise InputError("too_large", "image too large (over Pillow's decompression-bomb pixel limit)") from None
     except Exception as e:  # noqa: BLE001 - any header parser failure means the same thing to the user
         raise InputError("undecodable", f"unreadable {kind} header ({type(e).__name__})") from None
 
