@@ -1,8 +1,15 @@
 """A real bundle for tests: small synthetic shards -> `eval linear` (seeded random ResNet-18) -> `eval export`."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--arch", "resnet18", "--image-size", "32", "--resize-size", "36", "--batch-size", "16", "--bootstrap", "100"]
 
 
@@ -18,3 +25,47 @@ def make_bundle(root: Path, *extra: str) -> Path:
                     "--bundle", str(bundle), *extra])
     assert rc == 0, "eval export failed"
     return bundle
+
+
+@contextmanager
+def running_server(bundle: Path, *extra: str, token: str | None = None):
+    """`python -m serve` in a subprocess on a free 127.0.0.1 port; yields the base URL, stops it after."""
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "serve", "--bundle", str(bundle), "--port", str(port), *extra]
+    if token:
+        cmd += ["--token", token]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"x-token": token} if token else {}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(url + "/api/health", headers=headers, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("serve did not answer /api/health within 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def synth_phantom(folder: Path) -> Path:
+    """One frontal `ingest synth` phantom JPEG (generated, not a patient's film)."""
+    subprocess.run([sys.executable, "-m", "ingest", "synth", "--out", str(folder), "--n", "6", "--size", "320",
+                    "--seed", "4"], check=True, cwd=ROOT, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    return sorted(folder.rglob("*frontal.jpg"))[0]
