@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--arch", "resnet18", "--image-size", "32", "--resize-size", "36", "--batch-size", "16", "--bootstrap", "100"]
+FAST = ["--arch", "resnet18", "--image-size", "64", "--resize-size", "72", "--batch-size", "16", "--bootstrap", "100"]
 
 
 def make_bundle(root: Path, *extra: str) -> Path:
     from eval.__main__ import main as eval_main
     from shardgen import make_shards
-    shards = make_shards(root / "shards", num_patients=36, size_px=48, seed=3)
+    shards = make_shards(root / "shards", num_patients=36, size_px=72, seed=3)
     out = root / "eval"
     rc = eval_main(["linear", "--shards", str(shards), "--out", str(out), "--init", "random", *FAST])
     assert rc == 0, "eval linear failed"
@@ -69,3 +69,22 @@ def synth_phantom(folder: Path) -> Path:
                     "--seed", "4"], check=True, cwd=ROOT, capture_output=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     return sorted(folder.rglob("*frontal.jpg"))[0]
+
+
+def make_phantom_bundle(root: Path) -> Path:
+    """A bundle over `ingest synth` phantoms (CheXpert layout, the five competition tasks): what the page's
+    screenshot shows. Seeded random ResNet-18, so its scores are honest and weak."""
+    from eval.__main__ import main as eval_main
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for cmd in (["synth", "--out", str(root / "raw"), "--n", "300", "--size", "128", "--seed", "0", "--valid-frac", "0.2"],
+                ["build-shards", "--source", "chexpert", "--root", str(root / "raw" / "CheXpert-v1.0-small"),
+                 "--out", str(root / "shards"), "--size", "72", "--val-frac", "0.2", "--no-progress"]):
+        subprocess.run([sys.executable, "-m", "ingest", *cmd], check=True, cwd=ROOT, env=env, capture_output=True)
+    out = root / "eval"
+    rc = eval_main(["linear", "--shards", str(root / "shards"), "--out", str(out), "--init", "random", "--tasks", "chexpert5",
+                    *FAST])
+    assert rc == 0, "eval linear failed"
+    rc = eval_main(["export", "--out", str(out), "--encoder", "random-resnet18", "--protocol", "linear",
+                    "--bundle", str(root / "bundle")])
+    assert rc == 0, "eval export failed"
+    return root / "bundle"

@@ -27,7 +27,7 @@ def test_bundle_contents_and_weights_only_load(bundle):
     from eval.bundle import load_bundle
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["protocol"] == "linear" and meta["encoder"]["arch"] == "resnet18"
-    assert meta["view"] == {"mode": "center", "image_size": 32, "resize_size": 36}
+    assert meta["view"] == {"mode": "center", "image_size": 64, "resize_size": 72}
     assert meta["provenance"]["label_policy"] == {"blank": "zero", "uncertain": "u-ignore"}
     assert len(meta["provenance"]["manifest_sha256"]) == 64 and len(meta["encoder"]["sha256"]) == 64
     for t in meta["tasks"]:
@@ -130,3 +130,24 @@ def test_predict_mixed_folder(bundle, tmp_path, capsys):
     assert rows["empty.jpg"]["status"] == "error" and "truncated" in rows["trunc.jpg"]["reason"]
     assert float(rows["a.png"][f"p_{tasks[0]}"]) == pytest.approx(float(rows["c16.png"][f"p_{tasks[0]}"]), abs=0.02)
     assert "unreadable: " in err and "images/s" in err
+
+
+def test_export_of_a_trained_encoder_file(bundle, tmp_path):
+    """The demo's path: `eval linear --encoder RUN/encoder.pt` then export; a changed encoder file is refused."""
+    from bundlegen import FAST
+    from trainer.checkpoint import save_encoder
+    from trainer.models import build_backbone
+    torch.manual_seed(7)
+    model, _ = build_backbone("resnet18", 1, "random")
+    enc = tmp_path / "run" / "encoder.pt"
+    enc.parent.mkdir()
+    save_encoder(enc, model, "resnet18", 1, {"config": {}, "step": 0})
+    out = tmp_path / "eval"
+    assert eval_main(["linear", "--shards", str(bundle.parent / "shards"), "--out", str(out), "--encoder", str(enc), *FAST]) == 0
+    args = ["export", "--out", str(out), "--encoder", "run", "--protocol", "linear", "--bundle", str(tmp_path / "b")]
+    assert eval_main(args) == 0
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert meta["encoder"]["category"] == "SSL" and meta["encoder"]["kind"] == "checkpoint"
+    torch.manual_seed(8)
+    save_encoder(enc, build_backbone("resnet18", 1, "random")[0], "resnet18", 1, {"config": {}, "step": 0})
+    assert eval_main(args + ["--overwrite"]) == 2
