@@ -151,3 +151,27 @@ def test_export_of_a_trained_encoder_file(bundle, tmp_path):
     torch.manual_seed(8)
     save_encoder(enc, build_backbone("resnet18", 1, "random")[0], "resnet18", 1, {"config": {}, "step": 0})
     assert eval_main(args + ["--overwrite"]) == 2
+
+
+def test_export_of_a_finetuned_network(bundle, tmp_path):
+    """`eval finetune` then export: the fine-tuned trunk + head, thresholds from one validation pass; the bundle
+    reproduces the fine-tuned test scores."""
+    from bundlegen import FAST
+    from eval.bundle import load_bundle
+    from eval.predict import Predictor, view_tensor
+    from ingest.schema import load_manifest
+    from ingest.shards import iter_shard
+    shards, out = bundle.parent / "shards", tmp_path / "eval"
+    assert eval_main(["finetune", "--shards", str(shards), "--out", str(out), "--init", "random", *FAST, "--epochs", "1"]) == 0
+    assert eval_main(["export", "--out", str(out), "--encoder", "random-resnet18", "--protocol", "finetune",
+                      "--bundle", str(tmp_path / "b")]) == 0
+    b = load_bundle(tmp_path / "b")
+    assert b.meta["protocol"] == "finetune" and float(b.model.heads.std.max()) == 1.0
+    assert all("threshold" in b.meta["thresholds"][t] for t in b.tasks)
+    xs = [view_tensor(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("L")), b.meta["view"], b.meta["normalisation"], 1)
+          for sh in load_manifest(shards).shards("test") for s in iter_shard(sh.path)]
+    probs = Predictor(b).predict(torch.stack(xs)).probs
+    with np.load(out / "finetune" / "random-resnet18.npz") as z:
+        names = [str(t) for t in z["tasks"]]
+        ref = z["scores"][:, [names.index(t) for t in b.tasks]]
+    assert np.abs(probs - ref).max() < 0.05, np.abs(probs - ref).max()
