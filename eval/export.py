@@ -68,9 +68,9 @@ def _policy(result: dict) -> dict:
     return policy.to_json()
 
 
-def _encoder(result: dict):
-    """(EncoderSpec, trunk nn.Module, backbone state without the ImageNet adapter, adapter name) from the result's
-    encoder record; the weights must still hash to what was evaluated."""
+def _encoder(result: dict) -> tuple[dict, str]:
+    """(backbone state without the ImageNet adapter, adapter name) from the result's encoder record; the weights
+    must still hash to what was evaluated."""
     from eval.features import EncoderError, build_encoder, encoder_hash, encoder_spec
     e = result["encoder"]
     try:
@@ -86,7 +86,7 @@ def _encoder(result: dict):
     state = trunk.state_dict()
     if spec.kind == "imagenet":  # Sequential(ImageNetInput, resnet): keep the torchvision names
         state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
-    return spec, trunk, state, "imagenet" if spec.kind == "imagenet" else "none"
+    return state, "imagenet" if spec.kind == "imagenet" else "none"
 
 
 def _view(result: dict) -> dict:
@@ -114,7 +114,7 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     import torch
 
     from eval.bundle import ProbeHeads, build_model
-    from eval.features import extract_features
+    from eval.features import EncoderSpec, Transform, extract_features
     from eval.labels import LabelPolicy, select_targets
     path = folder / f"{name}.pt"
     if not path.is_file():
@@ -127,7 +127,6 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     model = build_model(doc["arch"], int(doc["in_channels"]), doc["backbone"],
                         ProbeHeads(heads["weight"], heads["bias"], heads["feature_mean"], heads["feature_std"]), adapter)
     # The validation scores were not stored by finetune: score the val split once through the eval loader.
-    from eval.features import EncoderSpec, Transform
     spec = EncoderSpec("checkpoint", doc["arch"], int(doc["in_channels"]), name, path=path)
     trunk = torch.nn.Sequential(model.input_adapter, model.backbone)
     v = _view(result)
@@ -155,7 +154,7 @@ def export(args) -> Path:
     tasks = list(result["task_names"])
     e = result["encoder"]
     if args.protocol == "linear":
-        spec, _, backbone, adapter = _encoder(result)
+        backbone, adapter = _encoder(result)
         heads, val_scores, val_targets = _linear_parts(folder, args.encoder, tasks)
     else:
         heads, backbone, adapter, val_scores, val_targets = _finetune_parts(folder, args.encoder, result, tasks, args.device)

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 6000 x 6000 film; a 16-bit chest CR is ~3000 x 3500
+MAX_ASPECT = 8  # chest films are ~1 : 1.25; panoramic strips are not
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
 
 class InputError(ValueError):
-    """An upload or file that cannot be predicted. ``kind``: empty | too_large | unsupported | undecodable."""
+    """An upload or file that cannot be predicted (``kind``: empty | too_large | unsupported | undecodable), or
+    a bad command line (``kind`` usage)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -39,16 +41,16 @@ def sniff(data: bytes) -> str:
     raise InputError("unsupported", "not a JPEG, PNG or DICOM file (content checked, not the extension)")
 
 
-def _pixel_count(data: bytes, kind: str) -> int:
-    """Width x height from the header alone, before any pixel is decoded (decompression bombs)."""
+def _dimensions(data: bytes, kind: str) -> tuple[int, int]:
+    """(width, height) from the header alone, before any pixel is decoded (decompression bombs)."""
     from PIL import Image
     try:
         if kind == "dicom":
             import pydicom
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-            return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+            return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
         with Image.open(io.BytesIO(data)) as im:
-            return int(im.width) * int(im.height)
+            return int(im.width), int(im.height)
     except Image.DecompressionBombError:  # Pillow's own header check (twice its MAX_IMAGE_PIXELS)
         raise InputError("too_large", "image too large (over Pillow's decompression-bomb pixel limit)") from None
     except Exception as e:  # noqa: BLE001 - any header parser failure means the same thing to the user
@@ -61,9 +63,12 @@ def decode_gray(data: bytes, *, shard_size: int, quality: int, max_pixels: int =
 
     from ingest.preprocess import ImageReject, process_bytes
     kind = sniff(data)
-    pixels = _pixel_count(data, kind)
-    if pixels > max_pixels:
-        raise InputError("too_large", f"image has {pixels / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f}")
+    width, height = _dimensions(data, kind)
+    if width * height > max_pixels:
+        raise InputError("too_large", f"image of {width} x {height} pixels exceeds the limit of {max_pixels / 1e6:g} megapixels")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        # Resizing the shorter side of a 1 x 20000 strip to shard size would allocate gigabytes.
+        raise InputError("undecodable", f"image of {width} x {height} pixels is not a radiograph's shape")
     try:
         jpeg = process_bytes(data, "dicom" if kind == "dicom" else "image", shard_size, quality).jpeg
     except ImageReject as e:
@@ -120,7 +125,8 @@ class Predictor:
     def shown(self, x) -> np.ndarray:
         """The model's input as 8-bit gray (S, S): what the model saw."""
         norm = self.bundle.meta["normalisation"]
-        return (x[0].numpy() * norm["std"] + norm["mean"]).clip(0, 1).__mul__(255).round().astype(np.uint8)
+        unit = (x[0].numpy() * norm["std"] + norm["mean"]).clip(0, 1)
+        return np.rint(unit * 255).astype(np.uint8)
 
     def predict(self, batch) -> Prediction:  # batch (B, C, S, S)
         import torch

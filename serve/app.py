@@ -83,6 +83,8 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), neighbours=None):
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
+
+    from eval.predict import InputError
     app = FastAPI(title="cxr-ssl serve", docs_url=None, redoc_url=None, openapi_url=None)
     bundle = predictor.bundle
 
@@ -130,11 +132,10 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), neighbours=None):
             return await run_in_threadpool(_predict_one, predictor, data, config.k, neighbours)
         except UploadError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
-        except ValueError as e:
-            from eval.predict import InputError
-            if isinstance(e, InputError):
-                return JSONResponse({"error": str(e)}, status_code=STATUS.get(e.kind, 400))
-            raise
+        except InputError as e:
+            return JSONResponse({"error": str(e)}, status_code=STATUS.get(e.kind, 400))
+        except Exception:  # noqa: BLE001 - a defect here must not echo upload contents (or a header) back
+            return JSONResponse({"error": "internal error while reading the image"}, status_code=500)
     return app
 
 

@@ -115,18 +115,24 @@ def test_same_image_same_answer_as_batch_predict(client, predictor):
     assert np.allclose([f["probability"] for f in r["findings"]], direct, atol=1e-6)
 
 
+def _strip() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (20000, 1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("case", ["truncated_jpeg", "text_as_png", "png_bomb", "dicom_no_pixels", "empty", "not_multipart",
-                                  "too_big"])
+                                  "too_big", "strip"])
 def test_bad_uploads_get_4xx_and_server_keeps_serving(client, case):
     if case == "not_multipart":
         r = client.post("/api/predict", content=b"hello", headers={"content-type": "text/plain"})
     else:
         data = {"truncated_jpeg": lambda: _jpeg()[:600], "text_as_png": lambda: b"just some notes\n" * 10,
                 "png_bomb": png_bomb, "dicom_no_pixels": dicom_without_pixels, "empty": lambda: b"",
-                "too_big": lambda: b"\xff\xd8\xff" + b"\x00" * (9 << 20)}[case]()
+                "too_big": lambda: b"\xff\xd8\xff" + b"\x00" * (9 << 20), "strip": _strip}[case]()
         r = _post(client, data)
     expected = {"truncated_jpeg": 422, "text_as_png": 415, "png_bomb": 413, "dicom_no_pixels": 422, "empty": 400,
-                "not_multipart": 415, "too_big": 413}[case]
+                "not_multipart": 415, "too_big": 413, "strip": 422}[case]
     assert r.status_code == expected, r.text
     msg = r.json()["error"]
     assert msg and "\n" not in msg and "SECRET" not in msg and "Doe" not in msg
