@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "finetune": ("eval.cli", "end-to-end fine-tuning with an optional lr x weight-decay grid"),
     "compare": ("eval.cli", "paired patient bootstrap of the AUROC difference between two encoders"),
     "report": ("eval.cli", "Markdown table, label-fraction curve, ROC curves and JSON in one folder"),
+    "export": ("eval.export", "one evaluated encoder + heads -> a bundle folder (weights, thresholds, model card)"),
+    "predict": ("eval.predict", "a bundle's probabilities and flags for JPEG / PNG / DICOM files -> CSV"),
 }
 
 
