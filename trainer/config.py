@@ -41,7 +41,7 @@ class ModelConfig:
     head_hidden_dim: int = 0         # 0: the backbone's feature dim
     proj_dim: int = 128
     head_bn: bool = True             # BatchNorm in the hidden head layers (SimCLR v2); MoCo v2 uses none
-    sync_bn: bool = False            # convert BatchNorm to SyncBatchNorm across ranks (GPU, world > 1)
+    sync_bn: str = "auto"            # global BatchNorm over ranks: "auto" (SimCLR / MICLe on > 1 rank) | "on" | "off"
     channels_last: bool = True
     compile: str = "auto"            # "auto" (on for cuda, off for cpu) | "on" | "off"
     compile_mode: str = "default"    # torch.compile mode: default | reduce-overhead | max-autotune
@@ -114,6 +114,7 @@ CHOICES = {
     ("model", "in_channels"): {1, 3},
     ("model", "head_layers"): {2, 3},
     ("model", "compile"): {"auto", "on", "off"},
+    ("model", "sync_bn"): {"auto", "on", "off"},
     ("model", "compile_mode"): {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
     ("loss", "method"): {"simclr", "moco", "micle"},
     ("loss", "positives"): {"sample", "patient"},

@@ -24,7 +24,7 @@ from trainer import distributed as dist_utils
 from trainer.config import Config, ConfigError, load_config, split_argv, to_dict, to_toml
 from trainer.data import build_loader
 from trainer.metrics import MetricsLogger, StepTimer
-from trainer.models import MoCo, build_contrastive_model
+from trainer.models import MoCo, build_contrastive_model, convert_global_bn
 from trainer.optim import build_optimizer
 from trainer.schedules import scaled_lr, steps_from_epochs, warmup_cosine
 from trainer.steps import AUTOCAST_DTYPES, TrainStep, resolve_precision
@@ -134,9 +134,11 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                                resume_step=pos.step if resume_path is not None else None, device=device)
         bar = _progress(cfg.run.progress and info.is_main, total_steps, pos.step)
         if info.is_main:
+            bn_scope = ("global" if _global_bn(cfg, world_size)
+                        else "shuffle" if cfg.loss.method == "moco" and cfg.loss.moco_shuffle_bn else "per rank")
             print(f"pretrain: {cfg.loss.method} {cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px | "
-                  f"{world_size} rank(s) on {device.type} | {precision} | global batch {cfg.data.batch_size} | "
-                  f"{total_steps} steps ({steps_per_epoch}/epoch) | peak lr {schedule['peak_lr']:.4g} | {run_dir}",
+                  f"{world_size} rank(s) on {device.type} | {precision} | BN {bn_scope} | global batch {cfg.data.batch_size}"
+                  f" | {total_steps} steps ({steps_per_epoch}/epoch) | peak lr {schedule['peak_lr']:.4g} | {run_dir}",
                   flush=True)
 
         # ---- the loop: device values stay on the device; the host reads them only at log / checkpoint steps
@@ -261,6 +263,14 @@ def _moco_bn_splits(cfg: Config, world_size: int) -> int:
     return cfg.loss.moco_bn_splits if moco_one_rank else 1
 
 
+def _global_bn(cfg: Config, world_size: int) -> bool:
+    """BatchNorm over the global batch: SimCLR / MICLe put both views of a sample on one rank, and per-rank statistics
+    would let the model tell positives by their batch; MoCo hides that with shuffle-BN instead."""
+    if world_size == 1 or cfg.model.sync_bn == "off":
+        return False
+    return cfg.model.sync_bn == "on" or cfg.loss.method != "moco"
+
+
 def _schedule(cfg: Config, steps_per_epoch: int) -> dict:
     """warmup_cosine's keyword arguments: peak lr scaled by the global batch, warm-up and total steps, floor."""
     o = cfg.optim
@@ -281,8 +291,8 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
     if cfg.loss.method == "moco":
         model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
                      bn_splits=_moco_bn_splits(cfg, world_size))
-    if cfg.model.sync_bn and world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if _global_bn(cfg, world_size):
+        model = convert_global_bn(model)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
