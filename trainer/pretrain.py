@@ -138,7 +138,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                         else "shuffle" if cfg.loss.method == "moco" and cfg.loss.moco_shuffle_bn else "per rank")
             print(f"pretrain: {cfg.loss.method} {cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px | "
                   f"{world_size} rank(s) on {device.type} | {precision} | BN {bn_scope} | "
-                  f"global batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | peak lr {schedule['peak_lr']:.4g} | {run_dir}",
+                  f"global batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | "
+                  f"peak lr {schedule['peak_lr']:.4g} | {run_dir}",
                   flush=True)
 
         # ---- the loop: device values stay on the device; the host reads them only at log / checkpoint steps
