@@ -176,7 +176,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             sync_point = step % cfg.run.log_every == 0 or must_save
             if sync_point:
                 _check_finite(nonfinite, step, run_dir)
-                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader)
+                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader, step_fn.loss_impl)
                 line = logger.log(row)
                 if info.is_main:
                     (bar.write if bar is not None else print)(line)
@@ -360,7 +360,7 @@ def _restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, r
 
 
 def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_sum: torch.Tensor,
-             timer: StepTimer, device: torch.device, loader) -> dict:
+             timer: StepTimer, device: torch.device, loader, loss_impl=None) -> dict:
     """One metrics row; the mean loss over ranks and log steps is the one device value read (a host sync)."""
     mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()
     t = timer.summary()
@@ -372,6 +372,8 @@ def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_s
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # host peak resident memory (Linux reports KiB)
         row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if loss_impl is not None:
+        row.update(loss_impl.log_fields())  # which NT-Xent serves the run; the first row after the decision says why
     if cfg.loss.method == "micle":
         row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
     return row
