@@ -32,10 +32,10 @@ class LossImpl:
 
     'reference' and 'fused' run as asked ('fused' fails loudly where the kernels cannot run). 'auto' runs the
     reference unless the fused kernels can run here (a CUDA device, triton, embeddings up to the kernels' width);
-    then the first call (the run's first step) computes both on its real embeddings, and the fused kernel serves the run
-    only if loss and gradients agree within CHECK_LOSS_RTOL / CHECK_GRAD_RTOL. Any exception or mismatch keeps the
-    reference, with one line saying why (`announce`, print by default; and `log_fields()` for metrics.jsonl). Ranks agree on the
-    outcome (one all-reduce at the check), so every rank gathers and computes the same way.
+    then the first call (the run's first step) computes both on its real embeddings, and the fused kernel serves
+    the run only if loss and gradients agree within CHECK_LOSS_RTOL / CHECK_GRAD_RTOL. Any exception or mismatch
+    keeps the reference, with one line saying why (`announce`, print by default; `log_fields()` for metrics.jsonl).
+    Ranks agree on the outcome (one all-reduce at the check), so every rank gathers and computes the same way.
     """
 
     def __init__(self, requested: str = "auto", announce: Callable[[str], None] | None = None):
