@@ -21,7 +21,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
-from trainer.config import Config, ConfigError, load_config, split_argv, to_dict, to_toml
+from trainer.config import Config, ConfigError, changed_keys, load_config, split_argv, to_dict, to_toml
 from trainer.data import build_loader
 from trainer.metrics import MetricsLogger, StepTimer
 from trainer.models import MoCo, build_contrastive_model, convert_global_bn
@@ -98,13 +98,14 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     raw_model, step_fn = _build_model(cfg, info, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 
-    # ---- run folder: resume or refuse to clobber, then the resolved config
+    # ---- run folder: resume (a changed config is refused before anything is loaded) or refuse to clobber; the
+    # resolved config replaces the previous one only once the restore has passed
     resume_path = _resume_path(cfg, run_dir)
+    pos = _restore(resume_path, cfg, info, raw_model, step_fn, loader, steps_per_epoch)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     dist_utils.barrier()
-    pos = _restore(resume_path, cfg, info, raw_model, step_fn, loader, steps_per_epoch)
     total_steps = schedule["total_steps"]
     if pos.step >= total_steps:
         if info.is_main:
@@ -325,6 +326,7 @@ def _restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, r
         state = ckpt.load_checkpoint(resume_path, map_location="cpu")  # load_state_dict copies to the device
     except ValueError as e:
         raise Stop(EXIT_BAD_INPUT, str(e)) from None
+    _check_same_config(state.get("config", {}), cfg, resume_path, info)
     try:
         raw_model.load_state_dict(state["model"])
         step_fn.optimizer.load_state_dict(state["optimizer"])
@@ -388,16 +390,30 @@ def _signal_check_due(cfg: Config, world_size: int, step: int, sync_point: bool)
     return sync_point or (every > 0 and step % every == 0)
 
 
+def _check_same_config(saved: dict, cfg: Config, resume_path: Path, info: dist_utils.DistInfo) -> None:
+    """A resume continues the run it finds: any key outside SAFE_ON_RESUME that differs stops it (one line naming
+    the keys), unless run.resume=force."""
+    changed = changed_keys(saved, to_dict(cfg))
+    if not changed:
+        return
+    listed = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+    if cfg.run.resume != "force":
+        raise Stop(EXIT_BAD_INPUT, f"{resume_path}: this run's config differs from the checkpoint's in {listed}; "
+                                   f"restore those values, or use run.resume=force to continue with the new ones")
+    if info.is_main:
+        print(f"resume: run.resume=force: continuing with changed {listed}", flush=True)
+
+
 def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
     """The checkpoint to continue from, per run.resume; refuses to start over a run's output without overwrite."""
     mode = cfg.run.resume
-    if mode not in ("auto", "none"):
+    if mode not in ("auto", "force", "none"):
         path = Path(mode)
         if not path.is_file():
             raise Stop(EXIT_BAD_INPUT, f"run.resume={mode}: no such checkpoint")
         return path
     latest = ckpt.latest_checkpoint(run_dir)
-    if mode == "auto" and latest is not None:
+    if mode in ("auto", "force") and latest is not None:
         return latest
     if latest is not None or (run_dir / "encoder.pt").exists():
         if not cfg.run.overwrite:
