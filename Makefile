@@ -12,6 +12,8 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
+	@# an older install's pynvml package (now nvidia-ml-py, same module) warns on every import of torch
+	$(BIN)/pip uninstall -y -q pynvml 2>/dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
