@@ -45,6 +45,8 @@ def test_conversion_keeps_state_dict_and_leaves_split_bn_alone():
     assert isinstance(converted[1], GlobalBatchNorm) and isinstance(converted[4], GlobalBatchNorm)
     after = converted.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    cuda = convert_global_bn(nn.Sequential(nn.BatchNorm2d(4)), "cuda")  # torch's NCCL version (state dict as is)
+    assert type(cuda[0]) is nn.SyncBatchNorm
     split = split_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), 2)
     assert isinstance(convert_global_bn(split)[0], SplitBatchNorm)
     x = torch.randn(6, 3)
@@ -56,6 +58,8 @@ def test_conversion_keeps_state_dict_and_leaves_split_bn_alone():
 
 
 def _worker() -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     from trainer import distributed as D
 
     info = D.setup("cpu")
@@ -78,7 +82,7 @@ def _worker() -> None:
     y_ref = ref(x_ref)
     (y_ref * w_out).sum().backward()
 
-    model = convert_global_bn(make())
+    model = DDP(convert_global_bn(make()))  # as the trainer wraps it (DDP refuses torch's SyncBatchNorm on CPU)
     n = n_global // world
     sl = slice(rank * n, (rank + 1) * n)
     x_local = x[sl].clone().requires_grad_()
@@ -88,14 +92,13 @@ def _worker() -> None:
     torch.testing.assert_close(x_local.grad, x_ref.grad[sl], rtol=1e-4, atol=1e-5, msg="input gradients")
     for i in (1, 5):
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(getattr(model[i], buf), getattr(ref[i], buf), rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(getattr(model.module[i], buf), getattr(ref[i], buf), rtol=1e-5, atol=1e-6,
                                        msg=f"layer {i} {buf}")
-    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-        grad = p.grad.clone()
-        torch.distributed.all_reduce(grad)  # what DDP does (up to its 1 / world, matched by the summed loss)
-        torch.testing.assert_close(grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
+    for (name, p), p_ref in zip(model.module.named_parameters(), ref.parameters()):
+        # DDP averages over ranks; the reference loss is the sum of both ranks' losses
+        torch.testing.assert_close(p.grad * world, p_ref.grad, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
     model.eval()  # eval: the running statistics, identical on every rank
-    torch.testing.assert_close(model(x[sl]), ref.eval()(x[sl]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.module(x[sl]), ref.eval()(x[sl]), rtol=1e-5, atol=1e-5)
     D.teardown()
     print(f"GLOBAL-BN-OK rank {rank}", flush=True)
 

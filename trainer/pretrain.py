@@ -294,7 +294,7 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
         model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
                      bn_splits=_moco_bn_splits(cfg, world_size))
     if _global_bn(cfg, world_size):
-        model = convert_global_bn(model)
+        model = convert_global_bn(model, device.type)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
