@@ -130,3 +130,23 @@ def test_compare_tolerates_16bit_rounding_of_a_correct_kernel():
     finally:
         fused_ntxent.nt_xent_fused = orig
     assert ok, why
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_real_kernels_pass_the_check_at_a_training_size(dtype):
+    """One rank of a 4096-image global batch on 8 GPUs (R = 1024 rows, C = 8192 gathered views, D = 128), clustered
+    like two views of one image: the check must accept the kernels, or every GPU run silently loses them."""
+    g = torch.Generator().manual_seed(5)
+    n = 4096
+    centres = torch.randn(n, 128, generator=g)
+    z = F.normalize(torch.cat([centres, centres]) + 0.5 * torch.randn(2 * n, 128, generator=g), dim=1)
+    labels = torch.arange(n).repeat(2).cuda()
+    z = z.cuda().to(dtype)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # the trainer's CUDA setting
+    try:
+        ok, why = LossImpl.compare(z[3072:4096], z, labels[3072:4096], labels, 3072, 0.1)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert ok, why
