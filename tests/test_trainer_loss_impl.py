@@ -105,6 +105,23 @@ def test_a_run_records_the_fallback_in_metrics(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().out.count("falling back") == 1
 
 
+def test_check_uses_at_most_check_max_rows_rows(monkeypatch):
+    """A large batch is checked on its first rows against every column, so the reference fits beside the run."""
+    from trainer import loss_impl
+    seen = []
+
+    def fused(z_rows, z_cols, *args, **kwargs):
+        seen.append((z_rows.shape[0], z_cols.shape[0], args[0].shape[0]))
+        return nt_xent_reference(z_rows, z_cols, *args, **kwargs)
+
+    monkeypatch.setattr(fused_ntxent, "nt_xent_fused", fused)
+    monkeypatch.setattr(loss_impl, "CHECK_MAX_ROWS", 5)
+    z = F.normalize(torch.randn(12, 4), dim=1)
+    labels = torch.arange(6).repeat(2)
+    ok, why = LossImpl.compare(z[6:], z, labels[6:], labels, 6, 0.1)
+    assert ok and "R=5 C=12 D=4" in why and seen == [(5, 12, 5)]
+
+
 def test_compare_tolerates_16bit_rounding_of_a_correct_kernel():
     """A kernel as exact as bf16 gradients can be (reference gradients rounded to bf16) passes the check."""
     g = torch.Generator().manual_seed(3)
