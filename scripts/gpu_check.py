@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in required:
             state = "present" if importlib.util.find_spec(n.module.split(".")[0]) else "missing"
             print(f"  {n.wheel} ({n.why}) [{state}]")
+        dali = required[0].wheel if major in (12, 13) else "nvidia-dali-cudaXY0"
+        hint = "" if major in (12, 13) else " (XY0: 120 or 130, the target driver's CUDA major)"
+        print(f"to carry them: python -m pip download --only-binary=:all: -d wheels {dali} webdataset pytest{hint}")
         return 0
     if not has_gpu:
         print("gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a machine with an "

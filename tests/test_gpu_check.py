@@ -32,6 +32,8 @@ def test_dry_run_lists_steps_and_wheels(capsys):
     assert "-m bench all --quick" in out and "bench/results/" in out
     assert "nvidia-dali-cuda12" in out and "webdataset" in out and "pytest" in out
     listed = out.split("needs beyond torch and triton")[1].splitlines()[1:]
+    assert "pip download --only-binary=:all: -d wheels" in out
+    listed = [line for line in listed if line.startswith("  ")]
     assert len(listed) == 3 and not any(line.split()[0] in ("torch", "triton") for line in listed)
 
 
