@@ -82,7 +82,9 @@ def _worker() -> None:
     y_ref = ref(x_ref)
     (y_ref * w_out).sum().backward()
 
-    model = DDP(convert_global_bn(make()))  # as the trainer wraps it (DDP refuses torch's SyncBatchNorm on CPU)
+    # as the trainer wraps it (DDP refuses torch's SyncBatchNorm on CPU); no buffer broadcast: every rank's running
+    # statistics must come out equal to the global ones by themselves
+    model = DDP(convert_global_bn(make()), broadcast_buffers=False)
     n = n_global // world
     sl = slice(rank * n, (rank + 1) * n)
     x_local = x[sl].clone().requires_grad_()

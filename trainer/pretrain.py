@@ -296,10 +296,12 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
     raw_model = model
     optimizer = build_optimizer(raw_model, cfg.optim, peak_lr)
     if world_size > 1:
-        # MoCo's queue is identical on every rank (gathered keys): no need to broadcast its 32 MB every step.
+        # MoCo's queue is identical on every rank (gathered keys): no need to broadcast its 32 MB every step; global
+        # BN's running statistics are identical too (every rank updates them from the same global moments).
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.loss.method != "moco", gradient_as_bucket_view=True)
+            broadcast_buffers=cfg.loss.method != "moco" and not _global_bn(cfg, world_size),
+            gradient_as_bucket_view=True)
     if cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda"):
         if isinstance(raw_model, MoCo):
             raw_model.encoder_q.compile(mode=cfg.model.compile_mode)
