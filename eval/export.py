@@ -91,10 +91,13 @@ def _encoder(result: dict) -> tuple[dict, str]:
 
 def _view(result: dict) -> dict:
     t = result.get("transform", {})
-    mode = t.get("view") or result.get("eval_view") or "center"  # runs that predate --eval-view centre-crop
+    mode = t.get("eval_view") or result.get("eval_view") or "center"  # runs that predate --eval-view centre-crop
     if mode not in VIEWS:
         raise ExportError(f"eval view '{mode}' is not one this code reproduces ({', '.join(VIEWS)})")
-    return {"mode": mode, "image_size": int(t["image_size"]), "resize_size": int(t["resize_size"])}
+    view = {"mode": mode, "image_size": int(t["image_size"])}
+    if mode == "center":  # the full view squashes the whole film: no intermediate resize
+        view["resize_size"] = int(t["resize_size"])
+    return view
 
 
 def _linear_parts(folder: Path, name: str, tasks: list[str]):
@@ -130,8 +133,9 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     spec = EncoderSpec("checkpoint", doc["arch"], int(doc["in_channels"]), name, path=path)
     trunk = torch.nn.Sequential(model.input_adapter, model.backbone)
     v = _view(result)
+    transform = Transform(v["image_size"], v.get("resize_size", 256), view=v["mode"])
     fs = extract_features(spec, Path(result["shards"]), "val", device=device, model=trunk, cache_dir=None,
-                          transform=Transform(v["image_size"], v["resize_size"]), log=lambda m: None)
+                          transform=transform, log=lambda m: None)
     with torch.no_grad():
         scores = torch.sigmoid(model.heads(torch.from_numpy(fs.features))).double().numpy()
     targets = select_targets(fs.labels, fs.label_names, tasks, LabelPolicy(**_policy(result)))

@@ -27,7 +27,7 @@ def test_bundle_contents_and_weights_only_load(bundle):
     from eval.bundle import load_bundle
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["protocol"] == "linear" and meta["encoder"]["arch"] == "resnet18"
-    assert meta["view"] == {"mode": "center", "image_size": 64, "resize_size": 72}
+    assert meta["view"] == {"mode": "full", "image_size": 64}  # the eval default: the whole film
     assert meta["provenance"]["label_policy"] == {"blank": "zero", "uncertain": "u-ignore"}
     assert len(meta["provenance"]["manifest_sha256"]) == 64 and len(meta["encoder"]["sha256"]) == 64
     for t in meta["tasks"]:
