@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install clean gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,6 +12,8 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
+	@# an older install's pynvml package (now nvidia-ml-py, same module) warns on every import of torch
+	$(BIN)/pip uninstall -y -q pynvml 2>/dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +23,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+# On a lent H100 / H200: GPU-marked tests, real fused kernels, bench all --quick (<= 8 min) -> bench/results/<gpu>/.
+# `python scripts/gpu_check.py --dry-run` lists the steps and the wheels they need beyond torch and triton.
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

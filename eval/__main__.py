@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "neighbours": ("eval.cli", "PNG grid of test images with their nearest training images"),
     "map": ("eval.cli", "2-D map (PCA / t-SNE) of features coloured by a label, view, sex or dataset"),
     "report": ("eval.cli", "Markdown table, label-fraction curve, ROC curves and JSON in one folder"),
+    "export": ("eval.export", "one evaluated encoder + heads -> a bundle folder (weights, thresholds, model card)"),
+    "predict": ("eval.predict", "a bundle's probabilities and flags for JPEG / PNG / DICOM files -> CSV"),
 }
 
 

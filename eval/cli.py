@@ -111,6 +111,7 @@ def _auto_device() -> str:
 
 
 def run_linear(args) -> None:
+    from eval.bundle import save_linear_heads
     from eval.probes import DEFAULT_C_GRID
     from eval.protocols import linear_protocol
     specs, tasks = _prepare(args)
@@ -123,6 +124,7 @@ def run_linear(args) -> None:
         result.update(_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
         _save_predictions(args.out / "linear" / f"{spec.name}.npz", preds, tasks)
+        save_linear_heads(args.out / "linear" / f"{spec.name}.heads.pt", preds["probe"], tasks, preds["val_targets"])
         _write_json(args.out / "linear" / f"{spec.name}.json", result)
         _log(f"linear {spec.name}: mean AUROC {_fmt(result['mean_auroc'])} 95% CI {_fmt_ci(result['mean_auroc_ci'])}")
 

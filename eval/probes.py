@@ -19,6 +19,21 @@ class ProbeResult:
     chosen_c: dict[str, float | None] = field(default_factory=dict)
     val_auroc: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # What an exported bundle needs: the chosen probe per task and the standardisation it was fitted on.
+    weights: dict[str, "LinearProbe"] = field(default_factory=dict)
+    feature_mean: np.ndarray | None = None  # (D,)
+    feature_std: np.ndarray | None = None   # (D,)
+    val_scores: np.ndarray | None = None    # (N_val, T) the chosen probes' validation probabilities
+
+
+@dataclass
+class LinearProbe:
+    """P(y = 1 | z) = sigmoid(z @ weight + bias) on standardised features z."""
+    weight: np.ndarray  # (D,)
+    bias: float
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-(np.asarray(z, dtype=np.float64) @ self.weight + self.bias)))
 
 
 def standardise(train: np.ndarray, *others: np.ndarray, scale_from: np.ndarray | None = None) -> list[np.ndarray]:
@@ -42,7 +57,7 @@ def feature_scale(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
-    """scikit-learn's L2 logistic regression (lbfgs) -> predict(x) -> P(y = 1)."""
+    """scikit-learn's L2 logistic regression (lbfgs) -> LinearProbe (its predict_proba for two classes)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
@@ -50,7 +65,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int):
         # Strong-C fits on separable tiny sets hit max_iter; the grid then simply prefers another C.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(x, y)
-    return lambda z: clf.predict_proba(z)[:, 1]
+    return LinearProbe(clf.coef_[0].astype(np.float64), float(clf.intercept_[0]))
 
 
 def _fit_torch(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int, device: str = "cpu"):
@@ -73,7 +88,7 @@ def _fit_torch(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int,
         return loss
     opt.step(closure)
     w_np, b_np = w.detach().cpu().numpy().astype(np.float64), float(b.detach().cpu())
-    return lambda z: 1.0 / (1.0 + np.exp(-(np.asarray(z, dtype=np.float64) @ w_np + b_np)))
+    return LinearProbe(w_np, b_np)
 
 
 def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, task_names: list[str], *,
@@ -102,6 +117,10 @@ def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     tr, te, va = scaled if has_val else (*scaled, None)
     scores = np.full((test_x.shape[0], len(task_names)), np.nan)
     result = ProbeResult(scores)
+    if not prescaled:
+        result.feature_mean, result.feature_std = feature_scale(train_x)
+    if has_val:
+        result.val_scores = np.full((val_x.shape[0], len(task_names)), np.nan)
     for j, name in enumerate(task_names):
         keep = ~np.isnan(train_y[:, j])
         y = train_y[keep, j] > 0.5
@@ -124,6 +143,9 @@ def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
                 result.notes.append(f"{name}: validation split has one class; C = {best_c} (smallest in grid)")
                 best_val = None
         scores[:, j] = best(te)
+        result.weights[name] = best
+        if has_val:
+            result.val_scores[:, j] = best(va)
         result.chosen_c[name] = float(best_c)
         result.val_auroc[name] = None if best_val is None else float(best_val)
     return result

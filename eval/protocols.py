@@ -58,7 +58,8 @@ def linear_protocol(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks:
                   label_policy=policy.to_json(), uncertainty=policy.uncertain,
                   num_images={"train": len(train), "val": len(val), "test": len(test)},
                   num_patients={s: int(len(np.unique(f.pids))) for s, f in (("train", train), ("val", val), ("test", test))})
-    return result, {"targets": y_te, "scores": fitted.test_scores, "pids": test.pids}
+    # "probe" (weights, standardisation, val scores) feeds `eval export`; "val_targets" for its thresholds.
+    return result, {"targets": y_te, "scores": fitted.test_scores, "pids": test.pids, "probe": fitted, "val_targets": y_va}
 
 
 def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k: int = 10, num_seeds: int = 20,

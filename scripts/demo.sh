@@ -77,4 +77,10 @@ stage "paired patient bootstrap: SimCLR - random init"
 
 stage "verdict"
 "$PY" scripts/demo_report.py "$DEMO" run "random-$ARCH" || fail "the SimCLR encoder did not beat random init (see above)"
+
+stage "export the SimCLR encoder's linear probes as a bundle (weights, thresholds on val, model card)"
+"$PY" -m eval export --out "$DEMO/eval" --encoder run --protocol linear --bundle "$DEMO/bundle" \
+    || fail "eval export exited $?"
+echo "demo: bundle $DEMO/bundle (model card: $DEMO/bundle/README.md); serve it with:"
+echo "    $PY -m serve --bundle $DEMO/bundle --neighbours $DEMO/shards    # then open http://127.0.0.1:8000/"
 echo "demo: done in $(( $(date +%s) - START )) s"

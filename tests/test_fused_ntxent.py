@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.fused_ntxent import fused_available, nt_xent, nt_xent_fused, resolve_impl, triton_importable
+from trainer.fused_ntxent import fused_available, nt_xent_fused, triton_importable
+from trainer.loss_impl import LossImpl
 from trainer.losses import nt_xent_reference, simclr_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,10 +222,20 @@ def test_kernel_dispatch():
     labels = simclr_labels(8, DEVICE)
     z = _embeddings(16, 8, labels, 0)
     ref = nt_xent_reference(z, z, labels, labels, 0, 0.1, reduction="mean")
-    assert _rel(nt_xent(z, z, labels, labels, 0, 0.1, impl="fused", reduction="mean"), ref) <= 1e-6
-    auto = nt_xent(z, z, labels, labels, 0, 0.1, impl="auto", reduction="mean")
-    assert _rel(auto, ref) <= 1e-6
-    assert resolve_impl("auto", DEVICE) == ("fused" if DEVICE == "cuda" else "reference")
+    assert _rel(LossImpl("fused")(z, z, labels, labels, 0, 0.1, reduction="mean"), ref) <= 1e-6
+    auto = LossImpl("auto", announce=lambda line: None)
+    assert _rel(auto(z, z, labels, labels, 0, 0.1, reduction="mean"), ref) <= 1e-6
+    assert auto.active == ("fused" if DEVICE == "cuda" else "reference")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_self_check_accepts_the_real_kernels(dtype):
+    """loss.impl=auto's first-step check on the real kernels: they pass it at the stated tolerances."""
+    labels = torch.randint(0, 20, (48,), generator=torch.Generator().manual_seed(2))
+    z = _embeddings(48, 32, labels, 2).to(dtype)
+    ok, why = LossImpl.compare(z[16:40], z, labels[16:40].to(DEVICE), labels.to(DEVICE), 16, 0.1)
+    assert ok, why
 
 
 @needs_kernels
@@ -343,11 +354,11 @@ def test_argument_errors_and_cpu_dispatch():
     labels = simclr_labels(8)
     z = F.normalize(torch.randn(16, 8), dim=1)
     # the interpreter is correct but ~1000x slower than the reference, so auto never picks it
-    assert resolve_impl("auto", "cpu") == "reference"
-    assert torch.equal(nt_xent(z, z, labels, labels, 0, 0.1, impl="auto"),
-                       nt_xent_reference(z, z, labels, labels, 0, 0.1))
+    auto = LossImpl("auto", announce=lambda line: None)
+    assert torch.equal(auto(z, z, labels, labels, 0, 0.1), nt_xent_reference(z, z, labels, labels, 0, 0.1))
+    assert auto.active == "reference"
     with pytest.raises(ValueError, match="unknown loss impl"):
-        nt_xent(z, z, labels, labels, 0, 0.1, impl="flash")
+        LossImpl("flash")
     with pytest.raises(ValueError, match="row_offset"):
         nt_xent_fused(z[:8], z, labels[:8], labels, 9, 0.1)
     with pytest.raises(ValueError, match="share D"):
@@ -355,10 +366,10 @@ def test_argument_errors_and_cpu_dispatch():
     with pytest.raises(ValueError, match="temperature"):
         nt_xent_fused(z, z, labels, labels, 0, 0.0)
     with pytest.raises(ValueError, match="reduction"):
-        nt_xent(z, z, labels, labels, 0, 0.1, impl="reference", reduction="max")
+        LossImpl("reference")(z, z, labels, labels, 0, 0.1, reduction="max")
     if not INTERPRETING and triton_importable():
         with pytest.raises(RuntimeError, match="CUDA GPU"):
-            nt_xent(z, z, labels, labels, 0, 0.1, impl="fused")
+            LossImpl("fused")(z, z, labels, labels, 0, 0.1)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="triton.language was imported in interpreter mode; compiling needs it off")
@@ -379,12 +390,13 @@ def test_module_imports_and_reference_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from trainer.fused_ntxent import nt_xent, fused_available\n"
+        "from trainer.fused_ntxent import fused_available\n"
+        "from trainer.loss_impl import LossImpl\n"
         "z = torch.nn.functional.normalize(torch.randn(8, 4), dim=1); l = torch.arange(4).repeat(2)\n"
         "assert not fused_available('cpu') and not fused_available('cuda')\n"
-        "nt_xent(z, z, l, l, 0, 0.1, impl='auto')\n"
+        "LossImpl('auto')(z, z, l, l, 0, 0.1)\n"
         "try:\n"
-        "    nt_xent(z, z, l, l, 0, 0.1, impl='fused')\n"
+        "    LossImpl('fused')(z, z, l, l, 0, 0.1)\n"
         "except RuntimeError as e:\n"
         "    assert 'needs triton' in str(e), e\n"
         "else:\n"

@@ -204,34 +204,36 @@ def test_fused_gets_the_projections_dtype_reference_gets_fp32(monkeypatch, dtype
 def test_auto_is_reference_on_cpu_through_the_train_step(monkeypatch):
     """The trainer's default loss.impl=auto on the CPU: a real TrainStep never reaches the fused kernel."""
     from trainer.config import LossConfig
-    from trainer.fused_ntxent import resolve_impl
     from trainer.steps import TrainStep
     seen = _spy_fused(monkeypatch)
     cfg = LossConfig()
-    assert cfg.impl == "auto" and resolve_impl(cfg.impl, "cpu") == "reference"
     model = _tiny_encoder()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = TrainStep(model, model, opt, cfg, precision="bf16", device=torch.device("cpu"))
+    assert cfg.impl == "auto" and step.loss_impl.requested == "auto"
     loss = step({"view1": torch.randn(4, 1, 4, 4), "view2": torch.randn(4, 1, 4, 4)}, lr=0.1)
     assert torch.isfinite(loss) and seen == []
+    assert step.loss_impl.active == "reference" and "on cpu" in step.loss_impl.note
+    assert step.loss_impl.log_fields() == {"loss_impl": "reference", "loss_impl_note": step.loss_impl.note}
+    assert step.loss_impl.log_fields() == {"loss_impl": "reference"}  # the reason goes into one row only
 
 
-def test_auto_is_fused_on_cuda(monkeypatch):
-    """auto resolves to fused for CUDA tensors (triton present, no interpreter), and then the handoff is 16-bit."""
+def test_auto_is_eligible_on_cuda_only_within_the_kernels_width(monkeypatch):
+    """auto may pick fused for CUDA tensors (triton present, no interpreter), and then the handoff is 16-bit."""
     pytest.importorskip("triton")
-    from trainer.fused_ntxent import resolve_impl
-    from trainer.losses import _resolves_to_fused
+    from trainer.loss_impl import LossImpl
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert resolve_impl("auto", torch.device("cuda", 0)) == "fused"
-    assert _resolves_to_fused("auto", torch.device("cuda", 0), 128)
-    assert resolve_impl("auto", "cpu") == "reference" and not _resolves_to_fused("auto", torch.device("cpu"), 128)
-    # wider than the kernels' tiles: auto falls back instead of failing the run (an explicit 'fused' still refuses)
-    assert resolve_impl("auto", torch.device("cuda", 0), 512) == "reference"
-    assert not _resolves_to_fused("auto", torch.device("cuda", 0), 512)
-    assert resolve_impl("fused", torch.device("cuda", 0), 512) == "fused"
+    auto, cuda = LossImpl("auto"), torch.device("cuda", 0)
+    assert auto.eligible(cuda, 128) == (True, "") and auto.wants_16bit(cuda, 128)
+    assert not auto.eligible("cpu", 128)[0] and not auto.wants_16bit("cpu", 128)
+    # wider than the kernels' tiles: auto keeps the reference instead of failing the run (explicit 'fused' still tries)
+    assert auto.eligible(cuda, 512) == (False, "embedding width 512 > the kernels' 256")
+    assert LossImpl("fused").wants_16bit(cuda, 512) and not LossImpl("reference").wants_16bit(cuda, 128)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is ~1000x slower than the reference
-    assert resolve_impl("auto", torch.device("cuda", 0)) == "reference"
+    assert auto.eligible(cuda, 128) == (False, "TRITON_INTERPRET=1")
+    with pytest.raises(ValueError, match="unknown loss impl"):
+        LossImpl("flash")
 
 
 @pytest.mark.gpu
@@ -253,4 +255,6 @@ def test_auto_runs_fused_in_a_cuda_train_step(monkeypatch):
     step = TrainStep(model, model, opt, LossConfig(), precision="bf16", device=device)
     loss = step({"view1": torch.randn(8, 1, 4, 4, device=device), "view2": torch.randn(8, 1, 4, 4, device=device)},
                 lr=0.1)
-    assert torch.isfinite(loss) and seen == [torch.bfloat16]
+    # the first step's self-check calls the kernel once, then the step itself does, on bf16 unit vectors
+    assert torch.isfinite(loss) and seen == [torch.bfloat16, torch.bfloat16]
+    assert step.loss_impl.active == "fused", step.loss_impl.note

@@ -104,7 +104,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, 
     run = tmp_path / "run"
     assert main([DEBUG, f"data.shards={shards}", f"run.out={run}", "run.max_steps=2"]) == 0
     # a temperature that overflows float32 logits: the loss is inf/nan from the next step on
-    code = main([DEBUG, f"data.shards={shards}", f"run.out={run}", "loss.temperature=1e-39"])
+    # (a changed config on resume needs run.resume=force)
+    code = main([DEBUG, f"data.shards={shards}", f"run.out={run}", "loss.temperature=1e-39", "run.resume=force"])
     assert code == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step-000002.pt" in err

@@ -41,7 +41,7 @@ class ModelConfig:
     head_hidden_dim: int = 0         # 0: the backbone's feature dim
     proj_dim: int = 128
     head_bn: bool = True             # BatchNorm in the hidden head layers (SimCLR v2); MoCo v2 uses none
-    sync_bn: bool = False            # convert BatchNorm to SyncBatchNorm across ranks (GPU, world > 1)
+    sync_bn: str = "auto"            # global BatchNorm over ranks: "auto" (SimCLR / MICLe on > 1 rank) | "on" | "off"
     channels_last: bool = True
     compile: str = "auto"            # "auto" (on for cuda, off for cpu) | "on" | "off"
     compile_mode: str = "default"    # torch.compile mode: default | reduce-overhead | max-autotune
@@ -89,7 +89,7 @@ class RunConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3
-    resume: str = "auto"             # "auto" (latest in RUN/ckpt) | "none" | path to a step-*.pt
+    resume: str = "auto"             # "auto" (latest in RUN/ckpt) | "force" (auto, changed config) | "none" | path
     max_steps: int = 0               # >0: stop (with a checkpoint) after this step, schedule unchanged
     signal_check_every: int = 0      # ranks agree on SIGTERM/SIGUSR1 at log steps; >0: also every N (host sync)
     tensorboard: bool = True
@@ -114,6 +114,7 @@ CHOICES = {
     ("model", "in_channels"): {1, 3},
     ("model", "head_layers"): {2, 3},
     ("model", "compile"): {"auto", "on", "off"},
+    ("model", "sync_bn"): {"auto", "on", "off"},
     ("model", "compile_mode"): {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
     ("loss", "method"): {"simclr", "moco", "micle"},
     ("loss", "positives"): {"sample", "patient"},
@@ -266,3 +267,27 @@ def split_argv(argv: typing.Sequence[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+
+
+# Keys a resumed run may change: they steer when the run stops, logs, checkpoints and what it shows, never what it
+# computes. Every other difference from the checkpoint's config stops a resume (run.resume=force overrides).
+SAFE_ON_RESUME = frozenset({
+    "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.signal_check_every",
+    "run.progress", "run.tensorboard", "run.resume", "run.out", "run.overwrite",
+})
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """``section.key: old -> new`` for every key outside SAFE_ON_RESUME whose value differs between two `to_dict`
+    configs; a key only one of them has (written by another version of this code) counts as changed."""
+    def flat(d: dict) -> dict:
+        return {f"{s}.{k}": v for s, table in d.items() if isinstance(table, dict) for k, v in table.items()}
+
+    old, new = flat(saved), flat(current)
+    missing = object()
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if key not in SAFE_ON_RESUME and a != b:
+            out.append(f"{key}: {'(absent)' if a is missing else repr(a)} -> {'(absent)' if b is missing else repr(b)}")
+    return out

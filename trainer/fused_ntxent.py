@@ -1,16 +1,13 @@
 """Fused NT-Xent: the loss of `trainer.losses.nt_xent_reference` as Triton kernels that never build the R x C logits.
 
-Memory is O((R + C) x D); `nt_xent(..., impl="auto")` is what the trainer calls (fused on a GPU, reference elsewhere).
+Memory is O((R + C) x D); `trainer.loss_impl.LossImpl` decides whether it serves a run (loss.impl).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from trainer.losses import nt_xent_reference
 
-IMPLS = ("auto", "reference", "fused")
 REDUCTIONS = ("sum", "mean", "none")
 
 
@@ -143,34 +140,3 @@ def nt_xent_fused(
         row_labels.to(torch.int64).contiguous(), col_labels.to(torch.int64).contiguous(), int(row_offset),
         float(temperature), bool(bf16_grad_split))
     return _reduce(per_row, cnt, reduction)
-
-
-def resolve_impl(impl: str, device: torch.device | str, dim: int | None = None) -> str:
-    """'auto' -> 'fused' on a CUDA device with triton for embeddings up to the kernels' width (``dim``), else
-    'reference'; other names pass through after a check."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown loss impl {impl!r} (choose from {', '.join(IMPLS)})")
-    if impl != "auto":
-        return impl
-    device = torch.device(device)
-    from trainer.fused_ntxent_kernels import MAX_DIM
-    # the interpreter would be correct but ~1000x slower than the reference, so auto never picks it on the CPU
-    use_fused = device.type == "cuda" and fused_available(device) and os.environ.get("TRITON_INTERPRET") != "1"
-    return "fused" if use_fused and (dim is None or dim <= MAX_DIM) else "reference"
-
-
-def nt_xent(
-    z_rows: torch.Tensor,
-    z_cols: torch.Tensor,
-    row_labels: torch.Tensor,
-    col_labels: torch.Tensor,
-    row_offset: int,
-    temperature: float,
-    impl: str = "auto",
-    reduction: str = "sum",
-) -> torch.Tensor:
-    """NT-Xent by implementation name ('auto' | 'reference' | 'fused'): the entry point for `loss.impl`."""
-    if resolve_impl(impl, z_rows.device, z_rows.shape[-1]) == "fused":
-        return nt_xent_fused(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
-    _check(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
-    return nt_xent_reference(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)

@@ -42,6 +42,17 @@ def _gpu_configs(triton, block_d: int, backward: bool) -> list:
     return [cfg({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+# Autotuning cost per (R, C, D, precision, dtypes): at most 5 tile configs per kernel, each timed for
+# AUTOTUNE_WARMUP_MS + AUTOTUNE_REP_MS (triton's defaults are 25 + 100 ms), plus one compile each; the winner is kept
+# in memory for the run and on disk (triton's cache) for the next one.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
+
+
+def _bounded_bench(kernel_call, quantiles):
+    import triton.testing
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def _prune_configs(configs: list, named_args: dict, **_) -> list:
     # fp32 (FMA or TF32) tiles need twice the registers and shared memory, and each one compiles for ~10-30 s:
     # try only the small ones
@@ -222,7 +233,7 @@ def build_kernels(interpret: bool, block_d: int) -> SimpleNamespace:
     # results are cached on disk so a restarted run does not re-tune.
     # PRECISION too: an fp32 tile tuned for exact FMA dots is not the best one for tf32 tensor cores
     tune = functools.partial(triton.autotune, key=["R", "C", "D", "PRECISION"], cache_results=True,
-                             prune_configs_by={"early_config_prune": _prune_configs})
+                             prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_bounded_bench)
     return SimpleNamespace(fwd=tune(configs=_gpu_configs(triton, block_d, False))(_fwd),
                            bwd_rows=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_rows),
                            bwd_cols=tune(configs=_gpu_configs(triton, block_d, True))(_bwd_cols),

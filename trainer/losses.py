@@ -5,8 +5,13 @@ columns with the same label, except itself; the softmax denominator is every col
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from trainer.loss_impl import LossImpl
 
 
 def nt_xent_reference(
@@ -57,44 +62,13 @@ def nt_xent_simclr(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> to
     return nt_xent_reference(z, z, labels, labels, 0, temperature, reduction="mean")
 
 
-_FUSED_FALLBACK_WARNED = False
-
-
-def nt_xent(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, impl="reference", reduction="sum"):
-    """Dispatch to the reference or the fused Triton kernel (``trainer.fused_ntxent``); same contract as the reference.
-
-    When the fused module is not installed the reference runs, with one message saying so.
-    """
-    if impl == "reference":
-        return nt_xent_reference(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
-    try:
-        from trainer.fused_ntxent import nt_xent as fused
-    except ImportError as e:
-        global _FUSED_FALLBACK_WARNED
-        if not _FUSED_FALLBACK_WARNED:
-            print(f"loss.impl={impl}: trainer.fused_ntxent unavailable ({e}); using the reference loss", flush=True)
-            _FUSED_FALLBACK_WARNED = True
-        return nt_xent_reference(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, reduction)
-    return fused(z_rows, z_cols, row_labels, col_labels, row_offset, temperature, impl=impl, reduction=reduction)
-
-
-def _resolves_to_fused(impl: str, device: torch.device, dim: int) -> bool:
-    if impl == "reference":
-        return False
-    try:
-        from trainer.fused_ntxent import resolve_impl
-    except ImportError:  # nt_xent then falls back to the reference too
-        return False
-    return resolve_impl(impl, device, dim) == "fused"
-
-
 def contrastive_loss(
     z1: torch.Tensor,          # (N, D) projections of view 1 on this rank (not normalised)
     z2: torch.Tensor,          # (N, D) projections of view 2
     pids: torch.Tensor | None,  # (N,) int64 patient indices; needed for positives="patient"
     temperature: float,
     positives: str = "sample",
-    impl: str = "reference",
+    impl: str | LossImpl = "reference",
     gather: bool = True,
 ) -> torch.Tensor:
     """Global NT-Xent over every rank's batch, returned as this rank's share times world_size.
@@ -102,16 +76,20 @@ def contrastive_loss(
     Rows are [view1; view2] of this rank; columns are those of all ranks (gathered with gradient). The sum over rows
     is divided by the global count of rows with a positive, then multiplied by world_size, because DDP averages
     gradients over ranks: averaging these per-rank values gives the global mean loss and its exact gradient.
+    ``impl``: a `trainer.loss_impl.LossImpl` (a run keeps one, so loss.impl=auto is checked once) or its name.
     Precision: the reference computes in fp32 (tf32 dots under torch's 'high' matmul precision); the fused kernel
     gets the unit vectors in the projections' dtype, so bf16 / fp16 autocast outputs run on 16-bit tensor cores
     (fp32 accumulation, within 1e-2 of the reference) and fp32 ones follow torch's matmul precision.
     """
     from trainer.distributed import gather_no_grad, gather_with_grad, world
+    from trainer.loss_impl import LossImpl
 
+    if isinstance(impl, str):
+        impl = LossImpl(impl)
     rank, world_size = world() if gather else (0, 1)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) fp32: the norm itself is not worth 16-bit error
-    if z1.dtype in (torch.float16, torch.bfloat16) and _resolves_to_fused(impl, z.device, z.shape[1]):
+    if z1.dtype in (torch.float16, torch.bfloat16) and impl.wants_16bit(z.device, z.shape[1]):
         # fp32 would put the kernel on tf32 at best: half the tensor-core rate and twice the bytes of autocast's dtype
         z = z.to(z1.dtype)  # also halves the all_gather
     if positives == "sample":
@@ -130,7 +108,7 @@ def contrastive_loss(
     else:
         z_cols, col_labels = z, row_labels
     row_offset = rank * 2 * n
-    loss_sum = nt_xent(z, z_cols, row_labels, col_labels, row_offset, temperature, impl=impl, reduction="sum")
+    loss_sum = impl(z, z_cols, row_labels, col_labels, row_offset, temperature, reduction="sum")
     # Every row has a positive (its other view shares its label), so the global row count is W * 2N.
     global_rows = 2 * n * world_size
     return loss_sum * world_size / global_rows

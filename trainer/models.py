@@ -170,6 +170,56 @@ def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with the statistics of the global batch (every rank's images) for CPU ranks (gloo), which torch's
+    SyncBatchNorm and DDP's check of it refuse: per-channel sums all-reduced with autograd, in fp32. Same parameters
+    and buffers as BatchNorm (state dicts do not change); one process or eval mode is plain BatchNorm."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.transpose(0, 1).reshape(c, -1).float()  # (C, values on this rank)
+        count = torch.full((1,), float(xf.shape[1]), device=x.device)
+        total = all_reduce(torch.cat([xf.sum(1), count]))  # (C + 1,): global sums and value count
+        n = total[c]
+        mean = total[:c] / n  # (C,)
+        var = all_reduce((xf - mean[:, None]).square().sum(1)) / n  # (C,) biased, two-pass
+        scale = torch.rsqrt(var + self.eps) * (self.weight.float() if self.affine else 1.0)
+        shift = (self.bias.float() if self.affine else 0.0) - mean * scale
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1), m)
+        return (x.float() * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
+
+
+def convert_global_bn(module: nn.Module, device_type: str = "cpu") -> nn.Module:
+    """BatchNorm over the global batch: torch's SyncBatchNorm (NCCL kernels) for a CUDA run, GlobalBatchNorm for a
+    CPU one; returns the converted module (state dict unchanged)."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SplitBatchNorm):
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        bn.load_state_dict(module.state_dict())
+        return bn.train(module.training)
+    for name, child in module.named_children():
+        setattr(module, name, convert_global_bn(child, device_type))
+    return module
+
+
 class MoCo(nn.Module):
     """MoCo v2: query encoder, momentum key encoder, and a queue of normalised keys (a buffer, so it checkpoints).
 

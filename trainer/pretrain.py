@@ -2,18 +2,16 @@
 
 `train` reads top to bottom: config -> process group -> data -> model and optimiser -> run folder -> resume -> loop
 with logging, checkpoints, preemption signals and a non-finite-loss stop -> encoder export; the helpers below it
-hold the details. Also runs as `python trainer/pretrain.py` (one process).
+hold the details (resume: `trainer/resume.py`). Also runs as `python trainer/pretrain.py` (one process).
 """
 from __future__ import annotations
 
 import os
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +19,13 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
+from trainer import resume
 from trainer.config import Config, ConfigError, load_config, split_argv, to_dict, to_toml
 from trainer.data import build_loader
 from trainer.metrics import MetricsLogger, StepTimer
-from trainer.models import MoCo, build_contrastive_model
+from trainer.models import MoCo, build_contrastive_model, convert_global_bn
 from trainer.optim import build_optimizer
+from trainer.resume import Position
 from trainer.schedules import scaled_lr, steps_from_epochs, warmup_cosine
 from trainer.steps import AUTOCAST_DTYPES, TrainStep, resolve_precision
 
@@ -98,13 +98,17 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     raw_model, step_fn = _build_model(cfg, info, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 
-    # ---- run folder: resume or refuse to clobber, then the resolved config
-    resume_path = _resume_path(cfg, run_dir)
+    # ---- run folder: resume (a changed config is refused before anything is loaded) or refuse to clobber; the
+    # resolved config replaces the previous one only once the restore has passed
+    try:
+        resume_path = resume.find_checkpoint(cfg, run_dir)
+        pos = resume.restore(resume_path, cfg, info, raw_model, step_fn, loader, steps_per_epoch)
+    except resume.ResumeError as e:
+        raise Stop(EXIT_BAD_INPUT, str(e)) from None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     dist_utils.barrier()
-    pos = _restore(resume_path, cfg, info, raw_model, step_fn, loader, steps_per_epoch)
     total_steps = schedule["total_steps"]
     if pos.step >= total_steps:
         if info.is_main:
@@ -134,9 +138,12 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                                resume_step=pos.step if resume_path is not None else None, device=device)
         bar = _progress(cfg.run.progress and info.is_main, total_steps, pos.step)
         if info.is_main:
+            bn_scope = ("global" if _global_bn(cfg, world_size)
+                        else "shuffle" if cfg.loss.method == "moco" and cfg.loss.moco_shuffle_bn else "per rank")
             print(f"pretrain: {cfg.loss.method} {cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px | "
-                  f"{world_size} rank(s) on {device.type} | {precision} | global batch {cfg.data.batch_size} | "
-                  f"{total_steps} steps ({steps_per_epoch}/epoch) | peak lr {schedule['peak_lr']:.4g} | {run_dir}",
+                  f"{world_size} rank(s) on {device.type} | {precision} | BN {bn_scope} | "
+                  f"global batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | "
+                  f"peak lr {schedule['peak_lr']:.4g} | {run_dir}",
                   flush=True)
 
         # ---- the loop: device values stay on the device; the host reads them only at log / checkpoint steps
@@ -173,7 +180,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             sync_point = step % cfg.run.log_every == 0 or must_save
             if sync_point:
                 _check_finite(nonfinite, step, run_dir)
-                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader)
+                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader, step_fn.loss_impl)
                 line = logger.log(row)
                 if info.is_main:
                     (bar.write if bar is not None else print)(line)
@@ -212,14 +219,6 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
-
-
-@dataclass
-class Position:
-    """Where the run is: optimiser steps done, epoch, and batches of that epoch consumed."""
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
 
 
 def _seed_and_determinism(cfg: Config, info: dist_utils.DistInfo) -> None:
@@ -261,6 +260,14 @@ def _moco_bn_splits(cfg: Config, world_size: int) -> int:
     return cfg.loss.moco_bn_splits if moco_one_rank else 1
 
 
+def _global_bn(cfg: Config, world_size: int) -> bool:
+    """BatchNorm over the global batch: SimCLR / MICLe put both views of a sample on one rank, and per-rank statistics
+    would let the model tell positives by their batch; MoCo hides that with shuffle-BN instead."""
+    if world_size == 1 or cfg.model.sync_bn == "off":
+        return False
+    return cfg.model.sync_bn == "on" or cfg.loss.method != "moco"
+
+
 def _schedule(cfg: Config, steps_per_epoch: int) -> dict:
     """warmup_cosine's keyword arguments: peak lr scaled by the global batch, warm-up and total steps, floor."""
     o = cfg.optim
@@ -281,18 +288,20 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
     if cfg.loss.method == "moco":
         model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
                      bn_splits=_moco_bn_splits(cfg, world_size))
-    if cfg.model.sync_bn and world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if _global_bn(cfg, world_size):
+        model = convert_global_bn(model, device.type)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw_model = model
     optimizer = build_optimizer(raw_model, cfg.optim, peak_lr)
     if world_size > 1:
-        # MoCo's queue is identical on every rank (gathered keys): no need to broadcast its 32 MB every step.
+        # MoCo's queue is identical on every rank (gathered keys): no need to broadcast its 32 MB every step; global
+        # BN's running statistics are identical too (every rank updates them from the same global moments).
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.loss.method != "moco", gradient_as_bucket_view=True)
+            broadcast_buffers=cfg.loss.method != "moco" and not _global_bn(cfg, world_size),
+            gradient_as_bucket_view=True)
     if cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda"):
         if isinstance(raw_model, MoCo):
             raw_model.encoder_q.compile(mode=cfg.model.compile_mode)
@@ -304,52 +313,11 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
     return raw_model, step_fn
 
 
-def _restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, raw_model, step_fn, loader,
-             steps_per_epoch: int) -> Position:
-    """Weights, optimiser, scaler, position, this rank's RNG and loader state from ``resume_path`` (None: fresh)."""
-    loader.set_epoch(0)
-    if resume_path is None:
-        return Position()
-    try:
-        state = ckpt.load_checkpoint(resume_path, map_location="cpu")  # load_state_dict copies to the device
-    except ValueError as e:
-        raise Stop(EXIT_BAD_INPUT, str(e)) from None
-    try:
-        raw_model.load_state_dict(state["model"])
-        step_fn.optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise Stop(EXIT_BAD_INPUT, f"{resume_path}: does not match this run's model/optimiser "
-                                   f"({str(e).splitlines()[0][:200]}); use another run.out") from None
-    if step_fn.scaler is not None and state.get("scaler"):
-        step_fn.scaler.load_state_dict(state["scaler"])
-    pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
-    ranks = state.get("ranks", [])
-    if len(ranks) == info.world_size:
-        ckpt.set_rng_state(ranks[info.rank]["rng"])
-        loader.set_epoch(pos.epoch)
-        try:
-            loader.load_state_dict(ranks[info.rank]["loader"])
-        except ValueError as e:
-            raise Stop(EXIT_BAD_INPUT, f"{resume_path}: {str(e).splitlines()[0]}") from None
-        if pos.batch_in_epoch >= steps_per_epoch:  # saved right after an epoch's last batch
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-            loader.set_epoch(pos.epoch)
-    else:  # a different world size cannot continue the same data order: restart the epoch, same schedule
-        loader.set_epoch(pos.epoch)
-        pos.batch_in_epoch = 0
-        if info.is_main:
-            print(f"resume: checkpoint has {len(ranks)} rank states, this run {info.world_size}; restarting epoch "
-                  f"{pos.epoch} data order", flush=True)
-    if info.is_main:
-        print(f"resumed from {resume_path} at step {pos.step}", flush=True)
-    return pos
-
-
 # ------------------------------------------------------------------------------------------------- loop helpers
 
 
 def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_sum: torch.Tensor,
-             timer: StepTimer, device: torch.device, loader) -> dict:
+             timer: StepTimer, device: torch.device, loader, loss_impl=None) -> dict:
     """One metrics row; the mean loss over ranks and log steps is the one device value read (a host sync)."""
     mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()
     t = timer.summary()
@@ -361,6 +329,8 @@ def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_s
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # host peak resident memory (Linux reports KiB)
         row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if loss_impl is not None:
+        row.update(loss_impl.log_fields())  # which NT-Xent serves the run; the first row after the decision says why
     if cfg.loss.method == "micle":
         row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
     return row
@@ -373,29 +343,6 @@ def _signal_check_due(cfg: Config, world_size: int, step: int, sync_point: bool)
         return True
     every = cfg.run.signal_check_every
     return sync_point or (every > 0 and step % every == 0)
-
-
-def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from, per run.resume; refuses to start over a run's output without overwrite."""
-    mode = cfg.run.resume
-    if mode not in ("auto", "none"):
-        path = Path(mode)
-        if not path.is_file():
-            raise Stop(EXIT_BAD_INPUT, f"run.resume={mode}: no such checkpoint")
-        return path
-    latest = ckpt.latest_checkpoint(run_dir)
-    if mode == "auto" and latest is not None:
-        return latest
-    if latest is not None or (run_dir / "encoder.pt").exists():
-        if not cfg.run.overwrite:
-            raise Stop(EXIT_BAD_INPUT, f"{run_dir} holds a previous run's checkpoints; use run.resume=auto to "
-                                       f"continue or run.overwrite=true to start again")
-        dist_utils.barrier()
-        if dist_utils.world()[0] == 0:
-            shutil.rmtree(run_dir / ckpt.CKPT_DIR, ignore_errors=True)
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
-            (run_dir / "encoder.pt").unlink(missing_ok=True)
-    return None
 
 
 def _check_finite(nonfinite: torch.Tensor, step: int, run_dir: Path) -> None:

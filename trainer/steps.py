@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from trainer.distributed import gather_no_grad
 from trainer.gradcache import gradcache_step
+from trainer.loss_impl import LossImpl
 from trainer.losses import contrastive_loss, moco_infonce
 from trainer.optim import set_lr
 
@@ -42,13 +43,16 @@ class TrainStep:
         self.micro_batch, self.grad_clip_norm = micro_batch, grad_clip_norm
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.is_moco = loss_cfg.method == "moco"
+        # the run's one NT-Xent implementation: loss.impl=auto checks the fused kernel once, then keeps its choice
+        self.loss_impl = None if self.is_moco else LossImpl(loss_cfg.impl)
 
     def autocast(self):
         return autocast_context(self.precision, self.device)
 
     def _nt_xent(self, z1: torch.Tensor, z2: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         c = self.loss_cfg
-        return contrastive_loss(z1, z2, pids, c.temperature, positives=c.positives, impl=c.impl, gather=c.gather)
+        return contrastive_loss(z1, z2, pids, c.temperature, positives=c.positives, impl=self.loss_impl,
+                                gather=c.gather)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
