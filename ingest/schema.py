@@ -13,7 +13,10 @@ MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.tsv"
 SPLITS = ("train", "val", "test")
 VIEWS = ("PA", "AP", "LAT", "UNKNOWN")
-FRONTAL_VIEWS = ("PA", "AP")
+# "frontal" everywhere (ingest --views, the trainer's data.views): every view but the lateral. UNKNOWN stays, so
+# folder archives and DICOM without ViewPosition (all UNKNOWN) keep their images.
+FRONTAL_VIEWS = frozenset(v for v in VIEWS if v != "LAT")
+VIEW_CHOICES = "all | frontal (drops LAT, keeps PA / AP / UNKNOWN) | comma list of " + ",".join(VIEWS)
 
 # Components of every sample, in the order they are written into the tar.
 COMPONENTS = ("jpg", "json", "lbl", "pid")
@@ -41,6 +44,26 @@ NIH_LABELS = (
 
 class ShardFormatError(ValueError):
     """A shard folder that cannot be read: missing, empty, wrong version, missing index."""
+
+
+def parse_views(text: str) -> frozenset[str]:
+    """A view selection: 'all', 'frontal' (= FRONTAL_VIEWS) or a comma list such as 'PA,AP'; ValueError otherwise."""
+    t = text.strip()
+    if t.lower() == "all":
+        return frozenset(VIEWS)
+    if t.lower() == "frontal":
+        return FRONTAL_VIEWS
+    wanted = {v.strip().upper() for v in t.split(",") if v.strip()}
+    if not wanted or wanted - set(VIEWS):
+        raise ValueError(f"views {text!r}: use {VIEW_CHOICES}")
+    return frozenset(wanted)
+
+
+def views_label(views: frozenset[str]) -> str:
+    """The short name of a selection: 'all', 'frontal' or 'AP,PA' (sorted), for messages and cache keys."""
+    if views == frozenset(VIEWS):
+        return "all"
+    return "frontal" if views == FRONTAL_VIEWS else ",".join(sorted(views))
 
 
 def sample_key(dataset: str, patient: str, study: str, view_index: int | str) -> str:

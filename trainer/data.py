@@ -75,10 +75,14 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, per_rank_batch: int, rank: in
     if dali_device == "auto":
         dali_device = "gpu" if device.type == "cuda" else "cpu"
     kwargs = dict(batch_size=per_rank_batch, device=dali_device, augment=data_cfg.augment,
-                  micle=loss_cfg.method == "micle", frontal_only=data_cfg.frontal_only,
+                  micle=loss_cfg.method == "micle", views=data_cfg.views,
                   image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype, rank=rank,
                   world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
                   device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch)
     if data_cfg.shuffle_buffer:
         kwargs["shuffle_buffer"] = data_cfg.shuffle_buffer
-    return build_pretrain_loader(data_cfg.shards, data_cfg.split, **kwargs)
+    loader = build_pretrain_loader(data_cfg.shards, data_cfg.split, **kwargs)
+    if rank == 0:
+        print(f"data path: {loader.data_path} | views={loader.views_label}: {loader.num_usable:,} of "
+              f"{loader.num_samples:,} images in {data_cfg.split} | {len(loader)} steps per epoch", flush=True)
+    return loader
