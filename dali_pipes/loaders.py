@@ -56,8 +56,9 @@ class PretrainLoader:
     and the reader / augmentation RNGs are reseeded, so epoch ``e`` is reproducible without replaying epochs
     ``0..e-1``; the mid-epoch position is a DALI checkpoint. Why not one long-lived reader: its order would depend
     on every earlier epoch, and ``shuffle_after_epoch`` may shuffle differently with checkpointing on (DALI docs).
-    The boundary does not stall: once an epoch's first batch is out, the next epoch's pipeline is built and its
-    first batch run in a background thread (``build_ahead``); two pipelines then coexist for one epoch.
+    The boundary does not stall: from the middle of an epoch on, the next epoch's pipeline is built and its first
+    batch run in a background thread (``build_ahead``), so two pipelines coexist for half an epoch. Mid-epoch,
+    not at the epoch's start: on a CPU-bound run the build's CPU time would otherwise land on the boundary step.
     """
 
     def __init__(self, shard_root, split: str, *, batch_size: int, device: str, augment: AugmentConfig | str,
@@ -236,12 +237,18 @@ class PretrainLoader:
             batch = self._to_torch(outs)
             del outs
             self._batches_done += 1
-            self._start_ahead(self.epoch + 1)
+            if self._batches_done >= max(1, self._len // 2):  # mid-epoch: away from this epoch's own start-up
+                self._start_ahead(self.epoch + 1)
             yield batch
             if self._current is not cur:  # set_epoch / load_state_dict during iteration: stop this pass
                 return
         # Epoch done (the rest of the shard is dropped): the next pass is the next epoch unless set_epoch says so.
-        self._release()
+        self._current = None
+        if self._executor is not None:  # tear the pipeline down off the loop's thread (it joins DALI's workers)
+            self._executor.submit(cur.close)
+        else:
+            cur.close()
+        del cur
         self.epoch, self._batches_done, self._restore = self.epoch + 1, 0, None
 
 

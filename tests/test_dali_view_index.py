@@ -55,7 +55,8 @@ def test_frontal_means_drop_lateral_everywhere():
     assert FRONTAL_VIEWS == {"PA", "AP", "UNKNOWN"}
     assert parse_views("frontal") == parse_views_option("frontal") == FRONTAL_VIEWS
     assert parse_views("all") == frozenset(VIEWS) and parse_views(" pa, AP ") == {"PA", "AP"}
-    assert [views_label(parse_views(t)) for t in ("all", "frontal", "AP,PA", "LAT")] == ["all", "frontal", "AP,PA", "LAT"]
+    names = ["all", "frontal", "AP,PA", "LAT"]
+    assert [views_label(parse_views(t)) for t in names] == names
     with pytest.raises(ValueError, match="sideways"):
         parse_views("sideways")
     with pytest.raises(ValueError, match="^--views"):

@@ -25,7 +25,7 @@ class DataConfig:
     batch_size: int = 256            # GLOBAL images per optimiser step (summed over ranks)
     image_size: int = 224
     augment: str = "simclr-cxr"      # dali_pipes.AugmentConfig preset name
-    views: str = "frontal"           # "all" | "frontal" (drops LAT, keeps UNKNOWN) | "PA,AP,...": ingest.schema.parse_views
+    views: str = "frontal"           # "all" | "frontal" (drops LAT, keeps UNKNOWN) | "PA,AP,..." (ingest.schema)
     device: str = "auto"             # "auto" (gpu when the run is on cuda) | "cpu" | "gpu"
     num_threads: int = 2
     prefetch: int = 2
