@@ -129,3 +129,16 @@ def test_read_only_shard_folder_uses_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(vi.USER_CACHE_ENV, str(sel.shards[0].tar))  # a file: no folder can be made under it
     with pytest.raises(ShardFormatError, match=f"cannot write its view-filtered index.*{vi.USER_CACHE_ENV}"):
         vi.select_views(load_manifest(root), "train", FRONTAL_VIEWS)
+
+
+def test_flagship_presets_keep_folder_and_dicom_images():
+    """Folder archives and DICOM without ViewPosition ingest as UNKNOWN: every preset's selection keeps them."""
+    from trainer.config import load_config
+    presets = sorted((Path(__file__).resolve().parents[1] / "trainer" / "configs").glob("*.toml"))
+    assert presets
+    for preset in presets:
+        views = parse_views(load_config(preset, ["data.shards=/nowhere"]).data.views)
+        assert {"UNKNOWN", "PA", "AP"} <= views, preset.name
+    from trainer.config import ConfigError
+    with pytest.raises(ConfigError, match=r"^data\.views 'sideways': use all \| frontal"):
+        load_config(None, ["data.shards=/nowhere", "data.views=sideways"])
