@@ -1,6 +1,7 @@
 """View-filtered DALI indexes: a subset ``.idx`` over the unchanged tar, so the webdataset reader serves exactly the
 selected views. Derived once per (tar content, selection) into a cache beside the shards, written atomically and
 keyed by the tar's manifest sha256, size and mtime, so a changed tar is never read through a stale index.
+The cache lives in ``OUT/views-cache/SPLIT/``, outside the split folders that ``ingest verify`` checks.
 """
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.schema import (DALI_INDEX_VERSION, VIEWS, Manifest, ShardFormatError, ShardInfo, read_dali_index,
-                           views_label)
+from ingest.schema import (DALI_INDEX_VERSION, VIEWS, VIEWS_CACHE_DIR, Manifest, ShardFormatError, ShardInfo,
+                           read_dali_index, views_label)
 
-CACHE_DIR_NAME = ".views-cache"
 USER_CACHE_ENV = "CXR_SSL_CACHE"  # where filtered indexes go when the shard folder is read-only
 
 
@@ -69,7 +69,8 @@ def _cache_key(shard: ShardInfo, label: str) -> str:
 
 def _cache_dirs(shard: ShardInfo) -> list[Path]:
     user = Path(os.environ.get(USER_CACHE_ENV) or Path.home() / ".cache" / "cxr-ssl") / "views-index"
-    return [shard.path.parent / CACHE_DIR_NAME, user]
+    split_dir = shard.path.parent
+    return [split_dir.parent / VIEWS_CACHE_DIR / split_dir.name, user]
 
 
 def _indexed_count(path: Path) -> int | None:

@@ -21,14 +21,15 @@ from ingest.manifest import FILTERED_NAME, PATIENTS_NAME, summary_table, write_o
 from ingest.plan import Plan, make_plan
 from ingest.preprocess import ImageReject, Processed, process_file
 from ingest.records import Record, parse_views_option
-from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS
+from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS, VIEWS_CACHE_DIR
 from ingest.shards import EncodedSample, encode_sample, tar_archive_bytes, write_encoded_shard
 from ingest.sources import SOURCES, SourceError, SourceOptions, read_source
 from ingest.state import STATE_DIR, Segment, load_segments, read_plan_fingerprint, save_plan_fingerprint, save_segment
 
 SALT_FILE = "pseudonym-salt.txt"
 OWN_ENTRIES = {*SPLITS, MANIFEST_NAME, REJECTS_NAME, FILTERED_NAME, PATIENTS_NAME, STATE_DIR, SALT_FILE,
-               MANIFEST_NAME + ".tmp", PATIENTS_NAME + ".tmp", REJECTS_NAME + ".tmp", FILTERED_NAME + ".tmp"}
+               MANIFEST_NAME + ".tmp", PATIENTS_NAME + ".tmp", REJECTS_NAME + ".tmp", FILTERED_NAME + ".tmp",
+               VIEWS_CACHE_DIR}
 # Options that change the output bytes (recorded in the manifest and the resume fingerprint); --workers does not.
 OUTPUT_OPTIONS = ("source", "size", "quality", "views", "split_mode", "split_seed", "shuffle_seed", "val_frac",
                   "test_frac", "shard_max_bytes", "shard_max_samples", "dataset_name")

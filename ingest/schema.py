@@ -22,6 +22,9 @@ VIEW_CHOICES = "all | frontal (drops LAT, keeps PA / AP / UNKNOWN) | comma list 
 COMPONENTS = ("jpg", "json", "lbl", "pid")
 SHARD_PATTERN = "shard-{index:06d}.tar"
 INDEX_SUFFIX = ".idx"
+# OUT/views-cache/SPLIT/: DALI indexes derived from the shards' for a view selection (dali_pipes.view_index);
+# not part of the format, safe to delete, removed by `ingest build-shards --overwrite`.
+VIEWS_CACHE_DIR = "views-cache"
 DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
 
 # The 14 CheXpert / MIMIC-CXR (CheXpert labeler) observations, in the CSV's column order.

@@ -15,8 +15,8 @@ from PIL import Image
 
 from dali_pipes import view_index as vi
 from ingest.records import parse_views_option
-from ingest.schema import (FORMAT_VERSION, FRONTAL_VIEWS, MANIFEST_NAME, SHARD_PATTERN, VIEWS, ShardFormatError,
-                           load_manifest, parse_views, read_dali_index, views_label)
+from ingest.schema import (FORMAT_VERSION, FRONTAL_VIEWS, MANIFEST_NAME, SHARD_PATTERN, VIEWS, VIEWS_CACHE_DIR,
+                           ShardFormatError, load_manifest, parse_views, read_dali_index, views_label)
 from ingest.shards import write_shard
 
 
@@ -70,7 +70,7 @@ def test_subset_index_lists_exactly_the_selected_samples(tmp_path):
     assert sel.removed_by_view == {"LAT": 5}
     assert len(sel.shards) == 2  # the all-LAT tar is left out: the reader gets no empty index
     assert sorted(_selected_pids(sel)) == [0, 2, 3, 8]
-    assert all(r.index.parent == r.tar.parent / vi.CACHE_DIR_NAME for r in sel.shards)
+    assert all(r.index.parent == root / VIEWS_CACHE_DIR / "train" for r in sel.shards)
     everything = vi.select_views(load_manifest(root), "train", frozenset(VIEWS))
     assert [r.index for r in everything.shards] == [s.index_path for s in load_manifest(root).shards("train")]
 
@@ -112,14 +112,14 @@ def test_concurrent_ranks_write_one_complete_index(tmp_path):
     for t in threads:
         t.join()
     assert not errors and len({r.shards[0].index for r in results}) == 1
-    cache = root / "train" / vi.CACHE_DIR_NAME
+    cache = root / VIEWS_CACHE_DIR / "train"
     assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []
     assert len(read_dali_index(results[0].shards[0].index)) == 32
 
 
 def test_read_only_shard_folder_uses_the_user_cache(tmp_path, monkeypatch):
     root = _shards(tmp_path / "s", VIEW_LIST)
-    (root / "train" / vi.CACHE_DIR_NAME).write_text("not a folder")  # cannot hold the cache (like a read-only mount)
+    (root / VIEWS_CACHE_DIR).write_text("not a folder")  # cannot hold the cache (like a read-only mount)
     monkeypatch.setenv(vi.USER_CACHE_ENV, str(tmp_path / "user"))
     sel = vi.select_views(load_manifest(root), "train", FRONTAL_VIEWS)
     assert all(r.index.parent == tmp_path / "user" / "views-index" for r in sel.shards)
@@ -142,3 +142,16 @@ def test_flagship_presets_keep_folder_and_dicom_images():
     from trainer.config import ConfigError
     with pytest.raises(ConfigError, match=r"^data\.views 'sideways': use all \| frontal"):
         load_config(None, ["data.shards=/nowhere", "data.views=sideways"])
+
+
+def test_cache_folder_is_invisible_to_verify_and_cleared_by_overwrite(tmp_path):
+    from ingest.build import prepare_out
+    from ingest.verify import verify
+
+    root = _shards(tmp_path / "s", VIEW_LIST)
+    before, _ = verify(root)
+    vi.select_views(load_manifest(root), "train", FRONTAL_VIEWS)
+    assert (root / VIEWS_CACHE_DIR / "train").is_dir()
+    assert verify(root)[0] == before  # no "not listed in the manifest" for the cache
+    prepare_out(root, overwrite=True)  # an ingest-owned entry, not a foreign one
+    assert not (root / VIEWS_CACHE_DIR).exists()
