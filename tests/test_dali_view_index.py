@@ -155,3 +155,20 @@ def test_cache_folder_is_invisible_to_verify_and_cleared_by_overwrite(tmp_path):
     assert verify(root)[0] == before  # no "not listed in the manifest" for the cache
     prepare_out(root, overwrite=True)  # an ingest-owned entry, not a foreign one
     assert not (root / VIEWS_CACHE_DIR).exists()
+
+
+@pytest.mark.parametrize(("method", "path"), [("simclr", "webdataset reader"), ("moco", "webdataset reader"),
+                                              ("micle", "MICLe pairs")])
+def test_start_up_line_names_the_data_path(tmp_path, capsys, method, path):
+    import torch
+
+    from trainer.config import load_config
+    from trainer.data import build_loader
+
+    root = _shards(tmp_path / "s", VIEW_LIST)
+    cfg = load_config(None, [f"data.shards={root}", "data.views=frontal", f"loss.method={method}", "data.batch_size=2",
+                             "loss.moco_queue=4", "data.image_size=16", "data.num_threads=1"])
+    loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=2, rank=0, world_size=1, seed=0,
+                          device=torch.device("cpu"), dtype=torch.float32)
+    assert capsys.readouterr().out.startswith(f"data path: {path} | views=frontal: 4 of 9 images in train")
+    assert loader.data_path == path and len(loader) == 2
