@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,8 @@ import torch
 from dali_pipes import pipelines as P
 from dali_pipes.augment import AugmentConfig, resolve_augment
 from dali_pipes.sources import MicleSource, build_image_table
-from ingest.schema import Manifest, ShardFormatError, load_manifest
+from dali_pipes.view_index import select_views
+from ingest.schema import Manifest, ShardFormatError, load_manifest, parse_views, views_label
 
 
 def _open_split(shard_root, split: str) -> tuple[Manifest, list]:
@@ -28,22 +31,40 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+@dataclass
+class _EpochPipe:
+    """One epoch's pipeline (and MICLe source), with the first batch's DALI outputs when it was run ahead."""
+    epoch: int
+    pipe: object
+    source: MicleSource | None
+    multi_instance_fraction: float = 0.0
+    first: tuple | None = None
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
 class PretrainLoader:
     """Iterate one epoch -> ``{"view1", "view2": (B, C, H, W) channels-last, "pids": (B,) int64}`` on the device
-    (MICLe adds ``"multi_instance": (B,) bool``). ``state_dict`` is rank-local: save one per rank.
+    (MICLe adds ``"multi_instance": (B,) bool``), every tensor owned by torch. ``state_dict`` is rank-local.
 
-    One pipeline per epoch, built from (seed, epoch, rank): the tar order is permuted globally (same on every rank)
+    Data path: SimCLR / MoCo always read through DALI's webdataset reader; a view selection reads a subset
+    ``.idx`` over the same tars (``view_index``). MICLe reads its same-patient pairs from ``MicleSource``.
+
+    Epoch ``e`` is one pipeline built from (seed, e, rank): the tar order is permuted globally (same on every rank)
     and the reader / augmentation RNGs are reseeded, so epoch ``e`` is reproducible without replaying epochs
-    ``0..e-1``; the mid-epoch position is a DALI checkpoint. Why rebuild: a long-lived webdataset reader does redraw
-    its shuffle buffer every epoch and (without ``stick_to_shard``) moves each rank to the next data shard, but the
-    order then depends on every earlier epoch, and ``shuffle_after_epoch`` may shuffle differently with
-    checkpointing on (DALI docs). A rebuild costs ~0.55 s build + ~0.13 s first batch on the 2-core CI box at 224 px.
+    ``0..e-1``; the mid-epoch position is a DALI checkpoint. Why not one long-lived reader: its order would depend
+    on every earlier epoch, and ``shuffle_after_epoch`` may shuffle differently with checkpointing on (DALI docs).
+    The boundary does not stall: from the middle of an epoch on, the next epoch's pipeline is built and its first
+    batch run in a background thread (``build_ahead``), so two pipelines coexist for half an epoch. Mid-epoch,
+    not at the epoch's start: on a CPU-bound run the build's CPU time would otherwise land on the boundary step.
     """
 
     def __init__(self, shard_root, split: str, *, batch_size: int, device: str, augment: AugmentConfig | str,
-                 micle: bool, frontal_only: bool, image_size: int, channels: int, dtype: torch.dtype, rank: int,
-                 world_size: int, seed: int, num_threads: int, device_id: int | None, prefetch: int,
-                 shuffle_buffer: int):
+                 micle: bool, views: str | frozenset[str], image_size: int, channels: int, dtype: torch.dtype,
+                 rank: int, world_size: int, seed: int, num_threads: int, device_id: int | None, prefetch: int,
+                 shuffle_buffer: int, build_ahead: bool = True):
         _check_rank(rank, world_size, batch_size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -53,32 +74,42 @@ class PretrainLoader:
         self.cfg = resolve_augment(augment, channels)
         self.manifest, self.shards = _open_split(shard_root, split)
         self.split, self.batch_size, self.device = split, batch_size, device
-        self.micle, self.frontal_only = micle, frontal_only
+        self.views = parse_views(views) if isinstance(views, str) else frozenset(views)
+        self.micle, self.views_label = micle, views_label(self.views)
         self.image_size, self.channels, self.dtype = image_size, channels, dtype
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_threads, self.prefetch, self.shuffle_buffer = num_threads, prefetch, shuffle_buffer
         self._dali_dtype = P.dali_output_dtype(dtype)
         self._device_id, self.torch_device = P.resolve_device(device, device_id)
         self.num_samples = sum(s.num_samples for s in self.shards)
-        # The .json views are scanned once (mmap, ~20 ms per 1k images) for MICLe's patient groups, and for the
-        # frontal filter. SimCLR uses the webdataset reader (no Python per batch) unless the filter removes images;
-        # then the same indexed external source as MICLe serves single images.
-        table = build_image_table(self.manifest, split, frontal_only=frontal_only) if micle or frontal_only else None
-        self._use_reader = not micle and (table is None or bool(table.usable.all()))
-        self._table = None if self._use_reader else table
-        usable = self.num_samples if self._use_reader else int(table.usable.sum())
+        if micle:  # patient groups: the .json / .pid of every image scanned once (mmap, ~20 ms per 1k images)
+            self._table = build_image_table(self.manifest, split, views=self.views)
+            self._reader_shards = None
+            usable = int(self._table.usable.sum())
+        else:
+            self._table = None
+            selection = select_views(self.manifest, split, self.views)
+            self._reader_shards = selection.shards
+            usable = selection.num_selected
+        self.data_path = "MICLe pairs" if micle else "webdataset reader"
         self.num_usable = usable
         # Every rank runs the same number of steps: DALI gives rank r floor((r+1)N/W) - floor(rN/W) samples, the
         # smallest being floor(N/W); drop-last then keeps floor(N / (W*B)) full batches.
         self._len = usable // (world_size * batch_size)
         if self._len == 0:
-            raise ValueError(f"{self.manifest.root / split}: {usable} usable samples cannot fill one batch of "
+            removed = self.num_samples - usable
+            why = (f"the view filter views={self.views_label} removed {removed:,} of {self.num_samples:,} images; "
+                   if removed else "")
+            raise ValueError(f"{self.manifest.root / split}: {why}{usable:,} usable samples cannot fill one batch of "
                              f"{batch_size} per rank on {world_size} rank(s)")
         self.epoch = 0
         self._batches_done = 0
-        self._pipe = None
-        self._source: MicleSource | None = None
+        self._current: _EpochPipe | None = None
         self._restore: str | None = None
+        self._build_ahead = build_ahead
+        self._ahead: tuple[int, Future] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._handoff = P.Handoff(self.torch_device)
         self.multi_instance_fraction = 0.0
 
     def __len__(self) -> int:
@@ -93,15 +124,15 @@ class PretrainLoader:
 
     def _fingerprint(self) -> dict:
         return {"split": self.split, "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "seed": self.seed, "micle": self.micle, "frontal_only": self.frontal_only,
-                "num_samples": self.num_samples, "num_usable": self.num_usable, "image_size": self.image_size, "channels": self.channels,
+                "seed": self.seed, "micle": self.micle, "views": self.views_label, "num_samples": self.num_samples,
+                "num_usable": self.num_usable, "image_size": self.image_size, "channels": self.channels,
                 "augment": repr(self.cfg), "shuffle_buffer": self.shuffle_buffer, "device": self.device}
 
     def state_dict(self) -> dict:
         """Position for exact resume: epoch, batches consumed in it, and the DALI checkpoint (RNG + reader state)."""
-        if self._pipe is not None and self._batches_done:
+        if self._current is not None and self._batches_done:
             # DALI returns serialized protobuf bytes; base64 text survives JSON and torch.load(weights_only=True).
-            dali = base64.b64encode(bytes(self._pipe.checkpoint())).decode("ascii")
+            dali = base64.b64encode(bytes(self._current.pipe.checkpoint())).decode("ascii")
         else:
             dali = self._restore
         return {"epoch": self.epoch, "batches_done": self._batches_done, "dali_checkpoint": dali,
@@ -121,47 +152,103 @@ class PretrainLoader:
             raise ValueError("loader state is mid-epoch but carries no DALI checkpoint")
 
     def _release(self) -> None:
-        self._pipe = None
-        if self._source is not None:
-            self._source.close()
-            self._source = None
+        if self._current is not None:
+            self._current.close()
+            self._current = None
 
-    def _build(self):
+    def _build(self, epoch: int, restore: str | None) -> _EpochPipe:
         common = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
-                      seed=P.seed_for(self.seed, self.epoch, self.rank, 1), prefetch=self.prefetch,
-                      checkpoint=base64.b64decode(self._restore) if self._restore else None, cfg=self.cfg, image_size=self.image_size, channels=self.channels,
-                      dali_dtype=self._dali_dtype, device=self.device)
-        if not self._use_reader:
-            self._source = MicleSource(self._table, batch_size=self.batch_size, rank=self.rank,
-                                       world_size=self.world_size, seed=self.seed, epoch=self.epoch, pairs=self.micle)
-            if not self.micle:
-                return P.build_pipeline(P.indexed_graph, source=self._source, **common)
-            self.multi_instance_fraction = self._source.multi_instance_fraction()
-            return P.build_pipeline(P.micle_graph, source=self._source, **common)
+                      seed=P.seed_for(self.seed, epoch, self.rank, 1), prefetch=self.prefetch,
+                      checkpoint=base64.b64decode(restore) if restore else None, cfg=self.cfg,
+                      image_size=self.image_size, channels=self.channels, dali_dtype=self._dali_dtype,
+                      device=self.device)
+        if self.micle:
+            source = MicleSource(self._table, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
+                                 seed=self.seed, epoch=epoch)
+            return _EpochPipe(epoch, P.build_pipeline(P.micle_graph, source=source, **common), source,
+                              source.multi_instance_fraction())
         # Same permutation on every rank (seeded by seed, epoch only): ranks then split one global order.
-        order = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch]).permutation(len(self.shards))
-        return P.build_pipeline(
-            P.pretrain_graph, paths=[str(self.shards[i].path) for i in order],
-            index_paths=[str(self.shards[i].index_path) for i in order], rank=self.rank, world_size=self.world_size,
-            reader_seed=P.seed_for(self.seed, self.epoch, self.rank, 2), shuffle_buffer=self.shuffle_buffer, **common)
+        shards = self._reader_shards
+        order = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(len(shards))
+        pipe = P.build_pipeline(
+            P.pretrain_graph, paths=[str(shards[i].tar) for i in order],
+            index_paths=[str(shards[i].index) for i in order], rank=self.rank, world_size=self.world_size,
+            reader_seed=P.seed_for(self.seed, epoch, self.rank, 2), shuffle_buffer=self.shuffle_buffer, **common)
+        return _EpochPipe(epoch, pipe, None)
+
+    def _build_and_run_first(self, epoch: int) -> _EpochPipe:
+        ep = self._build(epoch, None)
+        ep.first = ep.pipe.run()
+        return ep
+
+    def _start_ahead(self, epoch: int) -> None:
+        if not self._build_ahead or self._ahead is not None:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-build-ahead")
+        self._ahead = (epoch, self._executor.submit(self._build_and_run_first, epoch))
+
+    def _take_ahead(self) -> _EpochPipe | None:
+        """The pipeline built ahead, if it is the one this position needs; any other is dropped."""
+        if self._ahead is not None and self._ahead[0] == self.epoch and not self._batches_done and not self._restore:
+            fut, self._ahead = self._ahead[1], None
+            return fut.result()  # a build error surfaces here, in the loop's thread
+        self._discard_ahead()
+        return None
+
+    def _discard_ahead(self) -> None:
+        if self._ahead is None:
+            return
+        fut, self._ahead = self._ahead[1], None
+        if not fut.cancel():
+            try:
+                fut.result().close()
+            except Exception:  # a pipeline nobody will read: its error does not concern this run
+                pass
+
+    def close(self) -> None:
+        """Release the pipelines (also the one built ahead), the held DALI buffers and the build thread."""
+        self._release()
+        self._discard_ahead()
+        self._handoff.drain()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _to_torch(self, outs) -> dict:
+        h = self._handoff
+        batch = {"view1": h.images(outs[0], self.dtype), "view2": h.images(outs[1], self.dtype),
+                 "pids": h.array(outs[2]).reshape(-1)}
+        if self.micle:  # (B,) True where view2 comes from another image of the patient
+            batch["multi_instance"] = h.array(outs[3]).reshape(-1).bool()
+        h.commit()
+        return batch
 
     def __iter__(self):
-        if self._pipe is None:
-            self._pipe = self._build()
-        pipe = self._pipe
+        if self._current is None:
+            self._current = self._take_ahead() or self._build(self.epoch, self._restore)
+            self.multi_instance_fraction = self._current.multi_instance_fraction
+        cur = self._current
         while self._batches_done < self._len:
-            outs = pipe.run()
-            batch = {"view1": P.images_to_torch(outs[0], self.dtype, self.torch_device),
-                     "view2": P.images_to_torch(outs[1], self.dtype, self.torch_device),
-                     "pids": P.array_to_torch(outs[2], self.torch_device).reshape(-1)}
-            if self.micle:  # (B,) True where view2 comes from another image of the patient
-                batch["multi_instance"] = P.array_to_torch(outs[3], self.torch_device).reshape(-1).bool()
+            if cur.first is not None:  # run ahead with the build
+                outs, cur.first = cur.first, None
+            else:
+                outs = cur.pipe.run()
+            batch = self._to_torch(outs)
+            del outs
             self._batches_done += 1
+            if self._batches_done >= max(1, self._len // 2):  # mid-epoch: away from this epoch's own start-up
+                self._start_ahead(self.epoch + 1)
             yield batch
-            if self._pipe is not pipe:  # set_epoch / load_state_dict during iteration: stop this pass
+            if self._current is not cur:  # set_epoch / load_state_dict during iteration: stop this pass
                 return
         # Epoch done (the rest of the shard is dropped): the next pass is the next epoch unless set_epoch says so.
-        self._release()
+        self._current = None
+        if self._executor is not None:  # tear the pipeline down off the loop's thread (it joins DALI's workers)
+            self._executor.submit(cur.close)
+        else:
+            cur.close()
+        del cur
         self.epoch, self._batches_done, self._restore = self.epoch + 1, 0, None
 
 
@@ -219,15 +306,16 @@ class EvalLoader:
 
 
 def build_pretrain_loader(shard_root, split: str = "train", *, batch_size: int, device: str = "cpu",
-                          augment: AugmentConfig | str = "simclr-cxr", micle: bool = False, frontal_only: bool = True,
+                          augment: AugmentConfig | str = "simclr-cxr", micle: bool = False, views: str = "frontal",
                           image_size: int = 224, channels: int = 1, dtype: torch.dtype = torch.float32, rank: int = 0,
                           world_size: int = 1, seed: int = 0, num_threads: int = 2, device_id: int | None = None,
-                          prefetch: int = 2, shuffle_buffer: int = 4096) -> PretrainLoader:
-    """Two-view pretraining loader (SimCLR, or MICLe pairs with ``micle=True``); drop-last, reseeded per epoch."""
+                          prefetch: int = 2, shuffle_buffer: int = 4096, build_ahead: bool = True) -> PretrainLoader:
+    """Two-view pretraining loader (SimCLR, or MICLe pairs with ``micle=True``); drop-last, reseeded per epoch.
+    ``views``: 'all', 'frontal' (drops LAT) or 'PA,AP,...' (``ingest.schema.parse_views``)."""
     return PretrainLoader(shard_root, split, batch_size=batch_size, device=device, augment=augment, micle=micle,
-                          frontal_only=frontal_only, image_size=image_size, channels=channels, dtype=dtype, rank=rank,
+                          views=views, image_size=image_size, channels=channels, dtype=dtype, rank=rank,
                           world_size=world_size, seed=seed, num_threads=num_threads, device_id=device_id,
-                          prefetch=prefetch, shuffle_buffer=shuffle_buffer)
+                          prefetch=prefetch, shuffle_buffer=shuffle_buffer, build_ahead=build_ahead)
 
 
 def build_eval_loader(shard_root, split: str, *, batch_size: int, device: str = "cpu", image_size: int = 224,

@@ -1,5 +1,7 @@
-"""DALI graph definitions (pretrain, filtered-index, MICLe, eval) and the hand-off of DALI outputs to torch."""
+"""DALI graph definitions (pretrain, MICLe, eval) and the hand-off of DALI outputs into torch-owned memory."""
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import torch
@@ -52,6 +54,12 @@ def _decode(jpg, device: str):
     return fn.decoders.image(jpg, device="cpu", output_type=types.GRAY)
 
 
+def on_device(node, device: str):
+    """Small per-sample outputs (pids, labels, flags) leave a gpu graph on the GPU: DALI copies them in its own
+    stream order, so torch never reads a (possibly pinned, possibly recycled) host buffer behind DALI's back."""
+    return node.gpu() if device == "gpu" else node
+
+
 def pretrain_graph(*, paths, index_paths, rank, world_size, reader_seed, shuffle_buffer, cfg: AugmentConfig,
                    image_size, channels, dali_dtype, device):
     """Two augmented views of each sample read by the webdataset reader, plus its patient id."""
@@ -62,17 +70,7 @@ def pretrain_graph(*, paths, index_paths, rank, world_size, reader_seed, shuffle
         pad_last_batch=False, stick_to_shard=True, missing_component_behavior="error", name=READER_NAME)
     images = _decode(jpg, device)
     kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
-    return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), pid
-
-
-def indexed_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype, device):
-    """Two views of each image served by a filtered index (``MicleSource(pairs=False)``), plus its patient id."""
-    from nvidia.dali import fn, types
-    jpg, pid = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                  dtype=[types.UINT8, types.INT64], ndim=[1, 1])
-    images = _decode(jpg, device)
-    kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
-    return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), pid
+    return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), on_device(pid, device)
 
 
 def micle_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype, device):
@@ -82,7 +80,8 @@ def micle_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype,
         source=source, num_outputs=4, batch=True, batch_info=True,
         dtype=[types.UINT8, types.UINT8, types.INT64, types.UINT8], ndim=[1, 1, 1, 1])
     kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
-    return (augment_view(_decode(jpg1, device), cfg, **kw), augment_view(_decode(jpg2, device), cfg, **kw), pid, multi)
+    return (augment_view(_decode(jpg1, device), cfg, **kw), augment_view(_decode(jpg2, device), cfg, **kw),
+            on_device(pid, device), on_device(multi, device))
 
 
 EVAL_VIEWS = ("full", "center")
@@ -134,24 +133,75 @@ def build_pipeline(graph_fn, **kw):
     return pipe
 
 
-def images_to_torch(tl, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """DALI (B, H, W, C) batch -> torch (B, C, H, W) in channels-last memory, without a copy for fp32 / fp16.
+class Handoff:
+    """DALI outputs -> tensors that torch owns, before DALI may reuse the memory.
 
-    DLPack hands torch DALI's buffer and the permute is a view. This is safe to keep because the pipeline runs
-    with ``exec_dynamic=True`` (DALI 2.x default, set explicitly in ``define_pipeline``): an output buffer is not
-    reused while a consumer still references it. DALI 2.4 has no bfloat16, so bf16 is produced as fp16 and
-    converted in one pass (measured on the 2-core CI box: ~0.11 ms per 224x224 view, ~7 % of the CPU
-    pipeline's per-sample cost; on a GPU a bandwidth-bound elementwise kernel).
+    Every output is copied into a fresh torch tensor on torch's current stream. ``torch.from_dlpack`` passes that
+    stream to DALI's ``__dlpack__``, which orders it after DALI's producing work. On a GPU the copy is queued, not
+    done, when this returns, so the DLPack views (each keeps its DALI buffer alive) are held in a ring until a
+    CUDA event recorded after the copies has completed; no host sync. On the CPU the copy is done on return.
+    Images: DALI's (B, H, W, C) is exactly the memory of a channels-last (B, C, H, W) tensor, so the copy is one
+    contiguous pass (and converts fp16 -> bf16 on the way: DALI 2.4 has no bfloat16).
     """
-    src = torch.from_dlpack(tl.as_tensor()).permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
-    if src.dtype == dtype and src.device == device:
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending: list[torch.Tensor] = []
+        self._ring: collections.deque = collections.deque()  # (event, [dlpack views]) per committed batch
+
+    def _view(self, tl) -> torch.Tensor:
+        src = torch.from_dlpack(tl.as_tensor())
+        if src.device.type == "cuda":
+            self._pending.append(src)
         return src
-    out = torch.empty(src.shape, dtype=dtype, device=device, memory_format=torch.channels_last)
-    out.copy_(src, non_blocking=True)
+
+    def images(self, tl, dtype: torch.dtype) -> torch.Tensor:
+        src = self._view(tl).permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
+        out = torch.empty(src.shape, dtype=dtype, device=self.device, memory_format=torch.channels_last)
+        out.copy_(src, non_blocking=src.device.type == "cuda")
+        return out
+
+    def array(self, tl) -> torch.Tensor:
+        src = self._view(tl)
+        if src.device == self.device:
+            return src.clone()
+        # A host output for a GPU consumer (a graph that did not move it): a blocking copy, so the host buffer
+        # has been read before DALI gets it back.
+        return src.to(self.device, copy=True)
+
+    def commit(self) -> None:
+        """Close one batch: hold its GPU views until its copies are done; drop the views of finished batches."""
+        while self._ring and self._ring[0][0].query():
+            self._ring.popleft()
+        if self._pending:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._ring.append((event, self._pending))
+            self._pending = []
+
+    def drain(self) -> None:
+        """Wait for every queued copy and release every held DALI buffer."""
+        self.commit()
+        for event, _ in self._ring:
+            event.synchronize()
+        self._ring.clear()
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+
+def images_to_torch(tl, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """DALI (B, H, W, C) batch -> a torch-owned (B, C, H, W) channels-last copy (see ``Handoff``). A one-off
+    copy: on a GPU it waits for its own copy before releasing DALI's buffer; loops should hold a ``Handoff``."""
+    h = Handoff(device)
+    out = h.images(tl, dtype)
+    h.drain()
     return out
 
 
 def array_to_torch(tl, device: torch.device) -> torch.Tensor:
-    """Small per-sample outputs (labels, pids, flags): a DLPack view, moved to ``device`` when that is a GPU."""
-    t = torch.from_dlpack(tl.as_tensor())
-    return t.to(device, non_blocking=True) if t.device != device else t
+    """Small per-sample outputs (labels, pids, flags): a torch-owned copy on ``device`` (see ``images_to_torch``)."""
+    h = Handoff(device)
+    out = h.array(tl)
+    h.drain()
+    return out

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.schema import FRONTAL_VIEWS, Manifest, ShardFormatError, read_dali_index
+from ingest.schema import Manifest, ShardFormatError, read_dali_index
+
 
 @dataclass
 class ImageTable:
@@ -26,8 +27,9 @@ class ImageTable:
         return len(self.pid)
 
 
-def build_image_table(manifest: Manifest, split: str, *, frontal_only: bool) -> ImageTable:
-    """Scan each shard's ``.pid`` and ``.json`` once (random reads by index offset) to group images by patient."""
+def build_image_table(manifest: Manifest, split: str, *, views: frozenset[str]) -> ImageTable:
+    """Scan each shard's ``.pid`` and ``.json`` once (random reads by index offset) to group images by patient;
+    an image is usable when its view is in ``views`` (``ingest.schema.parse_views``)."""
     shards = manifest.shards(split)
     if not shards:
         raise ShardFormatError(f"{manifest.root / split}: split '{split}' has no shards")
@@ -46,7 +48,7 @@ def build_image_table(manifest: Manifest, split: str, *, frontal_only: bool) -> 
                     raise ShardFormatError(f"{sh.path}: .pid at offset {po} has {ps} bytes, expected 8 (int64)")
                 pid = int.from_bytes(data[po : po + 8], "little", signed=True)
                 view = json.loads(data[jo : jo + js]).get("view", "UNKNOWN")
-                usable = (view in FRONTAL_VIEWS) if frontal_only else True
+                usable = view in views
                 rows.append((si, entry["jpg"][0], entry["jpg"][1], pid, usable))
     arr = np.array([r[:4] for r in rows], dtype=np.int64).reshape(-1, 4)
     return ImageTable([s.path for s in shards], arr[:, 0].astype(np.int32), arr[:, 1], arr[:, 2], arr[:, 3],
@@ -64,17 +66,14 @@ class MicleSource:
     equal parts (the tail that does not fill a whole global batch is dropped); every anchor gets a partner drawn
     uniformly from the *other* usable images of its patient, or itself when the patient has only one.
     Outputs per batch: jpg bytes of anchor, jpg bytes of partner, pid (B, 1) int64, multi-instance flag (B, 1) uint8.
-    With ``pairs=False`` only (anchor jpg, pid): the filtered single-image source for view-filtered SimCLR.
     """
 
-    def __init__(self, table: ImageTable, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                 pairs: bool = True):
-        self.pairs = pairs
+    def __init__(self, table: ImageTable, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int):
         self.table, self.batch_size = table, batch_size
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         usable = np.flatnonzero(table.usable)
         if len(usable) == 0:
-            raise ShardFormatError(f"{table.shard_paths[0].parent}: no usable (frontal) images in this split")
+            raise ShardFormatError(f"{table.shard_paths[0].parent}: no image of the selected views in this split")
         self._usable = usable
         # Patient groups: images sorted by pid, so a patient's usable images are one contiguous run.
         order = usable[np.argsort(table.pid[usable], kind="stable")]
@@ -132,8 +131,6 @@ class MicleSource:
         anchors, partners = self._plan
         sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
         a, p = anchors[sl], partners[sl]
-        if not self.pairs:
-            return self._jpegs(a), self.table.pid[a].reshape(-1, 1)
         return (self._jpegs(a), self._jpegs(p), self.table.pid[a].reshape(-1, 1),
                 (a != p).astype(np.uint8).reshape(-1, 1))  # (B, 1) int64, (B, 1) uint8
 

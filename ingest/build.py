@@ -21,14 +21,14 @@ from ingest.plan import Plan, make_plan
 from ingest.pseudonym import (PrivacyError, check_outside, default_private_log, default_salt_file,
                               load_or_create_salt, pseudonymise, write_private_log)
 from ingest.records import Record, Reject, parse_views_option
-from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS
+from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS, VIEWS_CACHE_DIR
 from ingest.shards import EncodedSample, tar_archive_bytes, write_encoded_shard
 from ingest.sources import SOURCES, SourceError, SourceOptions, read_source
 from ingest.state import STATE_DIR, Segment, load_segments, read_plan_fingerprint, save_plan_fingerprint, save_segment
 from ingest.workers import GuardedPool, SampleTask, SampleWorker, TaskResult
 
 LEGACY_SALT_FILE = "pseudonym-salt.txt"  # older versions kept the salt in OUT: refused now
-OWN_ENTRIES = {*SPLITS, MANIFEST_NAME, REJECTS_NAME, FILTERED_NAME, PATIENTS_NAME, STATE_DIR,
+OWN_ENTRIES = {*SPLITS, MANIFEST_NAME, REJECTS_NAME, FILTERED_NAME, PATIENTS_NAME, STATE_DIR, VIEWS_CACHE_DIR,
                MANIFEST_NAME + ".tmp", PATIENTS_NAME + ".tmp", REJECTS_NAME + ".tmp", FILTERED_NAME + ".tmp"}
 # Sources whose paths, file names and ids may identify a patient: OUT shows only salted pseudonyms of them.
 PRIVATE_SOURCES = ("dicom", "folder")

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ingest.schema import VIEWS
+from ingest.schema import VIEWS, parse_views
 
 # A label is exactly as in the source: 1 positive, 0 negative, -1 uncertain, None not mentioned (never 0).
 LabelValue = int | None
@@ -52,17 +52,11 @@ def normalise_view(code: str | None) -> str:
 
 
 def parse_views_option(text: str) -> frozenset[str]:
-    """`--views`: 'all', 'frontal' (drops LAT, keeps PA / AP / UNKNOWN) or a comma list such as 'PA,AP'."""
-    t = text.strip()
-    if t.lower() == "all":
-        return frozenset(VIEWS)
-    if t.lower() == "frontal":
-        return frozenset(v for v in VIEWS if v != "LAT")
-    wanted = {v.strip().upper() for v in t.split(",") if v.strip()}
-    bad = wanted - set(VIEWS)
-    if bad or not wanted:
-        raise ValueError(f"--views {text!r}: use all, frontal or a comma list of {','.join(VIEWS)}")
-    return frozenset(wanted)
+    """`--views`: the one view selection of ``ingest.schema.parse_views``, with the option named in errors."""
+    try:
+        return parse_views(text)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
 
 
 def normalise_sex(value) -> str | None:

@@ -13,12 +13,18 @@ MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.tsv"
 SPLITS = ("train", "val", "test")
 VIEWS = ("PA", "AP", "LAT", "UNKNOWN")
-FRONTAL_VIEWS = ("PA", "AP")
+# "frontal" everywhere (ingest --views, the trainer's data.views): every view but the lateral. UNKNOWN stays, so
+# folder archives and DICOM without ViewPosition (all UNKNOWN) keep their images.
+FRONTAL_VIEWS = frozenset(v for v in VIEWS if v != "LAT")
+VIEW_CHOICES = "all | frontal (drops LAT, keeps PA / AP / UNKNOWN) | comma list of " + ",".join(VIEWS)
 
 # Components of every sample, in the order they are written into the tar.
 COMPONENTS = ("jpg", "json", "lbl", "pid")
 SHARD_PATTERN = "shard-{index:06d}.tar"
 INDEX_SUFFIX = ".idx"
+# OUT/views-cache/SPLIT/: DALI indexes derived from the shards' for a view selection (dali_pipes.view_index);
+# not part of the format, safe to delete, removed by `ingest build-shards --overwrite`.
+VIEWS_CACHE_DIR = "views-cache"
 DALI_INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
 
 # The 14 CheXpert / MIMIC-CXR (CheXpert labeler) observations, in the CSV's column order.
@@ -41,6 +47,26 @@ NIH_LABELS = (
 
 class ShardFormatError(ValueError):
     """A shard folder that cannot be read: missing, empty, wrong version, missing index."""
+
+
+def parse_views(text: str) -> frozenset[str]:
+    """A view selection: 'all', 'frontal' (= FRONTAL_VIEWS) or a comma list such as 'PA,AP'; ValueError otherwise."""
+    t = text.strip()
+    if t.lower() == "all":
+        return frozenset(VIEWS)
+    if t.lower() == "frontal":
+        return FRONTAL_VIEWS
+    wanted = {v.strip().upper() for v in t.split(",") if v.strip()}
+    if not wanted or wanted - set(VIEWS):
+        raise ValueError(f"views {text!r}: use {VIEW_CHOICES}")
+    return frozenset(wanted)
+
+
+def views_label(views: frozenset[str]) -> str:
+    """The short name of a selection: 'all', 'frontal' or 'AP,PA' (sorted), for messages and cache keys."""
+    if views == frozenset(VIEWS):
+        return "all"
+    return "frontal" if views == FRONTAL_VIEWS else ",".join(sorted(views))
 
 
 def sample_key(dataset: str, patient: str, study: str, view_index: int | str) -> str:

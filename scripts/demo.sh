@@ -33,7 +33,7 @@ if [ "$DEVICE" = gpu ]; then
     N=${DEMO_IMAGES:-10000}; SYNTH_PX=256; SHARD_PX=256; IMAGE=224; ARCH=resnet50; BATCH=256
     STEPS=${DEMO_STEPS:-1200}; WARMUP=100; EVAL_BATCH=256
     CONFIG=trainer/configs/simclr_r50_chexpert.toml
-    TRAIN_ARGS=(data.frontal_only=false run.log_every=50 run.ckpt_every=100000)
+    TRAIN_ARGS=(data.views=all run.log_every=50 run.ckpt_every=100000)
 else
     # AdamW rather than LARS: at a few hundred steps it gets much further (LARS pays off at large batch, long runs)
     N=${DEMO_IMAGES:-3000}; SYNTH_PX=128; SHARD_PX=72; IMAGE=48; ARCH=resnet18; BATCH=128

@@ -12,7 +12,7 @@ def test_bench_data_quick_writes_rows(tmp_path):
     assert main(["--quick", "--threads", "1", "--devices", "cpu", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     loaders = {r["loader"] for r in doc["rows"]}
-    assert loaders == {"dali-cpu", "torchvision+webdataset"}
+    assert loaders == {"dali-cpu", "torchvision+webdataset", "dali-cpu-views-index", "dali-cpu-frontal-tar"}
     for r in doc["rows"]:
         assert r["samples_per_s"] > 0 and math.isclose(r["views_per_s"], 2 * r["samples_per_s"])
         assert r["cpu_cores_used"] >= 0  # /proc ticks are 10 ms: a tiny timed window may round to 0
@@ -22,6 +22,7 @@ def test_bench_data_quick_writes_rows(tmp_path):
             "cores_available")
     assert len({tuple(r[k] for k in same) for r in doc["rows"]}) == 1
     assert any("dali-cpu / baseline" in n and "goal >= 1.5x" in n for n in doc["notes"])
+    assert any("view-filtered index / from frontal-only tars" in n for n in doc["notes"])
 
 
 def test_bench_data_bad_shards_is_a_one_line_error(tmp_path, capsys):
@@ -48,7 +49,7 @@ def test_bench_gpu_rows_pipeline_traces_on_gpu(tmp_path, monkeypatch):
                        "--shuffle-buffer", "8"])
     for micle in (False, True):
         loader = dali_loader(root, args, device="gpu", threads=2, micle=micle)
-        pipe = loader._build()
+        pipe = loader._build(0, None).pipe
         assert pipe.max_batch_size == 6 and pipe.num_threads == 2
         nodes = _image_nodes_devices(pipe)
         assert any(d == "mixed" for _, d in nodes) and all(d in ("gpu", "mixed") for _, d in nodes), nodes
@@ -82,7 +83,7 @@ def test_bench_window_across_epoch_ends(tmp_path):
     out = tmp_path / "d.json"
     argv = ["--num-images", "24", "--size-px", "48", "--samples-per-shard", "8", "--image-size", "32",
             "--batch-size", "4", "--batches", "8", "--warmup-batches", "1", "--threads", "1", "--devices", "cpu",
-            "--shuffle-buffer", "8", "--out", str(out)]
+            "--shuffle-buffer", "8", "--no-view-filter", "--out", str(out)]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["loader"] for r in rows] == ["dali-cpu", "torchvision+webdataset"]

@@ -16,7 +16,8 @@ from PIL import Image
 
 import dali_pipes as dp
 from dali_pipes.sources import MicleSource, build_image_table
-from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, ShardFormatError, load_manifest
+from ingest.schema import (FORMAT_VERSION, FRONTAL_VIEWS, MANIFEST_NAME, SHARD_PATTERN, VIEWS, ShardFormatError,
+                           load_manifest)
 from ingest.shards import iter_shard, write_shard
 from shardgen import make_shards
 
@@ -201,7 +202,7 @@ def _write_views_shards(root: Path, views_per_patient: list[list[str]], pixel_ra
 def test_micle_pairs_share_patient_distinct_when_possible(tmp_path):
     views = [["PA", "LAT"], ["PA", "AP", "LAT"], ["AP"], ["PA", "PA", "PA"], ["LAT", "LAT"], ["PA"], ["AP", "PA"]]
     root = _write_views_shards(tmp_path / "v", views)
-    table = build_image_table(load_manifest(root), "train", frontal_only=True)
+    table = build_image_table(load_manifest(root), "train", views=FRONTAL_VIEWS)
     assert int(table.usable.sum()) == 10  # LAT images excluded
     for epoch in range(3):
         src = MicleSource(table, batch_size=2, rank=0, world_size=1, seed=0, epoch=epoch)
@@ -213,31 +214,44 @@ def test_micle_pairs_share_patient_distinct_when_possible(tmp_path):
         assert ((anchors != partners) == multi).all()
         assert src.multi_instance_fraction() == pytest.approx(multi.mean())
         src.close()
-    all_views = build_image_table(load_manifest(root), "train", frontal_only=False)
+    all_views = build_image_table(load_manifest(root), "train", views=frozenset(VIEWS))
     assert all_views.usable.all()
 
 
-def test_frontal_filter_in_simclr_mode(tmp_path):
-    views = [["PA", "LAT"], ["PA", "AP", "LAT"], ["AP"], ["PA", "PA", "PA"], ["LAT", "LAT"], ["PA"], ["AP", "PA"]]
+def test_view_filter_reads_through_the_webdataset_reader(tmp_path):
+    views = [["PA", "LAT"], ["PA", "AP", "LAT"], ["AP"], ["PA", "PA", "PA"], ["LAT", "LAT"], ["UNKNOWN"], ["AP", "PA"]]
     root = _write_views_shards(tmp_path / "v", views)
-    frontal_pids = sorted(p for p, vs in enumerate(views) for v in vs if v != "LAT")
-    loader = _pretrain(root, batch_size=5, frontal_only=True)
-    assert not loader._use_reader and len(loader) == 2
+    frontal_pids = sorted(p for p, vs in enumerate(views) for v in vs if v != "LAT")  # UNKNOWN is frontal
+    loader = _pretrain(root, batch_size=5, views="frontal")
+    assert loader.data_path == "webdataset reader" and loader.num_usable == 10 and len(loader) == 2
     got = [torch.cat([b["pids"] for b in loader]) for _ in range(2)]  # two epochs
     assert sorted(got[0].tolist()) == sorted(got[1].tolist()) == frontal_pids
     assert got[0].tolist() != got[1].tolist()  # reshuffled
-    # exact resume on the filtered (external source) path
-    ref = _pretrain(root, batch_size=2, frontal_only=True, seed=4)
+    pa_ap = _pretrain(root, batch_size=3, views="PA,AP")  # a list: UNKNOWN is not in it
+    assert pa_ap.num_usable == 9 and 5 not in torch.cat([b["pids"] for b in pa_ap]).tolist()
+    # exact resume on the filtered index
+    ref = _pretrain(root, batch_size=2, views="frontal", seed=4)
     it = iter(ref)
     next(it)
     state = ref.state_dict()
     tail = list(it)
-    again = _pretrain(root, batch_size=2, frontal_only=True, seed=4)
+    again = _pretrain(root, batch_size=2, views="frontal", seed=4)
     again.load_state_dict(state)
     assert _same(list(again), tail)
-    everything = _pretrain(root, batch_size=7, frontal_only=False)  # 14 images, 2 full batches
-    assert everything._use_reader and len(everything) == 2
-    assert sorted(torch.cat([b["pids"] for b in everything]).tolist()) == sorted(p for p, vs in enumerate(views) for _ in vs)
+    everything = _pretrain(root, batch_size=7, views="all")  # 14 images, 2 full batches, the ingest index
+    assert everything._reader_shards[0].index == load_manifest(root).shards("train")[0].index_path
+    every_pid = sorted(p for p, vs in enumerate(views) for _ in vs)
+    assert sorted(torch.cat([b["pids"] for b in everything]).tolist()) == every_pid
+
+
+def test_filter_that_empties_a_split_names_filter_and_count(tmp_path):
+    root = _write_views_shards(tmp_path / "v", [["LAT"], ["LAT", "LAT"], ["PA"]])
+    with pytest.raises(ValueError, match=r"views=frontal removed 3 of 4 images; 1 usable"):
+        _pretrain(root, batch_size=2, views="frontal")
+    with pytest.raises(ValueError, match=r"views=AP removed 4 of 4 images; 0 usable"):
+        _pretrain(root, batch_size=2, views="AP")
+    folder = _write_views_shards(tmp_path / "u", [["UNKNOWN"], ["UNKNOWN"]])  # folder / DICOM shards: no view known
+    assert _pretrain(folder, batch_size=2, views="frontal").num_usable == 2
 
 
 def test_micle_loader_second_view_is_partner_image(multi_shards):
@@ -420,8 +434,8 @@ def test_rank_outside_world_is_rejected(unique_shards):
     assert math.isclose(dp.CXR_MEAN, 0.4982) and math.isclose(dp.CXR_STD, 0.2511)
 
 
-def test_zero_copy_batches_stay_valid_after_later_runs(unique_shards):
-    # fp32 batches are DLPack views of DALI's buffers; exec_dynamic must keep them intact while referenced.
+def test_batches_stay_valid_after_later_runs(unique_shards):
+    # batches are torch-owned copies (dali_pipes.pipelines.Handoff): later runs and new pipelines cannot touch them
     kept, snapshots = [], []
     loader = _pretrain(unique_shards, dtype=torch.float32)
     for b in loader:

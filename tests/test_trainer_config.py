@@ -81,7 +81,7 @@ def test_required_presets_exist():
     assert moco.loss.moco_shuffle_bn and moco.data.batch_size % moco.loss.moco_bn_splits == 0  # one-GPU shuffle-BN
     assert not moco.model.head_bn and moco.model.proj_dim == 128  # MoCo v2: Linear-ReLU-Linear to 128
     micle = load_config(CONFIGS / "micle_r50.toml", ["data.shards=/x"])
-    assert micle.loss.method == "micle" and not micle.data.frontal_only
+    assert micle.loss.method == "micle" and micle.data.views == "all"
     debug = load_config(CONFIGS / "debug_cpu.toml", ["data.shards=/x"])
     assert debug.run.device == "cpu" and debug.run.deterministic and debug.model.compile == "off"
 

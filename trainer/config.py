@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ingest.schema import parse_views
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line naming the source."""
@@ -23,7 +25,7 @@ class DataConfig:
     batch_size: int = 256            # GLOBAL images per optimiser step (summed over ranks)
     image_size: int = 224
     augment: str = "simclr-cxr"      # dali_pipes.AugmentConfig preset name
-    frontal_only: bool = True
+    views: str = "frontal"           # "all" | "frontal" (drops LAT, keeps UNKNOWN) | "PA,AP,..." (ingest.schema)
     device: str = "auto"             # "auto" (gpu when the run is on cuda) | "cpu" | "gpu"
     num_threads: int = 2
     prefetch: int = 2
@@ -209,6 +211,10 @@ def validate(cfg: Config) -> None:
     need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
     need(cfg.data.image_size >= 16, "data.image_size must be >= 16")
     need(cfg.data.source == "synthetic" or bool(cfg.data.shards), "data.shards is required when data.source = 'shards'")
+    try:
+        parse_views(cfg.data.views)
+    except ValueError as e:
+        raise ConfigError(f"data.{e}") from None
     need(cfg.loss.temperature > 0, "loss.temperature must be > 0")
     need(0.0 <= cfg.loss.moco_momentum < 1.0, "loss.moco_momentum must be in [0, 1)")
     need(cfg.optim.base_lr > 0, "optim.base_lr must be > 0")

@@ -60,8 +60,9 @@ class SyntheticLoader:
 
 
 def build_loader(data_cfg, model_cfg, loss_cfg, *, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, dtype: torch.dtype):
-    """The loader a run's config asks for (DALI on shards, or synthetic), producing per-rank batches."""
+                 device: torch.device, dtype: torch.dtype, build_ahead: bool = True):
+    """The loader a run's config asks for (DALI on shards, or synthetic), producing per-rank batches.
+    ``build_ahead=False`` builds each epoch's DALI pipeline at the boundary (benchmarks compare both)."""
     if data_cfg.source == "synthetic":
         return SyntheticLoader(batch_size=per_rank_batch, num_batches=data_cfg.synthetic_batches,
                                image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype,
@@ -75,10 +76,15 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, per_rank_batch: int, rank: in
     if dali_device == "auto":
         dali_device = "gpu" if device.type == "cuda" else "cpu"
     kwargs = dict(batch_size=per_rank_batch, device=dali_device, augment=data_cfg.augment,
-                  micle=loss_cfg.method == "micle", frontal_only=data_cfg.frontal_only,
+                  micle=loss_cfg.method == "micle", views=data_cfg.views,
                   image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype, rank=rank,
                   world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
-                  device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch)
+                  device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch,
+                  build_ahead=build_ahead)
     if data_cfg.shuffle_buffer:
         kwargs["shuffle_buffer"] = data_cfg.shuffle_buffer
-    return build_pretrain_loader(data_cfg.shards, data_cfg.split, **kwargs)
+    loader = build_pretrain_loader(data_cfg.shards, data_cfg.split, **kwargs)
+    if rank == 0:
+        print(f"data path: {loader.data_path} | views={loader.views_label}: {loader.num_usable:,} of "
+              f"{loader.num_samples:,} images in {data_cfg.split} | {len(loader)} steps per epoch", flush=True)
+    return loader
