@@ -144,3 +144,20 @@ def test_run_logs_the_monitor_on_console_jsonl_and_tensorboard(shards, tmp_path,
     tags = set(acc.Tags()["scalars"])
     assert {"train/knn_auroc_mean", "health/emb_std", "health/trust_max", "train/loss"} <= tags
     assert any(t.startswith("knn_auroc/") for t in tags)
+
+
+def test_two_ranks_rank_zero_monitors_and_the_other_waits(shards, tmp_path):
+    """Under torchrun (gloo): one monitor line, kNN values in rank 0's rows, health averaged over both ranks."""
+    import os
+    import subprocess
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "trainer/pretrain.py",
+           "trainer/configs/debug_cpu.toml", f"data.shards={shards}", f"run.out={run}", "optim.total_steps=4",
+           "run.monitor_every=2", "run.log_every=4", "run.ckpt_every=4"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("monitor: kNN") == 1
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all("knn_auroc_mean" in r and "health/top1" in r for r in rows)
