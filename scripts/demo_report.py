@@ -2,7 +2,8 @@
 
 python scripts/demo_report.py DEMO_DIR SSL_NAME RANDOM_NAME
 Writes DEMO_DIR/report/README.md (phantoms, augmented views, loss curve, the online monitor's kNN AUROC against steps,
-health metrics, per-task table, paired-bootstrap verdict), prints the table, and exits 1 unless the SSL encoder beats random init with the 95% CI of the difference above 0.
+health metrics, per-task table, paired-bootstrap verdict), prints the table, and exits 1 unless the SSL encoder
+beats random init with the 95% CI of the difference above 0.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from trainer.data import build_loader
 
 def views_grid(cfg, out: Path, pairs: int = 8, tile_px: int = 96) -> Path:
     loader = build_loader(cfg.data, cfg.model, cfg.loss, augment=augment_config(cfg.augment),
-                          per_rank_batch=max(pairs, 2), rank=0, world_size=1, seed=cfg.run.seed, device=torch.device("cpu"), dtype=torch.float32)
+                          per_rank_batch=max(pairs, 2), rank=0, world_size=1, seed=cfg.run.seed,
+                          device=torch.device("cpu"), dtype=torch.float32)
     batch = next(iter(loader))
     v1, v2 = batch["view1"][:pairs].float(), batch["view2"][:pairs].float()   # (P, C, S, S) normalised
     grid = Image.new("L", (pairs * tile_px, 2 * tile_px + 24), 0)
