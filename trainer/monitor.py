@@ -64,7 +64,7 @@ def load_monitor_set(shards: str, split: str, *, max_images: int, image_size: in
     for batch in loader:
         keep = batch["valid"].cpu()
         take = int(min(int(keep.sum()), max_images - count))
-        images.append(batch["images"][:take].to(device))  # copies out of DALI's buffer, which the next run reuses
+        images.append(batch["images"][:take].to(device))  # may view DALI's buffer (kept safely); cat() copies
         labels.append(batch["labels"][:take].float().cpu().numpy())
         pids.append(batch["pids"][:take].cpu().numpy())
         count += take
