@@ -47,7 +47,7 @@ def _knn_curve(rows: list[dict], out: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     steps = [r["step"] for r in rows]
     tasks = sorted({k for r in rows for k in r if k.startswith("knn_auroc/")})
     for k in tasks:
@@ -57,7 +57,7 @@ def _knn_curve(rows: list[dict], out: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("kNN AUROC (val subset)")
     ax.set_title("online kNN monitor: the frozen backbone during pretraining", fontsize=10)
-    ax.legend(fontsize=6, ncol=2, loc="best")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, off the curves
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
