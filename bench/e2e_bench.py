@@ -15,6 +15,7 @@ import torch
 
 from bench.harness import BenchReport, GpuSampler, default_out_dir
 from bench.model_bench import build_step, hours_for_epochs, measure
+from trainer.augment_section import augment_config
 from trainer.config import ConfigError, load_config
 from trainer.data import build_loader
 from trainer.steps import AUTOCAST_DTYPES, resolve_precision
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(None, [f"data.shards={args.shards}", f"data.split={args.split}",
                                  f"data.batch_size={args.batch}", f"data.image_size={args.image_size}",
-                                 f"data.augment={args.augment}", f"data.device={args.data_device}",
+                                 f"augment.preset={args.augment}", f"data.device={args.data_device}",
                                  f"data.num_threads={args.num_threads}", f"data.prefetch={args.prefetch}",
                                  f"model.arch={args.arch}", f"model.in_channels={args.channels}",
                                  f"loss.method={'micle' if args.micle else 'simclr'}", f"data.views={args.views}"])
@@ -143,8 +144,9 @@ def main(argv: list[str]) -> int:
     channels_last = args.channels_last == "on"
     dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
     try:
-        loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=args.batch, rank=0, world_size=1,
-                              seed=0, device=device, dtype=dtype, build_ahead=args.build_ahead == "on")
+        loader = build_loader(cfg.data, cfg.model, cfg.loss, augment=augment_config(cfg.augment),
+                              per_rank_batch=args.batch, rank=0, world_size=1, seed=0, device=device, dtype=dtype,
+                              build_ahead=args.build_ahead == "on")
     except (ValueError, RuntimeError, OSError) as e:
         print(f"bench e2e: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """The demo's verdict and report: SSL encoder vs random init on the phantom findings, from the eval folder's results.
 
 python scripts/demo_report.py DEMO_DIR SSL_NAME RANDOM_NAME
-Writes DEMO_DIR/report/README.md (phantoms, augmented views, loss curve, per-task table, paired-bootstrap verdict),
-prints the table, and exits 1 unless the SSL encoder beats random init with the 95% CI of the difference above 0.
+Writes DEMO_DIR/report/README.md (phantoms, augmented views, loss curve, the online monitor's kNN AUROC against steps,
+health metrics, per-task table, paired-bootstrap verdict), prints the table, and exits 1 unless the SSL encoder
+beats random init with the 95% CI of the difference above 0.
 """
 from __future__ import annotations
 
@@ -11,16 +12,24 @@ import sys
 from pathlib import Path
 
 
-def _loss_curve(metrics: Path, out: Path) -> Path | None:
+def _rows(metrics: Path) -> list[dict]:
     if not metrics.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r]
-    if not rows:
-        return None
+        return []
+    return [r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip()) if "step" in r]
+
+
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _loss_curve(rows: list[dict], out: Path) -> Path | None:
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("step")
@@ -30,6 +39,64 @@ def _loss_curve(metrics: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _knn_curve(rows: list[dict], out: Path) -> Path | None:
+    """The online monitor's kNN AUROC on the val subset against steps: per task (thin) and their mean (thick)."""
+    rows = [r for r in rows if "knn_auroc_mean" in r]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    steps = [r["step"] for r in rows]
+    tasks = sorted({k for r in rows for k in r if k.startswith("knn_auroc/")})
+    for k in tasks:
+        ax.plot(steps, [r.get(k, float("nan")) for r in rows], lw=0.8, alpha=0.5, label=k.split("/", 1)[1])
+    ax.plot(steps, [r["knn_auroc_mean"] for r in rows], "k-o", lw=2.2, ms=3, label="mean")
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("kNN AUROC (val subset)")
+    ax.set_title("online kNN monitor: the frozen backbone during pretraining", fontsize=10)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, off the curves
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+HEALTH_PANELS = (("health/emb_std", "embedding std (collapse -> 0)"), ("health/top1", "contrastive top-1"),
+                 ("health/align", "alignment (lower: views closer)"), ("health/uniform", "uniformity (lower: spread)"),
+                 ("health/grad_norm", "gradient norm"), ("lr", "learning rate"))
+
+
+def _health_curves(rows: list[dict], out: Path, proj_dim: int | None) -> Path | None:
+    rows = [r for r in rows if "health/emb_std" in r]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5))
+    steps = [r["step"] for r in rows]
+    for ax, (key, title) in zip(axes.flat, HEALTH_PANELS):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        if key == "health/emb_std" and proj_dim:
+            ax.axhline(proj_dim ** -0.5, color="gray", ls=":", lw=1, label="1/sqrt(D)")
+            ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _proj_dim(run: Path) -> int | None:
+    import tomllib
+    try:
+        return int(tomllib.loads((run / "config.toml").read_text())["model"]["proj_dim"])
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+        return None
 
 
 def _ci(pair) -> str:
@@ -55,7 +122,10 @@ def main(argv: list[str]) -> int:
         return 2
     report = demo / "report"
     report.mkdir(parents=True, exist_ok=True)
-    curve = _loss_curve(demo / "run" / "metrics.jsonl", report / "pretrain_loss.png")
+    rows = _rows(demo / "run" / "metrics.jsonl")
+    curve = _loss_curve(rows, report / "pretrain_loss.png")
+    knn = _knn_curve(rows, report / "knn_auroc.png")
+    health = _health_curves(rows, report / "health.png", _proj_dim(demo / "run"))
     tasks = cmp_.get("task_names") or list(a["tasks"])
     header = f"| task | SSL (SimCLR) AUROC [95% CI] | random init AUROC [95% CI] | difference [95% CI] |"
     lines = [header, "|---|---|---|---|"]
@@ -82,6 +152,18 @@ def main(argv: list[str]) -> int:
           "## What the encoder sees (two augmented views per image)", "", "![views](views.png)", ""]
     if curve:
         md += ["## Pretraining loss", "", f"![loss]({curve.name})", ""]
+    if knn:
+        last = [r for r in rows if "knn_auroc_mean" in r][-1]
+        md += ["## The run learning: online kNN monitor", "",
+               "Every `run.monitor_every` steps the frozen backbone (eval mode) embeds a fixed labelled subset of "
+               "the val split and a leave-one-patient-out weighted kNN scores each finding (AUROC; 0.5 = chance). "
+               f"Last: mean kNN AUROC {last['knn_auroc_mean']:.3f} at step {last['step']}.", "",
+               f"![kNN AUROC]({knn.name})", ""]
+    if health:
+        md += ["## Health metrics", "",
+               "Per log step, averaged since the previous one: std of the L2-normalised projections (a collapse "
+               "drives it to 0; spread embeddings sit near 1/sqrt(D)), contrastive top-1 in the batch, alignment and "
+               "uniformity (Wang & Isola 2020), gradient norm, learning rate.", "", f"![health]({health.name})", ""]
     eval_md = ev / "report.md"
     if eval_md.is_file():
         md += ["Full evaluation report (ROC curves, all numbers): [eval/report.md](../eval/report.md)", ""]

@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from trainer.augment_section import augment_config
 from trainer.config import ConfigError, load_config, split_argv
 from trainer.data import build_loader
 
 
 def views_grid(cfg, out: Path, pairs: int = 8, tile_px: int = 96) -> Path:
-    loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=max(pairs, 2), rank=0, world_size=1,
-                          seed=cfg.run.seed, device=torch.device("cpu"), dtype=torch.float32)
+    loader = build_loader(cfg.data, cfg.model, cfg.loss, augment=augment_config(cfg.augment),
+                          per_rank_batch=max(pairs, 2), rank=0, world_size=1, seed=cfg.run.seed,
+                          device=torch.device("cpu"), dtype=torch.float32)
     batch = next(iter(loader))
     v1, v2 = batch["view1"][:pairs].float(), batch["view2"][:pairs].float()   # (P, C, S, S) normalised
     grid = Image.new("L", (pairs * tile_px, 2 * tile_px + 24), 0)
@@ -28,7 +30,7 @@ def views_grid(cfg, out: Path, pairs: int = 8, tile_px: int = 96) -> Path:
             a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)     # per-view stretch: show the content, not the scale
             tile = Image.fromarray((a * 255).astype(np.uint8)).resize((tile_px, tile_px), Image.Resampling.BILINEAR)
             grid.paste(tile, (i * tile_px, row * tile_px))
-    draw.text((4, 2 * tile_px + 4), f"top/bottom: the two augmented views of one image ({cfg.data.augment}, "
+    draw.text((4, 2 * tile_px + 4), f"top/bottom: the two augmented views of one image ({cfg.augment.preset}, "
                                    f"{cfg.data.image_size} px, as the encoder sees them)", fill=255)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

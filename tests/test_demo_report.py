@@ -29,8 +29,12 @@ def _eval_folder(demo: Path, diff: float, ci: tuple[float, float]) -> None:
     (demo / "eval" / "compare").mkdir(parents=True)
     (demo / "eval" / "compare" / "run-vs-random-resnet18-linear.json").write_text(json.dumps(cmp_))
     (demo / "run").mkdir()
-    (demo / "run" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10}) + "\n"
-                                                        for s in range(1, 6)))
+    rows = [{"step": s, "loss": 5 - s / 10, "lr": 0.001, "health/emb_std": 0.05 + s / 100, "health/top1": s / 10,
+             "health/align": 1.0, "health/uniform": -2.0, "health/grad_norm": 3.0} for s in range(1, 6)]
+    for r in rows[1::2]:
+        r.update({"knn_auroc_mean": 0.5 + r["step"] / 50, "knn_auroc/Edema": 0.6, "knn_auroc/Cardiomegaly": 0.55})
+    (demo / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (demo / "run" / "config.toml").write_text("[model]\nproj_dim = 128\n")
 
 
 @pytest.mark.parametrize("diff, ci, rc", [(0.04, (0.01, 0.07), 0), (0.01, (-0.01, 0.03), 1), (-0.02, (-0.04, -0.01), 1)])
@@ -42,6 +46,9 @@ def test_verdict_needs_the_ci_above_zero(tmp_path, capsys, diff, ci, rc):
     readme = (tmp_path / "report" / "README.md").read_text()
     assert "![phantoms](phantoms.png)" in readme and "![views](views.png)" in readme
     assert (tmp_path / "report" / "pretrain_loss.png").is_file()
+    assert "![kNN AUROC](knn_auroc.png)" in readme and "mean kNN AUROC 0.580 at step 4" in readme
+    assert "![health](health.png)" in readme
+    assert (tmp_path / "report" / "knn_auroc.png").is_file() and (tmp_path / "report" / "health.png").is_file()
 
 
 def test_missing_results_are_a_one_line_error(tmp_path, capsys):

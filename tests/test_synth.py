@@ -231,3 +231,25 @@ def test_preview_grid(tmp_path):
     from PIL import Image
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width >= 4 * 200
+
+
+def test_preview_captions_sit_directly_under_their_films(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ingest.synth import save_preview
+
+    films = [np.full((h, 64), 200, np.uint8) for h in (64, 80, 72)]  # portrait renders smaller than the tile
+    path = save_preview(films, ["PA: Effusion", "AP: no finding", "LAT: " + "Edema, " * 20], tmp_path / "p.png",
+                        columns=2, tile_px=128)
+    grid = np.asarray(Image.open(path))
+    for col in (0, 1):
+        x = 6 + col * (128 + 6) + 120  # inside the film's right edge, clear of caption text
+        column = grid[:, x]
+        film_rows = np.flatnonzero(column == 200)
+        first_band_row = film_rows[-1] + 1
+        assert film_rows.size >= 128, "the film was not scaled to the tile width"
+        assert column[first_band_row] == 48, "a blank band separates the film from its caption"
+    # the two films of the first row end on the same line, so the captions line up
+    ends = [np.flatnonzero(grid[:200, 6 + c * 134 + 120] == 200)[-1] for c in (0, 1)]
+    assert ends[0] == ends[1]

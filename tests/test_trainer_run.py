@@ -114,7 +114,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shards, tmp_path, 
 
 @pytest.mark.parametrize("overrides", [
     ["loss.method=moco", "loss.moco_queue=16", "model.head_bn=false", "optim.name=sgd", "loss.moco_bn_splits=2"],
-    ["loss.method=micle", "data.augment=azizi", "run.tensorboard=true"],
+    ["loss.method=micle", "augment.preset=azizi", "run.tensorboard=true"],
     ["optim.micro_batch=3", "loss.positives=patient", "optim.name=adamw", "optim.base_lr=0.001"],
 ])
 def test_methods_run(shards, tmp_path, overrides, capsys):

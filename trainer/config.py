@@ -1,4 +1,5 @@
-"""Typed run configuration: sections data/model/loss/optim/run from a TOML file plus `section.key=value` overrides.
+"""Typed run configuration: sections data/model/loss/optim/run/augment from a TOML file plus `section.key=value`
+overrides.
 
 Unknown keys and values of the wrong type are rejected with a one-line `ConfigError` before any work starts.
 """
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.schema import parse_views
+from dali_pipes.augment import AugmentConfig
+from trainer.augment_section import AugmentSection, resolve_augment_section
 
 
 class ConfigError(ValueError):
@@ -24,7 +27,6 @@ class DataConfig:
     split: str = "train"
     batch_size: int = 256            # GLOBAL images per optimiser step (summed over ranks)
     image_size: int = 224
-    augment: str = "simclr-cxr"      # dali_pipes.AugmentConfig preset name
     views: str = "frontal"           # "all" | "frontal" (drops LAT, keeps UNKNOWN) | "PA,AP,..." (ingest.schema)
     device: str = "auto"             # "auto" (gpu when the run is on cuda) | "cpu" | "gpu"
     num_threads: int = 2
@@ -97,6 +99,10 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     overwrite: bool = False          # allow a fresh run in a folder holding a finished run
+    monitor_every: int = 500         # online kNN monitor on the val split every N steps and at the end; 0: off
+    monitor_images: int = 1024       # the monitor's fixed labelled val subset (decoded once, kept on the device)
+    monitor_k: int = 20              # neighbours of the weighted kNN
+    collapse_std_ratio: float = 0.25  # warn when std of normalised embeddings < ratio / sqrt(proj_dim)
 
 
 @dataclass
@@ -106,12 +112,13 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
 
 
 CHOICES = {
     ("data", "source"): {"shards", "synthetic"},
     ("data", "device"): {"auto", "cpu", "gpu"},
-    ("data", "augment"): {"simclr-cxr", "azizi", "moco-cxr", "simclr"},  # dali_pipes.AugmentConfig.PRESETS
+    ("augment", "preset"): set(AugmentConfig.PRESETS),
     ("model", "arch"): {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"},
     ("model", "in_channels"): {1, 3},
     ("model", "head_layers"): {2, 3},
@@ -160,12 +167,14 @@ def _convert(value, typ, where: str, from_text: bool):
     return value
 
 
-def _set(cfg: Config, section: str, key: str, value, source: str, from_text: bool = False) -> None:
+def _set(cfg: Config, section: str, key: str, value, source: str, explicit: set, from_text: bool = False) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
         raise ConfigError(f"{source}: unknown section [{section}] (sections: {', '.join(sections)})")
     sec = getattr(cfg, section)
     types_ = _field_types(type(sec))
+    if (section, key) == ("data", "augment"):
+        raise ConfigError(f"{source}: data.augment moved to the [augment] section: use augment.preset")
     if key not in types_:
         raise ConfigError(f"{source}: unknown key {section}.{key} (keys: {', '.join(types_)})")
     where = f"{source}: {section}.{key}"
@@ -174,11 +183,13 @@ def _set(cfg: Config, section: str, key: str, value, source: str, from_text: boo
     if allowed is not None and value not in allowed:
         raise ConfigError(f"{where} = {value!r} is not one of {sorted(allowed, key=str)}")
     setattr(sec, key, value)
+    explicit.add((section, key))
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults < TOML file < ``section.key=value`` overrides (in order); then cross-field checks."""
     cfg = Config()
+    explicit: set[tuple[str, str]] = set()  # (section, key) given by the file or an override
     if path is not None:
         path = Path(path)
         try:
@@ -191,13 +202,17 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
             for key, value in table.items():
-                _set(cfg, section, key, value, str(path))
+                _set(cfg, section, key, value, str(path), explicit)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         dotted, value = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        _set(cfg, section, key, value, f"override {item!r}", from_text=True)
+        _set(cfg, section, key, value, f"override {item!r}", explicit, from_text=True)
+    try:
+        resolve_augment_section(cfg.augment, {k for s, k in explicit if s == "augment"})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     validate(cfg)
     return cfg
 
@@ -231,6 +246,8 @@ def validate(cfg: Config) -> None:
     need(cfg.run.signal_check_every >= 0, "run.signal_check_every must be >= 0")
     need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
          "run.log_every, run.ckpt_every and run.keep_last must be > 0")
+    need(cfg.run.monitor_every >= 0 and cfg.run.monitor_images >= 0 and cfg.run.monitor_k > 0,
+         "run.monitor_every and run.monitor_images must be >= 0, run.monitor_k > 0")
 
 
 def _toml_value(v) -> str:
@@ -280,6 +297,8 @@ def split_argv(argv: typing.Sequence[str]) -> tuple[str | None, list[str]]:
 SAFE_ON_RESUME = frozenset({
     "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.signal_check_every",
     "run.progress", "run.tensorboard", "run.resume", "run.out", "run.overwrite",
+    # the monitor and the collapse warning only observe (eval mode, BatchNorm statistics untouched)
+    "run.monitor_every", "run.monitor_images", "run.monitor_k", "run.collapse_std_ratio",
 })
 
 

@@ -59,10 +59,11 @@ class SyntheticLoader:
             yield batch
 
 
-def build_loader(data_cfg, model_cfg, loss_cfg, *, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, dtype: torch.dtype, build_ahead: bool = True):
+def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int, rank: int, world_size: int,
+                 seed: int, device: torch.device, dtype: torch.dtype, build_ahead: bool = True):
     """The loader a run's config asks for (DALI on shards, or synthetic), producing per-rank batches.
-    ``build_ahead=False`` builds each epoch's DALI pipeline at the boundary (benchmarks compare both)."""
+    ``augment``: the dali_pipes.AugmentConfig (or preset name) of the pretraining views. ``build_ahead=False``
+    builds each epoch's DALI pipeline at the boundary (benchmarks compare both)."""
     if data_cfg.source == "synthetic":
         return SyntheticLoader(batch_size=per_rank_batch, num_batches=data_cfg.synthetic_batches,
                                image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype,
@@ -75,7 +76,7 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, per_rank_batch: int, rank: in
     dali_device = data_cfg.device
     if dali_device == "auto":
         dali_device = "gpu" if device.type == "cuda" else "cpu"
-    kwargs = dict(batch_size=per_rank_batch, device=dali_device, augment=data_cfg.augment,
+    kwargs = dict(batch_size=per_rank_batch, device=dali_device, augment=augment,
                   micle=loss_cfg.method == "micle", views=data_cfg.views,
                   image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype, rank=rank,
                   world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,

@@ -106,9 +106,9 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
-            for k, v in row.items():
+            for k, v in row.items():  # "health/std", "knn_auroc/<task>" keep their own group
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, row["step"])
         return line
 
     def close(self) -> None:
@@ -121,7 +121,8 @@ _LINE_FORMATS = (  # key -> how it reads on the console line
     ("epoch", "epoch {:.2f}"), ("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("images_per_s", "{:,.0f} img/s"),
     ("views_per_s", "{:,.0f} views/s"), ("step_ms", "{:.1f} ms"), ("data_wait_pct", "wait {:.1f}%"),
     ("peak_mem_gib", "{:.2f} GiB"), ("peak_rss_gib", "rss {:.2f} GiB"), ("gpu_util_pct", "gpu {:.0f}%"),
-    ("gpu_power_w", "{:.0f} W"),
+    ("gpu_power_w", "{:.0f} W"), ("health/emb_std", "std {:.3f}"), ("health/top1", "top1 {:.2f}"),
+    ("health/grad_norm", "|g| {:.3g}"), ("knn_auroc_mean", "kNN AUROC {:.3f}"),
 )
 
 

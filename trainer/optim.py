@@ -17,6 +17,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         lars_exclude=lars_exclude)
         super().__init__(params, defaults)
+        self.last_trust_ratios: torch.Tensor | None = None  # (P,) of the last step's adapted tensors (health metrics)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -24,6 +25,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        ratios = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -38,6 +40,7 @@ class LARS(torch.optim.Optimizer):
                 trust = torch.where((p_norm > 0) & (g_norm > 0), group["trust_coefficient"] * p_norm / g_norm,
                                     torch.ones_like(p_norm))
                 grads = torch._foreach_mul(grads, list(trust.unbind(0)))
+                ratios.append(trust)
             bufs = [self.state[p].get("momentum_buffer") for p in params]
             if any(b is None for b in bufs):
                 bufs = [g.detach().clone() for g in grads]
@@ -47,6 +50,7 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        self.last_trust_ratios = torch.cat(ratios) if ratios else None
         return loss
 
 

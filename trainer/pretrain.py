@@ -20,10 +20,13 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
 from trainer import resume
+from trainer.augment_section import augment_config
 from trainer.config import Config, ConfigError, load_config, split_argv, to_dict, to_toml
 from trainer.data import build_loader
+from trainer.health import HealthMeter, collapse_warning
 from trainer.metrics import MetricsLogger, StepTimer
 from trainer.models import MoCo, build_contrastive_model, convert_global_bn
+from trainer.monitor import backbone_of, build_monitor
 from trainer.optim import build_optimizer
 from trainer.resume import Position
 from trainer.schedules import scaled_lr, steps_from_epochs, warmup_cosine
@@ -87,8 +90,9 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     per_rank_batch = cfg.data.batch_size // world_size
     input_dtype = AUTOCAST_DTYPES.get(precision, torch.float32) if device.type == "cuda" else torch.float32
     try:
-        loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=per_rank_batch, rank=info.rank,
-                              world_size=world_size, seed=cfg.run.seed, device=device, dtype=input_dtype)
+        loader = build_loader(cfg.data, cfg.model, cfg.loss, augment=augment_config(cfg.augment),
+                              per_rank_batch=per_rank_batch, rank=info.rank, world_size=world_size,
+                              seed=cfg.run.seed, device=device, dtype=input_dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
     steps_per_epoch = len(loader)
@@ -145,6 +149,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                   f"global batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | "
                   f"peak lr {schedule['peak_lr']:.4g} | {run_dir}",
                   flush=True)
+        monitor = build_monitor(cfg, device, input_dtype, step_fn.autocast) if info.is_main else None
+        monitor_on = dist_utils.broadcast_object(monitor is not None)
 
         # ---- the loop: device values stay on the device; the host reads them only at log / checkpoint steps
         timer = StepTimer()
@@ -177,13 +183,21 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
 
             step = pos.step
             must_save = step % cfg.run.ckpt_every == 0 or step == total_steps or step == cfg.run.max_steps
-            sync_point = step % cfg.run.log_every == 0 or must_save
+            monitor_due = monitor_on and (step % cfg.run.monitor_every == 0 or step in (total_steps,
+                                                                                          cfg.run.max_steps))
+            sync_point = step % cfg.run.log_every == 0 or must_save or monitor_due
             if sync_point:
                 _check_finite(nonfinite, step, run_dir)
                 row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader, step_fn.loss_impl)
+                row.update(step_fn.health.summary())
+                if monitor_due:  # rank 0 embeds the val subset; the others wait here
+                    row.update(monitor(backbone_of(raw_model)) if monitor is not None else {})
+                    dist_utils.barrier()
                 line = logger.log(row)
                 if info.is_main:
-                    (bar.write if bar is not None else print)(line)
+                    for text in (line, collapse_warning(row, cfg.model.proj_dim, cfg.run.collapse_std_ratio)):
+                        if text:
+                            (bar.write if bar is not None else print)(text)
                 loss_sum.zero_()
             if must_save:
                 save()
@@ -309,7 +323,8 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
         else:
             model.compile(mode=cfg.model.compile_mode)
     step_fn = TrainStep(model, raw_model, optimizer, cfg.loss, precision=precision, device=device,
-                        micro_batch=cfg.optim.micro_batch, grad_clip_norm=cfg.optim.grad_clip_norm)
+                        micro_batch=cfg.optim.micro_batch, grad_clip_norm=cfg.optim.grad_clip_norm,
+                        health=HealthMeter(device))
     return raw_model, step_fn
 
 

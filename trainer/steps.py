@@ -12,6 +12,7 @@ import torch.nn as nn
 from trainer.distributed import gather_no_grad
 from trainer.gradcache import gradcache_step
 from trainer.loss_impl import LossImpl
+from trainer.health import HealthMeter, grad_norm
 from trainer.losses import contrastive_loss, moco_infonce
 from trainer.optim import set_lr
 
@@ -34,10 +35,12 @@ def autocast_context(precision: str, device: torch.device):
 
 class TrainStep:
     """Call with a batch dict and the step's lr: forward, loss, backward, (clip), optimiser step. Returns the
-    detached loss tensor (no host sync)."""
+    detached loss tensor (no host sync). With a ``health`` meter it also accumulates the health metrics on the device
+    (the embeddings the loss sees, the gradient norm before clipping, LARS trust ratios)."""
 
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, loss_cfg, *,
-                 precision: str, device: torch.device, micro_batch: int = 0, grad_clip_norm: float = 0.0):
+                 precision: str, device: torch.device, micro_batch: int = 0, grad_clip_norm: float = 0.0,
+                 health: HealthMeter | None = None):
         self.model, self.raw, self.optimizer, self.loss_cfg = model, raw_model, optimizer, loss_cfg
         self.precision, self.device = precision, device
         self.micro_batch, self.grad_clip_norm = micro_batch, grad_clip_norm
@@ -45,11 +48,17 @@ class TrainStep:
         self.is_moco = loss_cfg.method == "moco"
         # the run's one NT-Xent implementation: loss.impl=auto checks the fused kernel once, then keeps its choice
         self.loss_impl = None if self.is_moco else LossImpl(loss_cfg.impl)
+        self.health = health
 
     def autocast(self):
         return autocast_context(self.precision, self.device)
 
+    def _observe(self, z1: torch.Tensor, z2: torch.Tensor) -> None:
+        if self.health is not None:
+            self.health.add_embeddings(z1, z2)
+
     def _nt_xent(self, z1: torch.Tensor, z2: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        self._observe(z1, z2)
         c = self.loss_cfg
         return contrastive_loss(z1, z2, pids, c.temperature, positives=c.positives, impl=self.loss_impl,
                                 gather=c.gather)
@@ -63,6 +72,7 @@ class TrainStep:
         if self.is_moco:
             with self.autocast():
                 q, k = self.model(v1, v2)  # (N, D) each, normalised
+            self._observe(q, k)
             loss = moco_infonce(q, k, self.raw.queue.detach(), self.loss_cfg.temperature)
             self._backward(loss)
             self.raw.enqueue(gather_no_grad(k))
@@ -81,15 +91,23 @@ class TrainStep:
     def __call__(self, batch: dict, lr: float) -> torch.Tensor:
         set_lr(self.optimizer, lr)
         loss = self.forward_backward(batch)
-        if self.grad_clip_norm > 0:
+        if self.grad_clip_norm > 0 or self.health is not None:
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+                self.scaler.unscale_(self.optimizer)  # the norm of the true gradient; step() will not unscale again
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            if self.grad_clip_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+            else:
+                norm = grad_norm(params)
+            if self.health is not None:
+                self.health.add_grad_norm(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        trust = getattr(self.optimizer, "last_trust_ratios", None)
+        if self.health is not None and trust is not None:
+            self.health.add_trust_ratios(trust)
         self.optimizer.zero_grad(set_to_none=True)
         return loss

@@ -1,0 +1,183 @@
+"""Online kNN monitor: the frozen backbone embeds a fixed labelled val subset (decoded once, kept on the device) and a
+weighted kNN over those embeddings scores per-task AUROC, so a long run shows whether its representation improves.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Weighted kNN of Wu et al. 2018, as in the solo-learn / lightly online monitors: cosine similarity, weights
+# exp(sim / 0.07).
+KNN_TEMPERATURE = 0.07
+QUERY_CHUNK = 1024  # query rows per similarity block: bounds the (chunk, M) matrix for large subsets
+
+
+class MonitorUnavailable(Exception):
+    """Why this run has no monitor (no val split, no labels, ...); one line, printed by the trainer."""
+
+
+def label_targets(raw: np.ndarray) -> np.ndarray:
+    """Raw shard labels (1 / 0 / -1 / NaN) -> targets: blank (NaN) = 0, uncertain (-1) masked (NaN). The defaults
+    of eval.labels.LabelPolicy (blank zero, u-ignore), re-stated here because trainer sits left of eval."""
+    raw = np.asarray(raw, dtype=np.float32)
+    out = np.where(np.isnan(raw), 0.0, raw).astype(np.float32)
+    out[raw == -1] = np.nan
+    return out
+
+
+@dataclass
+class MonitorSet:
+    """The cached subset: normalised images on the device, targets (M, T) with NaN = masked, patient ids (M,)."""
+    images: torch.Tensor    # (M, C, H, W), channels-last, the run's input dtype
+    targets: np.ndarray     # (M, T) float32
+    pids: np.ndarray        # (M,) int64
+    task_names: list[str]
+    decode_s: float
+
+
+def load_monitor_set(shards: str, split: str, *, max_images: int, image_size: int, channels: int, dtype: torch.dtype,
+                     device: torch.device, dali_device: str, num_threads: int, batch_size: int) -> MonitorSet:
+    """Decode the first ``max_images`` samples of ``split`` (ingest shuffles across patients, so a random subset)
+    with the eval graph (resize to image_size * 8/7, centre crop, as `python -m eval` does)."""
+    from dali_pipes import build_eval_loader
+    from ingest.schema import ShardFormatError, load_manifest
+
+    t0 = time.perf_counter()
+    try:
+        manifest = load_manifest(shards)
+        if not manifest.label_names:
+            raise MonitorUnavailable(f"{shards}: the shards carry no labels")
+        if manifest.num_samples(split) == 0:
+            raise MonitorUnavailable(f"{shards}: split '{split}' has no samples")
+    except (ShardFormatError, OSError) as e:
+        raise MonitorUnavailable(str(e).splitlines()[0]) from None
+    loader = build_eval_loader(shards, split, batch_size=batch_size, device=dali_device, image_size=image_size,
+                               resize_size=int(round(image_size * 8 / 7)), channels=channels, dtype=dtype,
+                               num_threads=num_threads, device_id=device.index if dali_device == "gpu" else None)
+    images, labels, pids, count = [], [], [], 0
+    for batch in loader:
+        keep = batch["valid"].cpu()
+        take = int(min(int(keep.sum()), max_images - count))
+        images.append(batch["images"][:take].to(device))  # may view DALI's buffer (kept safely); cat() copies
+        labels.append(batch["labels"][:take].float().cpu().numpy())
+        pids.append(batch["pids"][:take].cpu().numpy())
+        count += take
+        if count >= max_images:
+            break
+    targets = label_targets(np.concatenate(labels))
+    if not any(_both_classes(targets[:, t]) for t in range(targets.shape[1])):
+        raise MonitorUnavailable(f"{shards}: no label of split '{split}' has both classes in its first {count} images")
+    return MonitorSet(images=torch.cat(images).contiguous(memory_format=torch.channels_last), targets=targets,
+                      pids=np.concatenate(pids).astype(np.int64), task_names=list(manifest.label_names),
+                      decode_s=time.perf_counter() - t0)
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    y = y[~np.isnan(y)]
+    return bool((y == 1).any() and (y == 0).any())
+
+
+@torch.no_grad()
+def knn_scores(features: torch.Tensor, targets: torch.Tensor, pids: torch.Tensor, k: int,
+               temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+    """Leave-one-patient-out weighted kNN: each image's score per task is the exp(sim / T)-weighted mean label of its
+    k most similar images from OTHER patients (a patient's own images would leak its labels), over neighbours
+    whose label for that task is not masked. features (M, F), targets (M, T) with NaN masked, pids (M,) -> (M, T)."""
+    f = F.normalize(features.float(), dim=1)
+    valid = ~torch.isnan(targets)  # (M, T)
+    y = torch.nan_to_num(targets, nan=0.0)
+    k = min(k, f.shape[0] - 1)
+    out = []
+    for a in range(0, f.shape[0], QUERY_CHUNK):
+        sim = f[a:a + QUERY_CHUNK] @ f.T  # (q, M)
+        sim.masked_fill_(pids[a:a + QUERY_CHUNK, None] == pids[None, :], float("-inf"))
+        top, idx = sim.topk(k, dim=1)  # (q, k)
+        w = torch.exp(top / temperature) * torch.isfinite(top)  # (q, k); a patient with no other: weight 0
+        wv = w[:, :, None] * valid[idx]  # (q, k, T)
+        out.append((wv * y[idx]).sum(1) / wv.sum(1))  # NaN where no usable neighbour
+    return torch.cat(out)
+
+
+def knn_auroc(scores: np.ndarray, targets: np.ndarray, task_names: list[str]) -> dict[str, float]:
+    """Per-task AUROC over images with a label and a score, for tasks with both classes; their mean."""
+    from sklearn.metrics import roc_auc_score
+
+    row = {}
+    for t, name in enumerate(task_names):
+        ok = ~np.isnan(targets[:, t]) & ~np.isnan(scores[:, t])
+        if _both_classes(targets[ok, t]):
+            row[f"knn_auroc/{name}"] = float(roc_auc_score(targets[ok, t], scores[ok, t]))
+    if row:
+        row["knn_auroc_mean"] = float(np.mean(list(row.values())))
+    return row
+
+
+class KnnMonitor:
+    """Call with the backbone: eval mode for the forward (BatchNorm uses, never updates, its running statistics),
+    every module's train/eval flag restored afterwards; returns {"knn_auroc/<task>", "knn_auroc_mean", "monitor_s"}."""
+
+    def __init__(self, data: MonitorSet, *, k: int, batch_size: int, autocast=None):
+        self.data, self.k, self.batch_size = data, k, batch_size
+        self.autocast = autocast or contextlib.nullcontext  # zero-argument callable: the run's autocast context
+        device = data.images.device
+        self.targets = torch.from_numpy(data.targets).to(device)
+        self.pids = torch.from_numpy(data.pids).to(device)
+
+    @torch.no_grad()
+    def embed(self, backbone: nn.Module) -> torch.Tensor:
+        modes = [(m, m.training) for m in backbone.modules()]
+        backbone.eval()
+        try:
+            feats = []
+            for a in range(0, self.data.images.shape[0], self.batch_size):
+                with self.autocast():
+                    feats.append(backbone(self.data.images[a:a + self.batch_size]).float())
+            return torch.cat(feats)  # (M, F)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def __call__(self, backbone: nn.Module) -> dict:
+        t0 = time.perf_counter()
+        scores = knn_scores(self.embed(backbone), self.targets, self.pids, self.k)
+        row = knn_auroc(scores.cpu().numpy(), self.data.targets, self.data.task_names)
+        row["monitor_s"] = time.perf_counter() - t0
+        return row
+
+
+MONITOR_SPLIT = "val"
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The backbone the monitor embeds with: MoCo's query encoder's, else the model's own."""
+    return getattr(model, "encoder_q", model).backbone
+
+
+def build_monitor(cfg, device: torch.device, dtype: torch.dtype, autocast=None) -> KnnMonitor | None:
+    """The run's monitor, or None after printing one line saying why there is none (off, synthetic data, a val
+    split without labels, ...). Decodes the subset now, so a failure shows before the first step."""
+    run = cfg.run
+    if run.monitor_every == 0 or run.monitor_images == 0:
+        return None
+    try:
+        if cfg.data.source != "shards":
+            raise MonitorUnavailable(f"data.source={cfg.data.source} has no val split")
+        dali_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+        data = load_monitor_set(cfg.data.shards, MONITOR_SPLIT, max_images=run.monitor_images,
+                                image_size=cfg.data.image_size, channels=cfg.model.in_channels, dtype=dtype,
+                                device=device, dali_device=dali_device, num_threads=cfg.data.num_threads,
+                                batch_size=max(2, min(cfg.data.batch_size, 256)))
+    except MonitorUnavailable as e:
+        print(f"monitor: off ({e})", flush=True)
+        return None
+    tasks = sum(_both_classes(data.targets[:, t]) for t in range(data.targets.shape[1]))
+    print(f"monitor: kNN (k={run.monitor_k}) on {data.images.shape[0]} '{MONITOR_SPLIT}' images, {tasks} task(s) "
+          f"with both classes, every {run.monitor_every} steps and at the end; rank 0 embeds, other ranks wait "
+          f"(decoded in {data.decode_s:.1f} s)", flush=True)
+    return KnnMonitor(data, k=run.monitor_k, batch_size=max(2, min(cfg.data.batch_size, 256)), autocast=autocast)
