@@ -162,13 +162,14 @@ def test_cache_folder_is_invisible_to_verify_and_cleared_by_overwrite(tmp_path):
 def test_start_up_line_names_the_data_path(tmp_path, capsys, method, path):
     import torch
 
+    from trainer.augment_section import augment_config
     from trainer.config import load_config
     from trainer.data import build_loader
 
     root = _shards(tmp_path / "s", VIEW_LIST)
     cfg = load_config(None, [f"data.shards={root}", "data.views=frontal", f"loss.method={method}", "data.batch_size=2",
                              "loss.moco_queue=4", "data.image_size=16", "data.num_threads=1"])
-    loader = build_loader(cfg.data, cfg.model, cfg.loss, per_rank_batch=2, rank=0, world_size=1, seed=0,
-                          device=torch.device("cpu"), dtype=torch.float32)
+    loader = build_loader(cfg.data, cfg.model, cfg.loss, augment=augment_config(cfg.augment), per_rank_batch=2,
+                          rank=0, world_size=1, seed=0, device=torch.device("cpu"), dtype=torch.float32)
     assert capsys.readouterr().out.startswith(f"data path: {path} | views=frontal: 4 of 9 images in train")
     assert loader.data_path == path and len(loader) == 2

@@ -59,7 +59,7 @@ def test_bad_augment_values_are_one_line_errors(override, message):
 
 
 def test_the_loader_gets_the_resolved_augmentation(tiny_shards):
-    cfg = load_config(None, [f"data.shards={tiny_shards}", "data.image_size=32", "data.frontal_only=false",
+    cfg = load_config(None, [f"data.shards={tiny_shards}", "data.image_size=32", "data.views=all",
                              "augment.preset=moco-cxr", "augment.rotation_deg=5"])
     loader = build_loader(cfg.data, cfg.model, cfg.loss, augment=augment_config(cfg.augment), per_rank_batch=2,
                           rank=0, world_size=1, seed=0, device=torch.device("cpu"), dtype=torch.float32)

@@ -33,8 +33,8 @@ def test_changed_keys_names_every_difference_outside_the_safe_list():
     b = to_dict(load_config(DEBUG, ["data.source=synthetic", "loss.temperature=0.5", "optim.base_lr=1.0",
                                     "run.max_steps=9", "run.log_every=3", "run.progress=false", "run.resume=force"]))
     assert changed_keys(a, b) == ["loss.temperature: 0.2 -> 0.5", "optim.base_lr: 0.3 -> 1.0"]
-    del b["data"]["augment"]  # a key this version does not know counts as changed
-    assert any(k.startswith("data.augment: ") and k.endswith("-> (absent)") for k in changed_keys(a, b))
+    del b["data"]["views"]  # a key this version does not know counts as changed
+    assert any(k.startswith("data.views: ") and k.endswith("-> (absent)") for k in changed_keys(a, b))
     assert {"run.max_steps", "run.log_every", "run.ckpt_every", "run.progress", "run.tensorboard"} <= SAFE_ON_RESUME
 
 
