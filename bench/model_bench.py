@@ -14,7 +14,7 @@ import torch
 
 from bench.harness import BenchReport, GpuSampler, default_out_dir, time_fn
 from trainer.config import ConfigError, load_config
-from trainer.models import MoCo, build_contrastive_model
+from trainer.methods import build_method
 from trainer.optim import build_optimizer
 from trainer.steps import TrainStep
 
@@ -28,24 +28,19 @@ def hours_for_epochs(images_per_s: float, epochs: int = 100, images: int = CHEXP
 
 def build_step(cfg, device: torch.device, *, compile_mode: str | None, channels_last: bool, precision: str):
     """Model + optimiser + TrainStep as `trainer/pretrain.py` builds them (single process)."""
-    model = build_contrastive_model(cfg.model)
-    if cfg.loss.method == "moco":  # one process: shuffle-BN over BatchNorm chunks, as the trainer on one rank
-        splits = cfg.loss.moco_bn_splits
-        fits = cfg.data.batch_size % splits == 0 and cfg.data.batch_size // splits >= 2
-        model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
-                     bn_splits=splits if fits else 1)
+    splits = cfg.loss.moco_bn_splits
+    if cfg.data.batch_size % splits or cfg.data.batch_size // splits < 2:
+        cfg.loss.moco_bn_splits = 1  # a batch too small for MoCo's one-rank BatchNorm chunks is timed without them
+    method = build_method(cfg.loss)
+    model = method.build_model(cfg.model, world_size=1)  # one process, as the trainer on one rank
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, lr=0.1)
     if compile_mode:
-        if isinstance(model, MoCo):
-            model.encoder_q.compile(mode=compile_mode)
-            model.encoder_k.compile(mode=compile_mode)
-        else:
-            model.compile(mode=compile_mode)
+        method.compile(model, model, compile_mode)
     return TrainStep(model, model, optimizer, cfg.loss, precision=precision, device=device,
-                     micro_batch=cfg.optim.micro_batch)
+                     micro_batch=cfg.optim.micro_batch, method=method)
 
 
 def synthetic_batch(batch: int, channels: int, size: int, device: torch.device, dtype: torch.dtype,

@@ -14,6 +14,7 @@ from pathlib import Path
 from ingest.schema import parse_views
 from dali_pipes.augment import AugmentConfig
 from trainer.augment_section import AugmentSection, resolve_augment_section
+from trainer.methods import METHODS
 
 
 class ConfigError(ValueError):
@@ -53,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    method: str = "simclr"           # "simclr" | "moco" | "micle" (SimCLR loss on two images of one patient)
+    method: str = "simclr"           # a key of trainer.methods.METHODS: "simclr" | "moco" | "micle"
     temperature: float = 0.1
     positives: str = "sample"        # "sample": the two views; "patient": every same-patient view in the global batch
     impl: str = "auto"               # "auto" (fused on a CUDA GPU, else reference) | "reference" | "fused"
@@ -125,7 +126,7 @@ CHOICES = {
     ("model", "compile"): {"auto", "on", "off"},
     ("model", "sync_bn"): {"auto", "on", "off"},
     ("model", "compile_mode"): {"default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"},
-    ("loss", "method"): {"simclr", "moco", "micle"},
+    ("loss", "method"): set(METHODS),
     ("loss", "positives"): {"sample", "patient"},
     ("loss", "impl"): {"reference", "fused", "auto"},
     ("optim", "name"): {"lars", "sgd", "adamw"},
@@ -235,14 +236,14 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.base_lr > 0, "optim.base_lr must be > 0")
     need(cfg.optim.epochs > 0 or cfg.optim.total_steps > 0, "optim.epochs or optim.total_steps must be > 0")
     need(cfg.optim.micro_batch >= 0, "optim.micro_batch must be >= 0")
-    need(not (cfg.optim.micro_batch and cfg.loss.method == "moco"),
-         "optim.micro_batch (GradCache) applies to SimCLR/MICLe; MoCo's queue already decouples negatives from batch")
     need(len(cfg.optim.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                            and 0 <= b < 1 for b in cfg.optim.betas),
          f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas!r}")
     need(cfg.loss.moco_bn_splits >= 1, "loss.moco_bn_splits must be >= 1")
-    need(cfg.loss.method != "moco" or cfg.loss.moco_queue % cfg.data.batch_size == 0,
-         f"loss.moco_queue={cfg.loss.moco_queue} must be a multiple of data.batch_size={cfg.data.batch_size}")
+    try:
+        METHODS[cfg.loss.method].check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(cfg.run.signal_check_every >= 0, "run.signal_check_every must be >= 0")
     need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
          "run.log_every, run.ckpt_every and run.keep_last must be > 0")

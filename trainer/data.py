@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.methods import method_class
+
 
 class SyntheticLoader:
     """``num_batches`` per epoch of {"view1", "view2": (B, C, H, W) channels-last, "pids": (B,) int64}."""
@@ -77,7 +79,7 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int,
     if dali_device == "auto":
         dali_device = "gpu" if device.type == "cuda" else "cpu"
     kwargs = dict(batch_size=per_rank_batch, device=dali_device, augment=augment,
-                  micle=loss_cfg.method == "micle", views=data_cfg.views,
+                  micle=method_class(loss_cfg.method).micle_pairs, views=data_cfg.views,
                   image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype, rank=rank,
                   world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
                   device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch,

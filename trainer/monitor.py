@@ -154,11 +154,6 @@ class KnnMonitor:
 MONITOR_SPLIT = "val"
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The backbone the monitor embeds with: MoCo's query encoder's, else the model's own."""
-    return getattr(model, "encoder_q", model).backbone
-
-
 def build_monitor(cfg, device: torch.device, dtype: torch.dtype, autocast=None) -> KnnMonitor | None:
     """The run's monitor, or None after printing one line saying why there is none (off, synthetic data, a val
     split without labels, ...). Decodes the subset now, so a failure shows before the first step."""

@@ -25,8 +25,9 @@ from trainer.config import Config, ConfigError, load_config, split_argv, to_dict
 from trainer.data import build_loader
 from trainer.health import HealthMeter, collapse_warning
 from trainer.metrics import MetricsLogger, StepTimer
-from trainer.models import MoCo, build_contrastive_model, convert_global_bn
-from trainer.monitor import backbone_of, build_monitor
+from trainer.methods import Method, build_method, method_class
+from trainer.models import convert_global_bn
+from trainer.monitor import build_monitor
 from trainer.optim import build_optimizer
 from trainer.resume import Position
 from trainer.schedules import scaled_lr, steps_from_epochs, warmup_cosine
@@ -84,7 +85,8 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     precision = resolve_precision(cfg.run.precision, device)
     run_dir = Path(cfg.run.out)
     _seed_and_determinism(cfg, info)
-    _check_inputs(cfg, info)  # what needs the world size or the device, before anything is built or written
+    method = build_method(cfg.loss)
+    _check_inputs(cfg, info, method)  # what needs the world size or the device, before anything is built or written
 
     # ---- data, schedule, model (nothing is written until all three are built)
     per_rank_batch = cfg.data.batch_size // world_size
@@ -99,7 +101,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     if steps_per_epoch == 0:
         raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
     schedule = _schedule(cfg, steps_per_epoch)
-    raw_model, step_fn = _build_model(cfg, info, precision, schedule["peak_lr"])
+    raw_model, step_fn = _build_model(cfg, info, method, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 
     # ---- run folder: resume (a changed config is refused before anything is loaded) or refuse to clobber; the
@@ -142,8 +144,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                                resume_step=pos.step if resume_path is not None else None, device=device)
         bar = _progress(cfg.run.progress and info.is_main, total_steps, pos.step)
         if info.is_main:
-            bn_scope = ("global" if _global_bn(cfg, world_size)
-                        else "shuffle" if cfg.loss.method == "moco" and cfg.loss.moco_shuffle_bn else "per rank")
+            bn_scope = method.bn_scope(_global_bn(cfg, world_size))
             print(f"pretrain: {cfg.loss.method} {cfg.model.arch} {cfg.model.in_channels}ch {cfg.data.image_size}px | "
                   f"{world_size} rank(s) on {device.type} | {precision} | BN {bn_scope} | "
                   f"global batch {cfg.data.batch_size} | {total_steps} steps ({steps_per_epoch}/epoch) | "
@@ -188,10 +189,10 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             sync_point = step % cfg.run.log_every == 0 or must_save or monitor_due
             if sync_point:
                 _check_finite(nonfinite, step, run_dir)
-                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader, step_fn.loss_impl)
+                row = _log_row(cfg, pos, steps_per_epoch, lr, loss_sum, timer, device, loader, method)
                 row.update(step_fn.health.summary())
                 if monitor_due:  # rank 0 embeds the val subset; the others wait here
-                    row.update(monitor(backbone_of(raw_model)) if monitor is not None else {})
+                    row.update(monitor(method.backbone(raw_model)) if monitor is not None else {})
                     dist_utils.barrier()
                 line = logger.log(row)
                 if info.is_main:
@@ -216,8 +217,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
             _check_finite(nonfinite, pos.step, run_dir)
             save()
         if info.is_main:
-            backbone = raw_model.encoder_q.backbone if isinstance(raw_model, MoCo) else raw_model.backbone
-            ckpt.save_encoder(run_dir / "encoder.pt", backbone, cfg.model.arch, cfg.model.in_channels,
+            ckpt.save_encoder(run_dir / "encoder.pt", method.backbone(raw_model), cfg.model.arch, cfg.model.in_channels,
                               {"config": to_dict(cfg), "step": pos.step, "finished": pos.step >= total_steps})
             why = f"stopped by {stop_reason}" if stop_reason else "finished"
             print(f"pretrain: {why} at step {pos.step}/{total_steps}; checkpoint {ckpt.ckpt_path(run_dir, pos.step)}, "
@@ -250,28 +250,15 @@ def _seed_and_determinism(cfg: Config, info: dist_utils.DistInfo) -> None:
     torch.manual_seed(cfg.run.seed)
 
 
-def _check_inputs(cfg: Config, info: dist_utils.DistInfo) -> None:
+def _check_inputs(cfg: Config, info: dist_utils.DistInfo, method: Method) -> None:
     world_size, device = info.world_size, info.device
     if cfg.data.batch_size % world_size:
         raise Stop(EXIT_BAD_INPUT, f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
     if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
         raise Stop(EXIT_BAD_INPUT, f"data.shards={cfg.data.shards}: no manifest.json (not an ingest shard folder)")
-    if cfg.loss.impl == "fused" and cfg.loss.method != "moco":
-        from trainer.fused_ntxent import fused_available
-
-        if not fused_available(device):
-            raise Stop(EXIT_BAD_INPUT, f"loss.impl=fused needs triton and a CUDA device (this run is on "
-                                       f"{device.type}); use loss.impl=auto or reference")
-    splits = _moco_bn_splits(cfg, world_size)
-    if splits > 1 and (cfg.data.batch_size % splits or cfg.data.batch_size // splits < 2):
-        raise Stop(EXIT_BAD_INPUT, f"loss.moco_bn_splits={splits}: data.batch_size={cfg.data.batch_size} must split "
-                                   f"into {splits} equal BatchNorm chunks of >= 2 images on one rank")
-
-
-def _moco_bn_splits(cfg: Config, world_size: int) -> int:
-    """Chunks for single-rank shuffle-BN; with several ranks the shuffle goes across ranks instead."""
-    moco_one_rank = cfg.loss.method == "moco" and cfg.loss.moco_shuffle_bn and world_size == 1
-    return cfg.loss.moco_bn_splits if moco_one_rank else 1
+    reason = method.check_run(cfg, world_size, device)
+    if reason:
+        raise Stop(EXIT_BAD_INPUT, reason)
 
 
 def _global_bn(cfg: Config, world_size: int) -> bool:
@@ -279,7 +266,7 @@ def _global_bn(cfg: Config, world_size: int) -> bool:
     would let the model tell positives by their batch; MoCo hides that with shuffle-BN instead."""
     if world_size == 1 or cfg.model.sync_bn == "off":
         return False
-    return cfg.model.sync_bn == "on" or cfg.loss.method != "moco"
+    return cfg.model.sync_bn == "on" or method_class(cfg.loss.method).global_bn_default
 
 
 def _schedule(cfg: Config, steps_per_epoch: int) -> dict:
@@ -292,16 +279,13 @@ def _schedule(cfg: Config, steps_per_epoch: int) -> dict:
             "total_steps": o.total_steps or steps_from_epochs(o.epochs, steps_per_epoch)}
 
 
-def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr: float):
-    """-> (raw model, TrainStep): MoCo wrapper, SyncBN, device and memory format, optimiser, DDP, compile."""
+def _build_model(cfg: Config, info: dist_utils.DistInfo, method: Method, precision: str, peak_lr: float):
+    """-> (raw model, TrainStep): the method's model, SyncBN, device and memory format, optimiser, DDP, compile."""
     device, world_size = info.device, info.world_size
     try:
-        model = build_contrastive_model(cfg.model)
+        model = method.build_model(cfg.model, world_size=world_size)
     except (FileNotFoundError, ValueError) as e:
         raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
-    if cfg.loss.method == "moco":
-        model = MoCo(model, cfg.loss.moco_queue, cfg.loss.moco_momentum, cfg.loss.moco_shuffle_bn,
-                     bn_splits=_moco_bn_splits(cfg, world_size))
     if _global_bn(cfg, world_size):
         model = convert_global_bn(model, device.type)
     model = model.to(device)
@@ -310,21 +294,15 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
     raw_model = model
     optimizer = build_optimizer(raw_model, cfg.optim, peak_lr)
     if world_size > 1:
-        # MoCo's queue is identical on every rank (gathered keys): no need to broadcast its 32 MB every step; global
-        # BN's running statistics are identical too (every rank updates them from the same global moments).
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.loss.method != "moco" and not _global_bn(cfg, world_size),
+            broadcast_buffers=method.broadcast_buffers(_global_bn(cfg, world_size)),
             gradient_as_bucket_view=True)
     if cfg.model.compile == "on" or (cfg.model.compile == "auto" and device.type == "cuda"):
-        if isinstance(raw_model, MoCo):
-            raw_model.encoder_q.compile(mode=cfg.model.compile_mode)
-            raw_model.encoder_k.compile(mode=cfg.model.compile_mode)
-        else:
-            model.compile(mode=cfg.model.compile_mode)
+        method.compile(model, raw_model, cfg.model.compile_mode)
     step_fn = TrainStep(model, raw_model, optimizer, cfg.loss, precision=precision, device=device,
                         micro_batch=cfg.optim.micro_batch, grad_clip_norm=cfg.optim.grad_clip_norm,
-                        health=HealthMeter(device))
+                        health=HealthMeter(device), method=method)
     return raw_model, step_fn
 
 
@@ -332,7 +310,7 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, precision: str, peak_lr
 
 
 def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_sum: torch.Tensor,
-             timer: StepTimer, device: torch.device, loader, loss_impl=None) -> dict:
+             timer: StepTimer, device: torch.device, loader, method: Method) -> dict:
     """One metrics row; the mean loss over ranks and log steps is the one device value read (a host sync)."""
     mean_loss = dist_utils.all_reduce_mean(loss_sum / timer.steps).item()
     t = timer.summary()
@@ -344,10 +322,10 @@ def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_s
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # host peak resident memory (Linux reports KiB)
         row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if loss_impl is not None:
-        row.update(loss_impl.log_fields())  # which NT-Xent serves the run; the first row after the decision says why
-    if cfg.loss.method == "micle":
-        row["micle_multi_instance"] = float(getattr(loader, "multi_instance_fraction", float("nan")))
+    impl = method.loss_impl
+    if impl is not None:
+        row.update(impl.log_fields())  # which NT-Xent serves the run; the first row after the decision says why
+    row.update(method.log_fields(loader))
     return row
 
 

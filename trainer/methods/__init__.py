@@ -1,0 +1,26 @@
+"""Self-supervised methods, one class each behind the `Method` interface; `METHODS` maps loss.method to the class.
+
+A new method is one module here with a `Method` subclass and one line in `METHODS`.
+"""
+from __future__ import annotations
+
+from trainer.methods.base import Method
+from trainer.methods.micle import MICLe
+from trainer.methods.moco import MoCoV2
+from trainer.methods.simclr import SimCLR
+
+METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "moco": MoCoV2, "micle": MICLe}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"loss.method={name!r}: choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(loss_cfg) -> Method:
+    """The run's method object for a `LossConfig` (holds per-run state such as the chosen NT-Xent)."""
+    return method_class(loss_cfg.method)(loss_cfg)
+
+
+__all__ = ["METHODS", "Method", "MICLe", "MoCoV2", "SimCLR", "build_method", "method_class"]
