@@ -195,8 +195,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.description = "Markdown table, label-fraction curve and ROC curves (PNG), and all numbers as JSON in OUT."
         _common(p, needs_encoders=False)
     elif command in ("knn", "transfer", "neighbours", "map"):
-        from eval.args_extra import add_extra_arguments
-        add_extra_arguments(p, command)
+        from eval.args_analysis import add_analysis_arguments
+        add_analysis_arguments(p, command)
     else:
         raise UsageError(f"unknown subcommand '{command}'")
     return p

@@ -314,14 +314,14 @@ RUNNERS = {"linear": run_linear, "fewshot": run_fewshot, "fractions": run_fracti
            "compare": run_compare, "report": run_report}
 
 
-def _run_extra(name: str):
+def _run_analysis(name: str):
     def run(args) -> None:
-        from eval import cli_extra  # knn, transfer, neighbours, map (imports this module: loaded on first use)
-        getattr(cli_extra, f"run_{name}")(args)
+        from eval import cli_analysis  # knn, transfer, neighbours, map (imports this module: loaded on first use)
+        getattr(cli_analysis, f"run_{name}")(args)
     return run
 
 
-RUNNERS.update({name: _run_extra(name) for name in ("knn", "transfer", "neighbours", "map")})
+RUNNERS.update({name: _run_analysis(name) for name in ("knn", "transfer", "neighbours", "map")})
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.report_cells import cell, encoder_label, settings_lines
-from eval.report_extra import extra_sections
+from eval.report_analysis import analysis_sections
 
 CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
 _PROTOCOL_TITLES = {"linear": "linear probe (frozen features)", "finetune": "end-to-end fine-tuning"}
@@ -220,7 +220,7 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
             written.append(out / f"roc-{protocol}.png")
     if results["compare"]:
         lines += _compare_table(results["compare"])
-    lines += extra_sections(out, results)  # knn, transfer, neighbour / map figures: eval.report_extra
+    lines += analysis_sections(out, results)  # knn, transfer, neighbour / map figures: eval.report_analysis
     md_path.write_text("\n".join(lines))
     json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v] for k, v in results.items()}, indent=2))
     return written

@@ -1,4 +1,4 @@
-"""Cell and row-label formatting shared by eval.report and eval.report_extra: a number with its 95% CI, an
+"""Cell and row-label formatting shared by eval.report and eval.report_analysis: a number with its 95% CI, an
 encoder's row label, and the label-policy / eval-view line printed under each table.
 """
 from __future__ import annotations

@@ -87,7 +87,7 @@ def summary_table(results: dict) -> list[str]:
     return lines + [""] + settings_lines([d for p, _ in present for d in results[p]])
 
 
-def extra_sections(out: Path, results: dict) -> list[str]:
+def analysis_sections(out: Path, results: dict) -> list[str]:
     """Markdown for the knn / transfer results in ``results`` and the figures under ``out``."""
     lines = summary_table(results)
     if results.get("knn"):
