@@ -21,7 +21,8 @@ def _load(folder: Path) -> list[dict]:
         doc = json.loads(path.read_text())
         doc["_file"] = str(path)
         out.append(doc)
-    return sorted(out, key=lambda d: (CATEGORY_ORDER.get(d.get("encoder", {}).get("category"), 9), d.get("encoder", {}).get("name", "")))
+    return sorted(out, key=lambda d: (CATEGORY_ORDER.get(d.get("encoder", {}).get("category"), 9),
+                                      d.get("encoder", {}).get("name", "")))
 
 
 def _auroc_table(docs: list[dict], title: str) -> list[str]:
@@ -30,7 +31,8 @@ def _auroc_table(docs: list[dict], title: str) -> list[str]:
              "| Encoder | " + " | ".join(tasks) + " | Mean AUROC |", "|---" * (len(tasks) + 2) + "|"]
     for d in docs:
         cells = [cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
-        lines.append(f"| {encoder_label(d)} | " + " | ".join(cells) + f" | {cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
+        lines.append(f"| {encoder_label(d)} | " + " | ".join(cells)
+                     + f" | {cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
     return lines + [""] + settings_lines(docs) + counts_lines(docs, tasks) + (notes + [""] if notes else [])
 
@@ -59,12 +61,14 @@ def _fewshot_table(docs: list[dict]) -> list[str]:
              "| Encoder | k | seeds | C | " + " | ".join(tasks) + " | Mean AUROC | Mean balanced accuracy |",
              "|---" * (len(tasks) + 6) + "|"]
     for d in docs:
-        cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–" for t in tasks]
+        cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–"
+                 for t in tasks]
         m = d.get("mean_auroc")
         a = d.get("mean_balanced_accuracy") or d.get("mean_accuracy")
         mean = "–" if not m else _spread_cell(m, "auroc")
         acc = "–" if not a else _spread_cell(a, "balanced_accuracy" if "balanced_accuracy" in a else "accuracy")
-        lines.append(f"| {encoder_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | " + " | ".join(cells)
+        lines.append(f"| {encoder_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | "
+                     + " | ".join(cells)
                      + f" | {mean} | {acc} |")
     return lines + [""] + settings_lines(docs)
 
@@ -81,7 +85,8 @@ def _num_or_q(x) -> str:
 
 def _fractions_table(docs: list[dict]) -> list[str]:
     fracs = sorted({c["fraction"] for d in docs for c in d["curve"]})
-    lines = ["## Label fractions", "", "Mean AUROC over sampling seeds [95% CI of the seed-averaged model, patient bootstrap].", "",
+    lines = ["## Label fractions", "",
+             "Mean AUROC over sampling seeds [95% CI of the seed-averaged model, patient bootstrap].", "",
              "| Encoder | Mode | " + " | ".join(f"{100 * f:g}%" for f in fracs) + " |", "|---" * (len(fracs) + 2) + "|"]
     for d in docs:
         by = {c["fraction"]: c for c in d["curve"]}
@@ -93,7 +98,8 @@ def _fractions_table(docs: list[dict]) -> list[str]:
 
 
 def _compare_table(docs: list[dict]) -> list[str]:
-    lines = ["## Paired comparisons", "", "AUROC(a) − AUROC(b) on the same test images; paired patient bootstrap.", "",
+    lines = ["## Paired comparisons", "",
+             "AUROC(a) − AUROC(b) on the same test images; paired patient bootstrap.", "",
              "| a | b | protocol | mean AUROC diff [95% CI] | p |", "|---|---|---|---|---|"]
     for d in docs:
         m = d["mean_auroc"]
@@ -121,7 +127,8 @@ def plot_fractions(docs: list[dict], path: Path) -> list[tuple[str, str, str]]:
         colour, style = colours[d["encoder"]["name"]], "--" if d["mode"] == "finetune" else "-"
         label = f"{encoder_label(d)}, {'fine-tuned' if d['mode'] == 'finetune' else 'linear'}"
         ax.plot(x, y, color=colour, ls=style, marker="o" if style == "-" else "s", label=label)
-        ax.fill_between(x, lo, hi, color=colour, alpha=0.15 if style == "-" else 0.08, hatch=None if style == "-" else "//")
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.15 if style == "-" else 0.08,
+                        hatch=None if style == "-" else "//")
         drawn.append((label, colour, style))
     ax.set_xscale("log")
     fracs = sorted({100 * c["fraction"] for d in docs for c in d["curve"]})
@@ -169,7 +176,8 @@ def plot_roc(folder: Path, docs: list[dict], path: Path, title: str = "") -> boo
                 continue
             fpr, tpr, _ = roc_curve(y[keep], s[keep])
             au = d["tasks"].get(task, {}).get("auroc")
-            ax.plot(fpr, tpr, color=f"C{i % 10}", label="{}, AUROC {}".format(encoder_label(d), "–" if au is None else f"{au:.3f}"))
+            ax.plot(fpr, tpr, color=f"C{i % 10}",
+                    label="{}, AUROC {}".format(encoder_label(d), "–" if au is None else f"{au:.3f}"))
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("false positive rate")
@@ -222,5 +230,6 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
         lines += _compare_table(results["compare"])
     lines += analysis_sections(out, results)  # knn, transfer, neighbour / map figures: eval.report_analysis
     md_path.write_text("\n".join(lines))
-    json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v] for k, v in results.items()}, indent=2))
+    json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v]
+                                     for k, v in results.items()}, indent=2))
     return written
