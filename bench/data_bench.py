@@ -51,7 +51,8 @@ def write_bench_shards(out: Path, *, num_images: int, size_px: int, samples_per_
                         "lbl": struct.pack("<1f", 0.0), "pid": struct.pack("<q", pid)})
     shards = []
     for k in range(0, len(samples), samples_per_shard):
-        ws = write_shard(out / "train" / SHARD_PATTERN.format(index=k // samples_per_shard), samples[k:k + samples_per_shard])
+        ws = write_shard(out / "train" / SHARD_PATTERN.format(index=k // samples_per_shard),
+                         samples[k:k + samples_per_shard])
         shards.append({"name": ws.name, "num_samples": ws.num_samples, "sha256": ws.sha256, "num_bytes": ws.num_bytes})
     manifest = {"format_version": FORMAT_VERSION, "datasets": ["bench"], "label_names": ["x"],
                 "num_patients": (num_images + 1) // 2, "rejects": [],
@@ -65,7 +66,8 @@ def torchvision_views(cfg: AugmentConfig, image_size: int, channels: int):
     from torchvision import transforms as T
     ops = []
     if cfg.random_crop:
-        ops.append(T.RandomResizedCrop(image_size, scale=(cfg.crop_scale_min, cfg.crop_scale_max), ratio=cfg.crop_ratio))
+        ops.append(T.RandomResizedCrop(image_size, scale=(cfg.crop_scale_min, cfg.crop_scale_max),
+                                       ratio=cfg.crop_ratio))
     else:
         ops += [T.Resize(image_size), T.CenterCrop(image_size)]
     if cfg.rotation_deg > 0:
@@ -73,7 +75,8 @@ def torchvision_views(cfg: AugmentConfig, image_size: int, channels: int):
     if channels == 3:
         ops.append(T.Grayscale(num_output_channels=3))
     if cfg.jitter_prob > 0:
-        ops.append(T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_prob))
+        ops.append(T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)],
+                                 p=cfg.jitter_prob))
     if cfg.grayscale_prob > 0:
         ops.append(T.RandomGrayscale(cfg.grayscale_prob))
     if cfg.blur_prob > 0:
@@ -203,7 +206,8 @@ def run(args) -> BenchReport:
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
         root = Path(tmp.name) / "shards"
         t0 = time.perf_counter()
-        write_bench_shards(root, num_images=args.num_images, size_px=args.size_px, samples_per_shard=args.samples_per_shard)
+        write_bench_shards(root, num_images=args.num_images, size_px=args.size_px,
+                           samples_per_shard=args.samples_per_shard)
         report.notes.append(f"generated {args.num_images} synthetic {args.size_px}-px gray JPEG samples in "
                             f"{time.perf_counter() - t0:.2f}s (temporary shards)")
     common = dict(warmup_batches=args.warmup_batches, timed_batches=args.batches)
@@ -247,13 +251,15 @@ def run(args) -> BenchReport:
             ratio = dali_cpu[0]["samples_per_s"] / r["samples_per_s"]
             per_cpu_s = [x.get("samples_per_cpu_s") for x in (dali_cpu[0], r)]
             per_core = (f", {per_cpu_s[0] / per_cpu_s[1]:.2f}x samples per CPU-second" if all(per_cpu_s) else "")
-            report.notes.append(f"{threads} thread(s) / worker(s) of {cores} core(s): dali-cpu / baseline = {ratio:.2f}x "
+            report.notes.append(f"{threads} thread(s) / worker(s) of {cores} core(s): "
+                                f"dali-cpu / baseline = {ratio:.2f}x "
                                 f"samples/s{per_core} (goal >= 1.5x with the same cores: "
                                 f"{'met' if ratio >= 1.5 else 'NOT met'})")
     report.notes.append("same shards, same augmentation preset (torchvision_views mirrors augment_view), same "
-                        "batch size for dali-cpu and baseline, DALI num_threads == DataLoader num_workers, one affinity "
-                        "mask. samples/s counts source images; each yields 2 augmented views. cpu_cores_used = "
-                        "process (+ DataLoader worker) CPU seconds / wall seconds over the timed batches")
+                        "batch size for dali-cpu and baseline, DALI num_threads == DataLoader num_workers, one "
+                        "affinity mask. samples/s counts source images; each yields 2 augmented views. "
+                        "cpu_cores_used = process (+ DataLoader worker) CPU seconds / wall seconds over the "
+                        "timed batches")
     if tmp is not None:
         if args.view_filter:
             view_filter_rows(report, Path(tmp.name), args, devices=devices, threads=args.threads[0], common=common,

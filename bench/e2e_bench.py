@@ -156,7 +156,8 @@ def main(argv: list[str]) -> int:
     report = BenchReport("e2e", list(argv))
     base = {"arch": args.arch, "image_size": args.image_size, "batch": args.batch, "precision": precision,
             "compile": "compile" if compiled else "eager", "channels_last": channels_last, "device": device.type,
-            "data_device": cfg.data.device if cfg.data.device != "auto" else ("gpu" if device.type == "cuda" else "cpu"),
+            "data_device": (cfg.data.device if cfg.data.device != "auto"
+                            else ("gpu" if device.type == "cuda" else "cpu")),
             "batches_per_epoch": len(loader), "build_ahead": args.build_ahead}
     e2e = run_e2e(step, loader, steps=args.steps, warmup=args.warmup, device=device)
     # model-only on one real batch kept on the device: the same compiled step, no loader in the loop

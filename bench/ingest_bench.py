@@ -74,7 +74,8 @@ def bench_pool(report: BenchReport, root: Path, label: str, workers_list: list[i
     base = None
     for w in workers_list:
         with mp.get_context("fork").Pool(w) as pool:
-            t = time_fn(lambda: sum(pool.imap(_process_path, paths, chunksize=16)), warmup=1, repeats=repeats, sync=False)
+            t = time_fn(lambda: sum(pool.imap(_process_path, paths, chunksize=16)), warmup=1, repeats=repeats,
+                        sync=False)
         ips = len(paths) / t.median_s
         base = base or ips
         report.add(input=label, stage="decode+resize+encode, process pool", workers=w, images=len(paths),

@@ -21,7 +21,8 @@ def dali_output_dtype(dtype: torch.dtype):
 
 
 def resolve_device(device: str, device_id: int | None) -> tuple[int | None, torch.device]:
-    """(DALI device_id, torch device) for ``device`` in {"cpu", "gpu"}; RuntimeError when a GPU is asked for and absent."""
+    """(DALI device_id, torch device) for ``device`` in {"cpu", "gpu"}; RuntimeError when a GPU is asked for and
+    absent."""
     if device == "cpu":
         return None, torch.device("cpu")
     if device != "gpu":

@@ -88,22 +88,28 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="eval folder (results, predictions, feature cache, report)")
     p.add_argument("--overwrite", action="store_true", help="replace finished output in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=_positive, default=1000, metavar="B", help="patient bootstrap replicates (default 1000)")
+    p.add_argument("--bootstrap", type=_positive, default=1000, metavar="B",
+                   help="patient bootstrap replicates (default 1000)")
     if not needs_encoders:
         return
     p.add_argument("--shards", required=True, type=Path, help="shard folder written by `ingest build-shards`")
-    p.add_argument("--encoder", action="append", default=[], metavar="PATH", help="a run's encoder.pt (or run folder); repeatable")
+    p.add_argument("--encoder", action="append", default=[], metavar="PATH",
+                   help="a run's encoder.pt (or run folder); repeatable")
     p.add_argument("--init", action="append", default=[], choices=("random", "imagenet"),
-                   help="baseline encoder: seeded random init (Scratch) or ImageNet weights from the local torch hub cache; repeatable")
-    p.add_argument("--arch", default=None, help="backbone for --init (default resnet50); checked against --encoder files")
+                   help="baseline encoder: seeded random init (Scratch) or ImageNet weights from the local torch hub "
+                        "cache; repeatable")
+    p.add_argument("--arch", default=None,
+                   help="backbone for --init (default resnet50); checked against --encoder files")
     p.add_argument("--in-channels", type=int, choices=(1, 3), default=None,
                    help="input channels for --init (default: 1 for random, 3 for imagenet); checked against --encoder")
-    p.add_argument("--tasks", default="all", help="'all' (every label of the shards), 'chexpert5', or comma-separated label names")
+    p.add_argument("--tasks", default="all",
+                   help="'all' (every label of the shards), 'chexpert5', or comma-separated label names")
     p.add_argument("--blank", choices=BLANK_POLICIES, default="zero",
                    help="policy for blank (not mentioned) labels: 'zero' = negative (default; CheXpert's convention, "
                         "as in the CheXpert baselines and the CXR SSL studies) or 'mask' (left out of training and "
                         "scoring)")
-    p.add_argument("--uncertainty", choices=UNCERTAINTY_POLICIES, default="u-ignore", help="policy for -1 labels (default u-ignore)")
+    p.add_argument("--uncertainty", choices=UNCERTAINTY_POLICIES, default="u-ignore",
+                   help="policy for -1 labels (default u-ignore)")
     p.add_argument("--eval-view", choices=EVAL_VIEWS, default="full",
                    help="deterministic input view: 'full' (default) squashes the whole film to image-size x image-size "
                         "(aspect not kept: no anatomy is cut, and training's random resized crops are also resized "
@@ -111,7 +117,8 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
                         "letterbox bars would waste pixels and never occur in training); 'center' resizes the "
                         "shorter side to --resize-size and centre-crops image-size (cuts the costophrenic angles "
                         "and apices of a portrait film)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="DALI pipeline + model device (default: gpu if CUDA is available)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="DALI pipeline + model device (default: gpu if CUDA is available)")
     p.add_argument("--image-size", type=_positive, default=224)
     p.add_argument("--resize-size", type=int, default=None,
                    help="--eval-view center: shorter side before the centre crop (default image-size * 8/7)")
@@ -119,7 +126,8 @@ def _common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> None:
     p.add_argument("--num-threads", type=_positive, default=2, help="DALI CPU threads")
     p.add_argument("--cache", type=Path, default=None, help="feature cache folder (default OUT/cache)")
     p.add_argument("--probe-backend", choices=("auto", "sklearn", "torch"), default="auto",
-                   help="logistic regression solver: scikit-learn, or the same objective by L-BFGS in torch (auto: torch on gpu)")
+                   help="logistic regression solver: scikit-learn, or the same objective by L-BFGS in torch "
+                        "(auto: torch on gpu)")
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -130,9 +138,10 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="'none', 'azizi' (7 lr x 4 weight decay, the size of Azizi et al.'s sweep; our values, see "
                         "eval.finetune.AZIZI_GRID) or 'LR,LR,...:WD,WD,...'; the best (lr, wd, epoch) on val is kept")
     p.add_argument("--augment", choices=AUGMENT_CHOICES, default="finetune",
-                   help="training augmentation, run by the dali_pipes graph on --device: 'finetune' (crop >= 60%% area, "
-                        "flip, +-10 deg rotation, light jitter) or a pretraining preset")
-    p.add_argument("--crop-scale-min", type=float, default=None, help="override the preset's smallest crop area fraction")
+                   help="training augmentation, run by the dali_pipes graph on --device: 'finetune' "
+                        "(crop >= 60%% area, flip, +-10 deg rotation, light jitter) or a pretraining preset")
+    p.add_argument("--crop-scale-min", type=float, default=None,
+                   help="override the preset's smallest crop area fraction")
     p.add_argument("--hflip-prob", type=float, default=None, help="override the preset's flip probability")
     p.add_argument("--max-images-in-memory", type=_positive, default=20000,
                    help="validation images kept decoded in memory between epochs (larger val splits are re-read); "
@@ -149,12 +158,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"python -m eval {command}")
     if command == "linear":
-        p.description = "Logistic-regression probe per task on frozen features (C chosen on val), AUROC/AUPRC with patient-bootstrap CIs."
+        p.description = ("Logistic-regression probe per task on frozen features (C chosen on val), AUROC/AUPRC with "
+                         "patient-bootstrap CIs.")
         _common(p)
-        p.add_argument("--c-grid", type=_positive_floats, default=None, help="inverse regularisation grid (default 1e-4..1e2, 7 values)")
+        p.add_argument("--c-grid", type=_positive_floats, default=None,
+                       help="inverse regularisation grid (default 1e-4..1e2, 7 values)")
     elif command == "fewshot":
-        p.description = ("k positives + k negatives per task, a probe per seed (fixed C), scored on the whole test split "
-                         "(AUROC and balanced accuracy); mean, sd and 95% interval over >= 20 seeds.")
+        p.description = ("k positives + k negatives per task, a probe per seed (fixed C), scored on the whole test "
+                         "split (AUROC and balanced accuracy); mean, sd and 95% interval over >= 20 seeds.")
         _common(p)
         p.add_argument("--k", type=_positive, default=10)
         p.add_argument("--seeds", type=_at_least(MIN_FEWSHOT_SEEDS), default=MIN_FEWSHOT_SEEDS,
@@ -165,7 +176,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             "whole unlabelled training split): a k-shot budget has no validation labels to choose it "
                             "on, so C is not tuned (recorded in the result JSON)")
     elif command == "fractions":
-        p.description = "Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or end-to-end."
+        p.description = ("Label-fraction curve: nested patient-level fractions of train, several seeds, linear and/or "
+                         "end-to-end.")
         _common(p)
         p.add_argument("--fractions", type=_fractions, default=DEFAULT_FRACTIONS,
                        help="label fractions in (0, 1], sampled by patient and nested (default 0.001,0.01,0.1,1)")
@@ -182,11 +194,13 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--c-grid", type=_positive_floats, default=None)
         _finetune_args(p)
     elif command == "finetune":
-        p.description = "End-to-end fine-tuning (SGD momentum 0.9, augmentation, optional lr x wd grid), best epoch on val."
+        p.description = ("End-to-end fine-tuning (SGD momentum 0.9, augmentation, optional lr x wd grid), best epoch "
+                         "on val.")
         _common(p)
         _finetune_args(p)
     elif command == "compare":
-        p.description = "Paired patient bootstrap of AUROC(a) - AUROC(b) on the same test samples (from stored predictions)."
+        p.description = ("Paired patient bootstrap of AUROC(a) - AUROC(b) on the same test samples (from stored "
+                         "predictions).")
         _common(p, needs_encoders=False)
         p.add_argument("--a", required=True, help="encoder name (a result in OUT/<protocol>/)")
         p.add_argument("--b", required=True, help="encoder name to compare against")
@@ -195,8 +209,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.description = "Markdown table, label-fraction curve and ROC curves (PNG), and all numbers as JSON in OUT."
         _common(p, needs_encoders=False)
     elif command in ("knn", "transfer", "neighbours", "map"):
-        from eval.args_extra import add_extra_arguments
-        add_extra_arguments(p, command)
+        from eval.args_analysis import add_analysis_arguments
+        add_analysis_arguments(p, command)
     else:
         raise UsageError(f"unknown subcommand '{command}'")
     return p

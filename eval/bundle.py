@@ -94,7 +94,8 @@ class Bundle:
         return np.array([self.meta["thresholds"][t]["threshold"] for t in self.tasks], dtype=np.float64)
 
 
-def build_model(arch: str, in_channels: int, backbone_state: dict, heads: ProbeHeads, input_adapter: str) -> BundleModel:
+def build_model(arch: str, in_channels: int, backbone_state: dict, heads: ProbeHeads,
+                input_adapter: str) -> BundleModel:
     from trainer.models import build_backbone
     backbone, _ = build_backbone(arch, in_channels, "random")
     try:
@@ -129,7 +130,8 @@ def load_bundle(folder: str | Path) -> Bundle:
     """Read and check a bundle; BundleError (one line) when it is not one."""
     folder = Path(folder)
     if not (folder / META_FILE).is_file() or not (folder / MODEL_FILE).is_file():
-        raise BundleError(f"{folder}: not a bundle (needs {META_FILE} and {MODEL_FILE}; write one with `python -m eval export`)")
+        raise BundleError(f"{folder}: not a bundle (needs {META_FILE} and {MODEL_FILE}; "
+                          "write one with `python -m eval export`)")
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:

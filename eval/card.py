@@ -19,10 +19,14 @@ def model_card(meta: dict) -> str:
         "**Research software, not a medical device.** The outputs are a model's scores on one image, not a diagnosis;",
         "they were validated only on the test split named below and must not guide patient care.", "",
         "## Model",
-        f"- encoder: `{e['name']}` ({e['category']}, {e['arch']}, {e['in_channels']} input channel(s)), sha256 `{e['sha256'][:16]}...`",
-        f"- heads: {'linear probes on standardised frozen features' if meta['protocol'] == 'linear' else 'fine-tuned network, linear head'}",
-        f"- input: 8-bit gray decoded like ingest (DICOM LUTs, MONOCHROME1 inverted), shorter side {meta['ingest']['size']} px; "
-        f"eval view `{v['mode']}` ({view}); (x / 255 - {meta['normalisation']['mean']}) / {meta['normalisation']['std']}",
+        f"- encoder: `{e['name']}` ({e['category']}, {e['arch']}, {e['in_channels']} input channel(s)), "
+        f"sha256 `{e['sha256'][:16]}...`",
+        "- heads: " + ("linear probes on standardised frozen features" if meta["protocol"] == "linear"
+                       else "fine-tuned network, linear head"),
+        "- input: 8-bit gray decoded like ingest (DICOM LUTs, MONOCHROME1 inverted), "
+        f"shorter side {meta['ingest']['size']} px; "
+        f"eval view `{v['mode']}` ({view}); "
+        f"(x / 255 - {meta['normalisation']['mean']}) / {meta['normalisation']['std']}",
         f"- label policy: {p['label_policy']}", "",
         "## Findings", "",
         f"Threshold rule: {meta['threshold_rule']}. Sensitivity / specificity at that threshold on the test split.", "",
@@ -32,7 +36,8 @@ def model_card(meta: dict) -> str:
     for t in meta["tasks"]:
         m, th = meta["metrics"][t], meta["thresholds"][t]
         lines.append(f"| {t} | {_f(m['test_auroc'])} | {_ci(m['test_auroc_ci'])} | {_f(m['val_auroc'])} | "
-                     f"{_f(th['threshold'], 4)} | {_f(th.get('test_sensitivity'))} | {_f(th.get('test_specificity'))} |")
+                     f"{_f(th['threshold'], 4)} | {_f(th.get('test_sensitivity'))} | "
+                     f"{_f(th.get('test_specificity'))} |")
     notes = [f"- {t}: {meta['thresholds'][t]['note']}" for t in meta["tasks"] if meta["thresholds"][t].get("note")]
     lines += ["", f"Mean test AUROC {_f(meta.get('mean_test_auroc'))}, 95% CI {_ci(meta.get('mean_test_auroc_ci'))} "
               "(patient bootstrap).", *([""] + notes if notes else []), "",

@@ -13,20 +13,23 @@ from pathlib import Path
 import numpy as np
 
 from eval.args import UsageError, build_parser, parse_grid
-from eval.features import EncoderError, EncoderSpec, Transform, default_device, encoder_hash, encoder_spec, extract_features
+from eval.features import (EncoderError, EncoderSpec, Transform, default_device, encoder_hash, encoder_spec,
+                           extract_features)
 from eval.labels import LabelPolicy, TaskError, resolve_tasks
 from ingest.schema import ShardFormatError, load_manifest
 
 
 def _encoders(args) -> list[EncoderSpec]:
     specs = [encoder_spec(e, arch=args.arch, in_channels=args.in_channels, seed=args.seed) for e in args.encoder]
-    specs += [encoder_spec(init=i, arch=args.arch or "resnet50", in_channels=args.in_channels, seed=args.seed) for i in args.init]
+    specs += [encoder_spec(init=i, arch=args.arch or "resnet50", in_channels=args.in_channels, seed=args.seed)
+              for i in args.init]
     if not specs:
         raise UsageError("no encoder: give --encoder PATH and/or --init random|imagenet")
     names = [s.name for s in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise UsageError(f"two encoders share the name '{sorted(dup)[0]}' (run folders with the same name); evaluate them into separate --out folders")
+        raise UsageError(f"two encoders share the name '{sorted(dup)[0]}' (run folders with the same name); "
+                         "evaluate them into separate --out folders")
     return specs
 
 
@@ -92,7 +95,8 @@ def _prepare(args) -> tuple[list[EncoderSpec], list[str]]:
     tasks = resolve_tasks(args.tasks, manifest.label_names, source=str(args.shards))
     for split in ("train", "val", "test"):
         if split not in manifest.splits():
-            raise UsageError(f"{args.shards}: split '{split}' is empty or missing; the protocols need train, val and test")
+            raise UsageError(f"{args.shards}: split '{split}' is empty or missing; "
+                             "the protocols need train, val and test")
     args.device = default_device(args.device or _auto_device())
     args.cache = args.cache or args.out / "cache"
     return _encoders(args), tasks
@@ -120,7 +124,8 @@ def run_linear(args) -> None:
         train, val, test = (_features(args, spec, s) for s in ("train", "val", "test"))
         result, preds = linear_protocol(train, val, test, tasks, policy=_policy(args),
                                         c_grid=args.c_grid or DEFAULT_C_GRID,
-                                        num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards), probe=_probe(args))
+                                        num_replicates=args.bootstrap, seed=args.seed, source=str(args.shards),
+                                        probe=_probe(args))
         result.update(_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
         _save_predictions(args.out / "linear" / f"{spec.name}.npz", preds, tasks)
@@ -208,7 +213,8 @@ def run_fractions(args) -> None:
                                       val_min_per_class=args.val_min_per_class)
             result.update(_context(args, spec, tasks))
             _write_json(args.out / "fractions" / f"{spec.name}-linear.json", result)
-            _log(f"fractions linear {spec.name}: " + ", ".join(f"{c['fraction']:g}: {c['mean_auroc']:.3f}" for c in result["curve"]))
+            _log(f"fractions linear {spec.name}: "
+                 + ", ".join(f"{c['fraction']:g}: {c['mean_auroc']:.3f}" for c in result["curve"]))
         if "finetune" in modes:
             result = _fractions_finetune(args, spec, tasks)
             result.update(_context(args, spec, tasks))
@@ -271,7 +277,8 @@ def run_compare(args) -> None:
     for name in (args.a, args.b):
         path = folder / f"{name}.npz"
         if not path.is_file():
-            raise UsageError(f"{path}: no stored predictions for '{name}'; run `python -m eval {args.protocol}` for it into {args.out} first")
+            raise UsageError(f"{path}: no stored predictions for '{name}'; "
+                             f"run `python -m eval {args.protocol}` for it into {args.out} first")
         with np.load(path) as z:
             loaded.append({k: z[k] for k in z.files})
     a, b = loaded
@@ -279,15 +286,19 @@ def run_compare(args) -> None:
     if settings[0] != settings[1]:
         raise UsageError(f"{args.a} and {args.b} were evaluated under different settings ({settings[0]} vs "
                          f"{settings[1]}); re-run one with the other's --blank / --uncertainty / --eval-view")
-    if list(a["tasks"]) != list(b["tasks"]) or a["pids"].shape != b["pids"].shape or not np.array_equal(a["pids"], b["pids"]) \
+    if list(a["tasks"]) != list(b["tasks"]) or a["pids"].shape != b["pids"].shape \
+            or not np.array_equal(a["pids"], b["pids"]) \
             or not np.array_equal(a["targets"], b["targets"], equal_nan=True):
-        raise UsageError(f"{args.a} and {args.b} were not scored on the same test samples and tasks; re-run both on the same shards")
+        raise UsageError(f"{args.a} and {args.b} were not scored on the same test samples and tasks; "
+                         "re-run both on the same shards")
     tasks = [str(t) for t in a["tasks"]]
-    result = paired_bootstrap(a["targets"], a["scores"], b["scores"], a["pids"], tasks, num_replicates=args.bootstrap, seed=args.seed)
+    result = paired_bootstrap(a["targets"], a["scores"], b["scores"], a["pids"], tasks,
+                              num_replicates=args.bootstrap, seed=args.seed)
     result.update(protocol=args.protocol, a=args.a, b=args.b, task_names=tasks)
     _write_json(out, result)
     m = result["mean_auroc"]
-    _log(f"compare {args.a} - {args.b} ({args.protocol}): mean AUROC diff {_fmt(m['diff'])} 95% CI {_fmt_ci(m['ci'])} p={_fmt(m['p_value'])}")
+    _log(f"compare {args.a} - {args.b} ({args.protocol}): mean AUROC diff {_fmt(m['diff'])} "
+         f"95% CI {_fmt_ci(m['ci'])} p={_fmt(m['p_value'])}")
 
 
 def _settings(path: Path) -> dict:
@@ -314,14 +325,14 @@ RUNNERS = {"linear": run_linear, "fewshot": run_fewshot, "fractions": run_fracti
            "compare": run_compare, "report": run_report}
 
 
-def _run_extra(name: str):
+def _run_analysis(name: str):
     def run(args) -> None:
-        from eval import cli_extra  # knn, transfer, neighbours, map (imports this module: loaded on first use)
-        getattr(cli_extra, f"run_{name}")(args)
+        from eval import cli_analysis  # knn, transfer, neighbours, map (imports this module: loaded on first use)
+        getattr(cli_analysis, f"run_{name}")(args)
     return run
 
 
-RUNNERS.update({name: _run_extra(name) for name in ("knn", "transfer", "neighbours", "map")})
+RUNNERS.update({name: _run_analysis(name) for name in ("knn", "transfer", "neighbours", "map")})
 
 
 def main(argv: list[str]) -> int:
@@ -336,7 +347,8 @@ def main(argv: list[str]) -> int:
     args.argv = list(argv)  # recorded in every result JSON
     try:
         RUNNERS[command](args)
-    except (UsageError, TaskError, EncoderError, ShardFormatError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (UsageError, TaskError, EncoderError, ShardFormatError, FileNotFoundError, FileExistsError,
+            ImportError) as e:
         print(f"eval {command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", required=True, choices=("linear", "finetune"))
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--sensitivity", type=float, default=None, metavar="S",
-                   help="threshold per task = the highest one reaching validation sensitivity >= S (default: Youden's J)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="for the fine-tuned network's validation pass")
+                   help="threshold per task = the highest one reaching validation sensitivity >= S "
+                        "(default: Youden's J)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="for the fine-tuned network's validation pass")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     return p
 
@@ -79,7 +81,8 @@ def _encoder(result: dict) -> tuple[dict, str]:
         else:
             spec = encoder_spec(init=e["kind"], arch=e["arch"], in_channels=e["in_channels"], seed=e.get("seed") or 0)
         if encoder_hash(spec) != e["sha256"]:
-            raise ExportError(f"{spec.path or spec.name}: encoder weights changed since they were evaluated (sha256 differs)")
+            raise ExportError(f"{spec.path or spec.name}: encoder weights changed since they were evaluated "
+                              "(sha256 differs)")
         trunk, _ = build_encoder(spec)
     except EncoderError as err:
         raise ExportError(str(err)) from None
@@ -128,7 +131,8 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
              "feature_mean": torch.zeros(dim, dtype=torch.float64), "feature_std": torch.ones(dim, dtype=torch.float64)}
     adapter = "imagenet" if result["encoder"]["kind"] == "imagenet" else "none"
     model = build_model(doc["arch"], int(doc["in_channels"]), doc["backbone"],
-                        ProbeHeads(heads["weight"], heads["bias"], heads["feature_mean"], heads["feature_std"]), adapter)
+                        ProbeHeads(heads["weight"], heads["bias"], heads["feature_mean"], heads["feature_std"]),
+                        adapter)
     # The validation scores were not stored by finetune: score the val split once through the eval loader.
     spec = EncoderSpec("checkpoint", doc["arch"], int(doc["in_channels"]), name, path=path)
     trunk = torch.nn.Sequential(model.input_adapter, model.backbone)
@@ -149,7 +153,8 @@ def export(args) -> Path:
     folder = args.out / args.protocol
     rpath = folder / f"{args.encoder}.json"
     if not rpath.is_file():
-        raise ExportError(f"{rpath}: no result; run `python -m eval {args.protocol} --out {args.out}` for '{args.encoder}' first")
+        raise ExportError(f"{rpath}: no result; run `python -m eval {args.protocol} --out {args.out}` "
+                          f"for '{args.encoder}' first")
     if args.bundle.exists() and not args.overwrite:
         raise ExportError(f"{args.bundle}: exists; pass --overwrite to replace it")
     if args.sensitivity is not None and not 0 < args.sensitivity <= 1:
@@ -161,7 +166,8 @@ def export(args) -> Path:
         backbone, adapter = _encoder(result)
         heads, val_scores, val_targets = _linear_parts(folder, args.encoder, tasks)
     else:
-        heads, backbone, adapter, val_scores, val_targets = _finetune_parts(folder, args.encoder, result, tasks, args.device)
+        heads, backbone, adapter, val_scores, val_targets = _finetune_parts(folder, args.encoder, result, tasks,
+                                                                            args.device)
     trained = [j for j, t in enumerate(tasks) if bool(np.isfinite(heads["weight"][j].numpy()).all())]
     if not trained:
         raise ExportError(f"{rpath}: no task has a trained head")
@@ -185,11 +191,15 @@ def export(args) -> Path:
                         "in_channels": int(e["in_channels"]), "input_adapter": adapter, "sha256": e["sha256"]},
             "view": _view(result), "normalisation": _normalisation(),
             "ingest": {"size": int(ingest_opts.get("size", 256)), "quality": int(ingest_opts.get("quality", 95))},
-            "metrics": metrics, "mean_test_auroc": result.get("mean_auroc"), "mean_test_auroc_ci": result.get("mean_auroc_ci"),
+            "metrics": metrics, "mean_test_auroc": result.get("mean_auroc"),
+            "mean_test_auroc_ci": result.get("mean_auroc_ci"),
             "thresholds": thresholds, "threshold_rule": _rule_text(args.sensitivity), "calibration": None,
-            "provenance": {"encoder_sha256": e["sha256"], "manifest_sha256": _sha256_file(manifest) if manifest.is_file() else None,
-                           "label_policy": _policy(result), "protocol": args.protocol, "eval_result": str(rpath.resolve()),
-                           "evaluated": result.get("time"), "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "provenance": {"encoder_sha256": e["sha256"],
+                           "manifest_sha256": _sha256_file(manifest) if manifest.is_file() else None,
+                           "label_policy": _policy(result), "protocol": args.protocol,
+                           "eval_result": str(rpath.resolve()),
+                           "evaluated": result.get("time"),
+                           "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "num_images": result.get("num_images")}}
     model_doc = {"backbone": backbone, "head_weight": heads["weight"][trained].float(),
                  "head_bias": heads["bias"][trained].float(), "feature_mean": heads["feature_mean"].float(),

@@ -41,7 +41,8 @@ def _read_encoder_meta(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise EncoderError(f"{path}: not a readable encoder checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+        raise EncoderError(f"{path}: not a readable encoder checkpoint "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
     if not isinstance(obj, dict) or "state_dict" not in obj or "arch" not in obj:
         raise EncoderError(f"{path}: not an encoder.pt (expected keys arch, in_channels, state_dict)")
     return obj
@@ -111,7 +112,8 @@ def build_encoder(spec: EncoderSpec):
         try:
             model, dim = models.build_backbone(spec.arch, spec.in_channels, "imagenet")
         except Exception as e:  # noqa: BLE001 - offline download failures surface as many exception types
-            raise EncoderError(f"ImageNet weights for {spec.arch} could not be loaded offline: {str(e).splitlines()[0][:160]}") from e
+            raise EncoderError(f"ImageNet weights for {spec.arch} could not be loaded offline: "
+                               f"{str(e).splitlines()[0][:160]}") from e
         from eval.imagenet_input import ImageNetInput
         model = torch.nn.Sequential(ImageNetInput(spec.in_channels), model)
     return model.eval(), int(dim)
@@ -129,8 +131,10 @@ def encoder_hash(spec: EncoderSpec) -> str:
         return _sha256_file(spec.path)
     if spec.kind == "random":
         import torch
-        return hashlib.sha256(f"random:{spec.arch}:{spec.in_channels}:{spec.seed}:torch{torch.__version__}".encode()).hexdigest()
-    return hashlib.sha256(f"imagenet:{spec.in_channels}:".encode() + _sha256_file(imagenet_weights_file(spec.arch)).encode()).hexdigest()
+        key = f"random:{spec.arch}:{spec.in_channels}:{spec.seed}:torch{torch.__version__}"
+        return hashlib.sha256(key.encode()).hexdigest()
+    weights_sha256 = _sha256_file(imagenet_weights_file(spec.arch))
+    return hashlib.sha256(f"imagenet:{spec.in_channels}:".encode() + weights_sha256.encode()).hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
@@ -173,7 +177,8 @@ class Transform:
         return {"eval_view": "center", "image_size": self.image_size, "resize_size": self.resize_size}
 
 
-def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform, device: str = "cpu") -> str:
+def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform,
+                      device: str = "cpu") -> str:
     # The device is part of the key: GPU decoding (nvJPEG) and bf16 autocast give slightly different features.
     manifest_sha = _sha256_file(Path(shard_root) / MANIFEST_NAME)
     blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder_hash(spec), "manifest": manifest_sha, "split": split,
@@ -209,7 +214,8 @@ def iterate_valid(loader):
             yield batch["images"], batch["labels"], batch["pids"]
         elif bool(valid.any()):
             idx = valid.nonzero().squeeze(1).to(batch["images"].device)
-            yield batch["images"][idx], batch["labels"][valid.to(batch["labels"].device)], batch["pids"][valid.to(batch["pids"].device)]
+            yield (batch["images"][idx], batch["labels"][valid.to(batch["labels"].device)],
+                   batch["pids"][valid.to(batch["pids"].device)])
 
 
 def extract_features(spec: EncoderSpec, shard_root: str | Path, split: str, *, device: str = "cpu",
@@ -224,7 +230,8 @@ def extract_features(spec: EncoderSpec, shard_root: str | Path, split: str, *, d
     manifest = load_manifest(shard_root)
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{spec.name}-{split}-{feature_cache_key(spec, shard_root, split, transform, device)}.npz"
+        key = feature_cache_key(spec, shard_root, split, transform, device)
+        cache_path = Path(cache_dir) / f"{spec.name}-{split}-{key}.npz"
         if cache_path.is_file():
             with np.load(cache_path) as z:
                 return FeatureSet(z["features"], z["labels"], z["pids"], [str(s) for s in z["label_names"]])

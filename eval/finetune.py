@@ -159,7 +159,8 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
         val_auroc = evaluate(val_targets, val_scores[rows], tasks).mean_auroc
         run.history.append({"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "val_mean_auroc": _num(val_auroc),
                             "seconds": time.perf_counter() - t0, "images": n_seen})
-        log(f"  lr={cfg.lr:g} wd={cfg.weight_decay:g} epoch {epoch}: loss {loss_sum / max(1, n_seen):.4f} val mean AUROC {val_auroc:.4f}")
+        log(f"  lr={cfg.lr:g} wd={cfg.weight_decay:g} epoch {epoch}: loss {loss_sum / max(1, n_seen):.4f} "
+            f"val mean AUROC {val_auroc:.4f}")
         if math.isfinite(val_auroc) and val_auroc > run.best_val_auroc or run.state is None:
             run.best_epoch, run.best_val_auroc = epoch, val_auroc
             run.state = {"backbone": copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}),

@@ -35,7 +35,8 @@ def resolve_tasks(spec: str | None, label_names: list[str], *, source: str = "sh
         for name in names:
             if name not in label_names:
                 if part in TASK_SETS:
-                    raise TaskError(f"{source}: no labels for task '{name}' (needed by task set '{part}'); shards have: {', '.join(label_names)}")
+                    raise TaskError(f"{source}: no labels for task '{name}' (needed by task set '{part}'); "
+                                    f"shards have: {', '.join(label_names)}")
                 raise TaskError(f"unknown task '{name}': not a label of {source} ({', '.join(label_names)}) "
                                 f"nor a task set ({', '.join(TASK_SETS)})")
             if name not in tasks:

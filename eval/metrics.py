@@ -14,7 +14,8 @@ import numpy as np
 _MAX_CHUNK_ELEMENTS = 4_000_000
 
 
-def weighted_auroc_auprc(y: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def weighted_auroc_auprc(y: np.ndarray, scores: np.ndarray,
+                         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and average precision for binary ``y`` (N,) and ``scores`` (N,) under each row of ``weights`` (B, N).
 
     Ties count one half (trapezoidal ROC, as sklearn.metrics.roc_auc_score); AP is sklearn's step-wise
@@ -124,7 +125,8 @@ def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def evaluate(targets: np.ndarray, scores: np.ndarray, task_names: list[str], *, with_accuracy: bool = False) -> Evaluation:
+def evaluate(targets: np.ndarray, scores: np.ndarray, task_names: list[str], *,
+             with_accuracy: bool = False) -> Evaluation:
     """Per-task metrics for ``targets`` (N, T) (1 / 0 / NaN = masked) and ``scores`` (N, T) (probabilities).
 
     A task whose masked targets hold one class only is skipped with a note and left out of the mean AUROC.
@@ -139,7 +141,8 @@ def evaluate(targets: np.ndarray, scores: np.ndarray, task_names: list[str], *, 
         n_pos = int(np.sum(y[keep] > 0.5))
         n_neg = int(keep.sum()) - n_pos
         if n_pos == 0 or n_neg == 0:
-            out.tasks.append(TaskResult(name, n_pos, n_neg, note=f"skipped: one class only ({n_pos} positive, {n_neg} negative)"))
+            out.tasks.append(TaskResult(name, n_pos, n_neg,
+                                        note=f"skipped: one class only ({n_pos} positive, {n_neg} negative)"))
             continue
         if not np.isfinite(scores[keep, j]).all():
             out.tasks.append(TaskResult(name, n_pos, n_neg, note="skipped: no scores (classifier not trained)"))

@@ -67,7 +67,8 @@ def decode_gray(data: bytes, *, shard_size: int, quality: int, max_pixels: int =
     kind = sniff(data)
     width, height = _dimensions(data, kind)
     if width * height > max_pixels:
-        raise InputError("too_large", f"image of {width} x {height} pixels exceeds the limit of {max_pixels / 1e6:g} megapixels")
+        raise InputError("too_large", f"image of {width} x {height} pixels exceeds the limit of "
+                                      f"{max_pixels / 1e6:g} megapixels")
     if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
         # Resizing the shorter side of a 1 x 20000 strip to shard size would allocate gigabytes.
         raise InputError("undecodable", f"image of {width} x {height} pixels is not a radiograph's shape")
@@ -153,12 +154,14 @@ def iter_inputs(paths: list[Path]) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval predict", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder written by `python -m eval export`")
-    p.add_argument("--input", required=True, type=Path, action="append", help="JPEG / PNG / DICOM file or folder; repeatable")
+    p.add_argument("--input", required=True, type=Path, action="append",
+                   help="JPEG / PNG / DICOM file or folder; repeatable")
     p.add_argument("--out", required=True, type=Path, help="CSV to write (one row per input)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (decompression bombs)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images (decompression bombs)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p

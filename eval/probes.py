@@ -125,7 +125,8 @@ def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
         keep = ~np.isnan(train_y[:, j])
         y = train_y[keep, j] > 0.5
         if y.all() or not y.any():
-            result.notes.append(f"{name}: not trained: training labels hold one class ({int(y.sum())} positive of {y.size})")
+            result.notes.append(f"{name}: not trained: training labels hold one class "
+                                f"({int(y.sum())} positive of {y.size})")
             result.chosen_c[name] = None
             continue
         if fixed_c is not None:

@@ -57,9 +57,11 @@ def linear_protocol(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks:
     result.update(protocol="linear", chosen_c=fitted.chosen_c, val_auroc=fitted.val_auroc,
                   label_policy=policy.to_json(), uncertainty=policy.uncertain,
                   num_images={"train": len(train), "val": len(val), "test": len(test)},
-                  num_patients={s: int(len(np.unique(f.pids))) for s, f in (("train", train), ("val", val), ("test", test))})
+                  num_patients={s: int(len(np.unique(f.pids)))
+                                for s, f in (("train", train), ("val", val), ("test", test))})
     # "probe" (weights, standardisation, val scores) feeds `eval export`; "val_targets" for its thresholds.
-    return result, {"targets": y_te, "scores": fitted.test_scores, "pids": test.pids, "probe": fitted, "val_targets": y_va}
+    return result, {"targets": y_te, "scores": fitted.test_scores, "pids": test.pids, "probe": fitted,
+                    "val_targets": y_va}
 
 
 def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k: int = 10, num_seeds: int = 20,
@@ -156,20 +158,24 @@ def fractions_linear(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks
             scores = fitted.test_scores.copy()
             untrained = np.isnan(scores).all(axis=0)
             scores[:, untrained] = 0.5
-            notes += [f"fraction {f:g}, seed {seed + s}: {n} (scored as chance)" for n in fitted.notes if "not trained" in n]
+            notes += [f"fraction {f:g}, seed {seed + s}: {n} (scored as chance)"
+                      for n in fitted.notes if "not trained" in n]
             counts = split_counts({"train": y_tr[idx], "val": y_va[vidx]}, tasks)
-            runs[f].append({"scores": scores, "num_images": int(len(idx)), "num_patients": int(len(np.unique(train.pids[idx]))),
+            runs[f].append({"scores": scores, "num_images": int(len(idx)),
+                            "num_patients": int(len(np.unique(train.pids[idx]))),
                             "mean_auroc": evaluate(y_te, scores, tasks).mean_auroc, "counts": counts,
                             "val": vinfo, "chosen_c": fitted.chosen_c})
     curve = []
     for f in sorted(fractions):
         vals = np.array([r["mean_auroc"] for r in runs[f]])
-        ci = bootstrap_mean_over_runs(y_te, [r["scores"] for r in runs[f]], test.pids, num_replicates=num_replicates, seed=seed)
+        ci = bootstrap_mean_over_runs(y_te, [r["scores"] for r in runs[f]], test.pids, num_replicates=num_replicates,
+                                      seed=seed)
         per_task = {}
         for j, t in enumerate(tasks):
             task_vals = [evaluate(y_te[:, [j]], r["scores"][:, [j]], [t]).tasks[0].auroc for r in runs[f]]
             per_task[t] = float(np.mean(task_vals)) if np.isfinite(task_vals).all() else None
-        curve.append({"fraction": f, "mean_auroc": float(np.mean(vals)), "seed_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+        curve.append({"fraction": f, "mean_auroc": float(np.mean(vals)),
+                      "seed_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "mean_auroc_ci": ci, "per_seed": vals.tolist(), "tasks": per_task,
                       "num_images": [r["num_images"] for r in runs[f]],
                       "num_patients": [r["num_patients"] for r in runs[f]],

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report_extra import extra_sections
+from eval.report_cells import cell, encoder_label, settings_lines
+from eval.report_analysis import analysis_sections
 
 CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
 _PROTOCOL_TITLES = {"linear": "linear probe (frozen features)", "finetune": "end-to-end fine-tuning"}
@@ -20,51 +21,8 @@ def _load(folder: Path) -> list[dict]:
         doc = json.loads(path.read_text())
         doc["_file"] = str(path)
         out.append(doc)
-    return sorted(out, key=lambda d: (CATEGORY_ORDER.get(d.get("encoder", {}).get("category"), 9), d.get("encoder", {}).get("name", "")))
-
-
-def _cell(x, ci=None) -> str:
-    if x is None:
-        return "–"
-    if ci and ci[0] is not None:
-        return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return f"{x:.3f}"
-
-
-def _label(doc: dict) -> str:
-    e = doc.get("encoder", {})
-    return f"{e.get('category', '?')}: {e.get('name', '?')} ({e.get('arch', '?')})"
-
-
-def _policy_text(policy: dict | None) -> str:
-    if not policy:
-        return "not recorded (results written before label policies were recorded)"
-    names = {"zero": "blank = negative", "mask": "blank = masked"}
-    blank = names.get(policy.get("blank"), f"blank = {policy.get('blank')}")
-    return f"{blank}, uncertain (-1) {policy.get('uncertain', '?')}"
-
-
-def _view_text(doc: dict) -> str:
-    t = doc.get("transform") or {}
-    view = doc.get("eval_view") or t.get("eval_view")
-    size = t.get("image_size", "?")
-    if view == "full":
-        return f"full (whole film resized to {size} x {size} px)"
-    if view == "center":
-        return f"center (shorter side {t.get('resize_size', '?')} px, centre crop {size} px)"
-    return "not recorded"
-
-
-def settings_lines(docs: list[dict]) -> list[str]:
-    """The label policy and eval view under a table: one line when every row shares them, else one per encoder
-    (rows under different policies are not comparable, and the reader must see that)."""
-    def one(d):
-        return f"label policy: {_policy_text(d.get('label_policy'))}; eval view: {_view_text(d)}"
-    texts = list(dict.fromkeys(one(d) for d in docs))
-    if len(texts) == 1:
-        return [f"_Setting: {texts[0]}._", ""]
-    return ["_Settings differ between rows (not directly comparable):_", ""] + \
-        [f"- {d.get('encoder', {}).get('name', '?')}: {one(d)}" for d in docs] + [""]
+    return sorted(out, key=lambda d: (CATEGORY_ORDER.get(d.get("encoder", {}).get("category"), 9),
+                                      d.get("encoder", {}).get("name", "")))
 
 
 def _auroc_table(docs: list[dict], title: str) -> list[str]:
@@ -72,8 +30,9 @@ def _auroc_table(docs: list[dict], title: str) -> list[str]:
     lines = [f"## {title}", "", "Test AUROC [95% CI, patient bootstrap]. AUPRC in report.json.", "",
              "| Encoder | " + " | ".join(tasks) + " | Mean AUROC |", "|---" * (len(tasks) + 2) + "|"]
     for d in docs:
-        cells = [_cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
-        lines.append(f"| {_label(d)} | " + " | ".join(cells) + f" | {_cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
+        cells = [cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
+        lines.append(f"| {encoder_label(d)} | " + " | ".join(cells)
+                     + f" | {cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
     return lines + [""] + settings_lines(docs) + counts_lines(docs, tasks) + (notes + [""] if notes else [])
 
@@ -102,12 +61,14 @@ def _fewshot_table(docs: list[dict]) -> list[str]:
              "| Encoder | k | seeds | C | " + " | ".join(tasks) + " | Mean AUROC | Mean balanced accuracy |",
              "|---" * (len(tasks) + 6) + "|"]
     for d in docs:
-        cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–" for t in tasks]
+        cells = [f"{d['tasks'][t]['auroc']:.3f} ± {d['tasks'][t]['auroc_std']:.3f}" if t in d["tasks"] else "–"
+                 for t in tasks]
         m = d.get("mean_auroc")
         a = d.get("mean_balanced_accuracy") or d.get("mean_accuracy")
         mean = "–" if not m else _spread_cell(m, "auroc")
         acc = "–" if not a else _spread_cell(a, "balanced_accuracy" if "balanced_accuracy" in a else "accuracy")
-        lines.append(f"| {_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | " + " | ".join(cells)
+        lines.append(f"| {encoder_label(d)} | {d['k']} | {d['num_seeds']} | {_num_or_q(d.get('C'))} | "
+                     + " | ".join(cells)
                      + f" | {mean} | {acc} |")
     return lines + [""] + settings_lines(docs)
 
@@ -124,24 +85,26 @@ def _num_or_q(x) -> str:
 
 def _fractions_table(docs: list[dict]) -> list[str]:
     fracs = sorted({c["fraction"] for d in docs for c in d["curve"]})
-    lines = ["## Label fractions", "", "Mean AUROC over sampling seeds [95% CI of the seed-averaged model, patient bootstrap].", "",
+    lines = ["## Label fractions", "",
+             "Mean AUROC over sampling seeds [95% CI of the seed-averaged model, patient bootstrap].", "",
              "| Encoder | Mode | " + " | ".join(f"{100 * f:g}%" for f in fracs) + " |", "|---" * (len(fracs) + 2) + "|"]
     for d in docs:
         by = {c["fraction"]: c for c in d["curve"]}
-        cells = [_cell(by[f]["mean_auroc"], by[f].get("mean_auroc_ci")) if f in by else "–" for f in fracs]
-        lines.append(f"| {_label(d)} | {d['mode']} | " + " | ".join(cells) + " |")
+        cells = [cell(by[f]["mean_auroc"], by[f].get("mean_auroc_ci")) if f in by else "–" for f in fracs]
+        lines.append(f"| {encoder_label(d)} | {d['mode']} | " + " | ".join(cells) + " |")
     unknown = "whole validation split (not recorded)"
     selection = list(dict.fromkeys((d.get("val_policy") or {}).get("description", unknown) for d in docs))
     return lines + [""] + settings_lines(docs) + [f"_Model selection: {t}._" for t in selection] + [""]
 
 
 def _compare_table(docs: list[dict]) -> list[str]:
-    lines = ["## Paired comparisons", "", "AUROC(a) − AUROC(b) on the same test images; paired patient bootstrap.", "",
+    lines = ["## Paired comparisons", "",
+             "AUROC(a) − AUROC(b) on the same test images; paired patient bootstrap.", "",
              "| a | b | protocol | mean AUROC diff [95% CI] | p |", "|---|---|---|---|---|"]
     for d in docs:
         m = d["mean_auroc"]
         p = "–" if m["p_value"] is None else f"{m['p_value']:.3g}"
-        lines.append(f"| {d['a']} | {d['b']} | {d['protocol']} | {_cell(m['diff'], m['ci'])} | {p} |")
+        lines.append(f"| {d['a']} | {d['b']} | {d['protocol']} | {cell(m['diff'], m['ci'])} | {p} |")
     return lines + [""]
 
 
@@ -162,9 +125,10 @@ def plot_fractions(docs: list[dict], path: Path) -> list[tuple[str, str, str]]:
         lo = [c["mean_auroc_ci"][0] if c["mean_auroc_ci"][0] is not None else np.nan for c in curve]
         hi = [c["mean_auroc_ci"][1] if c["mean_auroc_ci"][1] is not None else np.nan for c in curve]
         colour, style = colours[d["encoder"]["name"]], "--" if d["mode"] == "finetune" else "-"
-        label = f"{_label(d)}, {'fine-tuned' if d['mode'] == 'finetune' else 'linear'}"
+        label = f"{encoder_label(d)}, {'fine-tuned' if d['mode'] == 'finetune' else 'linear'}"
         ax.plot(x, y, color=colour, ls=style, marker="o" if style == "-" else "s", label=label)
-        ax.fill_between(x, lo, hi, color=colour, alpha=0.15 if style == "-" else 0.08, hatch=None if style == "-" else "//")
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.15 if style == "-" else 0.08,
+                        hatch=None if style == "-" else "//")
         drawn.append((label, colour, style))
     ax.set_xscale("log")
     fracs = sorted({100 * c["fraction"] for d in docs for c in d["curve"]})
@@ -212,7 +176,8 @@ def plot_roc(folder: Path, docs: list[dict], path: Path, title: str = "") -> boo
                 continue
             fpr, tpr, _ = roc_curve(y[keep], s[keep])
             au = d["tasks"].get(task, {}).get("auroc")
-            ax.plot(fpr, tpr, color=f"C{i % 10}", label="{}, AUROC {}".format(_label(d), "–" if au is None else f"{au:.3f}"))
+            ax.plot(fpr, tpr, color=f"C{i % 10}",
+                    label="{}, AUROC {}".format(encoder_label(d), "–" if au is None else f"{au:.3f}"))
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("false positive rate")
@@ -263,7 +228,8 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
             written.append(out / f"roc-{protocol}.png")
     if results["compare"]:
         lines += _compare_table(results["compare"])
-    lines += extra_sections(out, results)  # knn, transfer, neighbour / map figures: eval.report_extra
+    lines += analysis_sections(out, results)  # knn, transfer, neighbour / map figures: eval.report_analysis
     md_path.write_text("\n".join(lines))
-    json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v] for k, v in results.items()}, indent=2))
+    json_path.write_text(json.dumps({k: [{kk: vv for kk, vv in d.items() if kk != "_file"} for d in v]
+                                     for k, v in results.items()}, indent=2))
     return written

@@ -12,7 +12,8 @@ DEFAULT_FRACTIONS = (0.001, 0.01, 0.1, 1.0)
 DEFAULT_VAL_MIN_PER_CLASS = 5
 
 
-def fraction_subsets(pids: np.ndarray, fractions: tuple[float, ...] = DEFAULT_FRACTIONS, seed: int = 0) -> dict[float, np.ndarray]:
+def fraction_subsets(pids: np.ndarray, fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+                     seed: int = 0) -> dict[float, np.ndarray]:
     """Sample indices (into ``pids``) for each label fraction, sampled by patient and nested: one seeded
     permutation of the patients, fraction f keeps its first ceil(f * P) patients (at least one), so a
     smaller fraction is always inside a larger one and a patient is never split."""

@@ -114,7 +114,8 @@ def _graph(*, source, cfg, image_size, channels, dali_dtype, device):
                                        dtype=[types.UINT8, types.FLOAT, types.INT64], ndim=[1, 1, 1])
     # The eval loader's decode (nvJPEG on gpu), then the shared pretraining augmentation graph, one view.
     images = P._decode(jpg, device)
-    return augment_view(images, cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device), lbl, pid
+    return (augment_view(images, cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device),
+            lbl, pid)
 
 
 class FinetuneLoader:
@@ -144,8 +145,10 @@ class FinetuneLoader:
 
         from dali_pipes import pipelines as P
         source = LabelledSource(self.index, batch_size=self.batch_size, seed=self.seed, epoch=self.epoch)
-        pipe = P.build_pipeline(_graph, batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
-                                seed=P.seed_for(self.seed, self.epoch, 0x46544E45), prefetch=2, source=source, cfg=self.cfg,
+        pipe = P.build_pipeline(_graph, batch_size=self.batch_size, num_threads=self.num_threads,
+                                device_id=self._device_id,
+                                seed=P.seed_for(self.seed, self.epoch, 0x46544E45), prefetch=2, source=source,
+                                cfg=self.cfg,
                                 image_size=self.image_size, channels=self.channels, dali_dtype=self._dali_dtype,
                                 device=self.device)
         for _ in range(source.num_batches):

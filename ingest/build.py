@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout under --root")
     p.add_argument("--root", required=True, type=Path, help="dataset folder (CSV paths are taken relative to it)")
-    p.add_argument("--out", required=True, type=Path, help="output folder: SPLIT/shard-NNNNNN.tar + .idx, manifest.json")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: SPLIT/shard-NNNNNN.tar + .idx, manifest.json")
     p.add_argument("--size", type=int, default=256, help="shorter side in pixels after resizing; 0 keeps the size")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored images")
     p.add_argument("--views", default="all", help="all | frontal (drops LAT) | comma list of PA,AP,LAT,UNKNOWN")
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order inside each split")
     p.add_argument("--shard-max-bytes", type=parse_bytes, default=256 * 2**20, help="target tar size (256M, 1G)")
     p.add_argument("--shard-max-samples", type=int, default=10000, help="most samples per shard")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="decoding processes (0: in-process)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="decoding processes (0: in-process)")
     p.add_argument("--labels-csv", type=Path, help="folder / dicom: CSV with path [, patient, study, view, sex, age] "
                                                    "and a 'label' column or one column per label")
     p.add_argument("--dataset-name", help="folder / dicom: value of the 'dataset' field and key prefix")
@@ -142,7 +144,8 @@ def prepare_out(out: Path, overwrite: bool) -> None:
                          f"out of OUT and pass it with --salt-file")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
     if foreign:
-        raise BuildError(f"{out}: not an ingest output folder (contains {', '.join(foreign[:3])}); choose an empty --out")
+        raise BuildError(f"{out}: not an ingest output folder (contains {', '.join(foreign[:3])}); "
+                         "choose an empty --out")
     if (out / MANIFEST_NAME).is_file() and not overwrite:
         raise BuildError(f"{out}: holds a finished ingest (manifest.json); pass --overwrite to rebuild it")
     if overwrite:

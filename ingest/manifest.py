@@ -46,7 +46,8 @@ def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], 
     is {source_path, reason} for public datasets, {input_id, sha256, reason} where paths may identify."""
     written = sum(s["num_samples"] for s in splits.values())
     if num_inputs != written + len(rejects) + len(filtered):
-        raise AssertionError(f"inputs {num_inputs} != written {written} + rejected {len(rejects)} + filtered {len(filtered)}")
+        raise AssertionError(f"inputs {num_inputs} != written {written} + rejected {len(rejects)} "
+                             f"+ filtered {len(filtered)}")
     write_json_atomic(out / PATIENTS_NAME, patients)
     write_tsv(out / REJECTS_NAME, rejects)
     write_tsv(out / FILTERED_NAME, filtered)

@@ -102,11 +102,13 @@ class Manifest:
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.data["splits"]:
-            raise ShardFormatError(f"{self.root / MANIFEST_NAME}: no split '{split}' (has {sorted(self.data['splits'])})")
+            raise ShardFormatError(f"{self.root / MANIFEST_NAME}: no split '{split}' "
+                                   f"(has {sorted(self.data['splits'])})")
         out = []
         for s in self.data["splits"][split]["shards"]:
             tar = self.root / split / s["name"]
-            out.append(ShardInfo(tar, tar.with_suffix(INDEX_SUFFIX), int(s["num_samples"]), s["sha256"], int(s["num_bytes"])))
+            out.append(ShardInfo(tar, tar.with_suffix(INDEX_SUFFIX), int(s["num_samples"]), s["sha256"],
+                                 int(s["num_bytes"])))
         return out
 
     def num_samples(self, split: str) -> int:
@@ -127,7 +129,8 @@ def load_manifest(root: str | Path, *, check_files: bool = True) -> Manifest:
         raise ShardFormatError(f"{mpath}: unreadable manifest ({e})") from e
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ShardFormatError(f"{mpath}: shard format version {version!r}, this code reads version {FORMAT_VERSION}; re-run ingest")
+        raise ShardFormatError(f"{mpath}: shard format version {version!r}, this code reads version "
+                               f"{FORMAT_VERSION}; re-run ingest")
     m = Manifest(root, data)
     if check_files:
         for split in data.get("splits", {}):

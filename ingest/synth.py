@@ -92,7 +92,8 @@ def _sample_findings(rng: np.random.Generator, prev: Findings | None, chronic: d
     if rng.random() < 0.11:
         s = side()
         cu, cv = rng.uniform(0.25, 0.75), rng.uniform(0.35, 0.85)
-        f.consolidation = [(s, float(cu + rng.normal(0, 0.08)), float(cv + rng.normal(0, 0.07)), float(rng.uniform(0.1, 0.2)))
+        f.consolidation = [(s, float(cu + rng.normal(0, 0.08)), float(cv + rng.normal(0, 0.07)),
+                            float(rng.uniform(0.1, 0.2)))
                            for _ in range(int(rng.integers(2, 5)))]
         f.pneumonia = bool(rng.random() < 0.5)
     if rng.random() < (0.3 if f.effusion else 0.1):
@@ -106,7 +107,8 @@ def _sample_findings(rng: np.random.Generator, prev: Findings | None, chronic: d
     if chronic["fracture"] is not None:
         f.fracture = chronic["fracture"]
     if rng.random() < (0.7 if ap else 0.2):
-        kinds = [d for d, p in zip(DEVICES, (0.35, 0.6, 0.15 if not chronic["pacer"] else 0.0, 0.5, 0.3)) if rng.random() < p]
+        kinds = [d for d, p in zip(DEVICES, (0.35, 0.6, 0.15 if not chronic["pacer"] else 0.0, 0.5, 0.3))
+                 if rng.random() < p]
         kinds += ["pacer"] if chronic["pacer"] else []
         f.devices = tuple(sorted(set(kinds) or {"ecg"}))
     elif chronic["pacer"]:

@@ -135,7 +135,8 @@ def main(argv: list[str]) -> int:
                      f"{_ci(rb.get('auroc_ci'))} | {_num(rc.get('diff'))} {_ci(rc.get('ci'))} |")
     m = cmp_["mean_auroc"]
     lines.append(f"| **mean** | **{_num(a.get('mean_auroc'))}** {_ci(a.get('mean_auroc_ci'))} | "
-                 f"**{_num(b.get('mean_auroc'))}** {_ci(b.get('mean_auroc_ci'))} | **{_num(m['diff'])}** {_ci(m['ci'])} |")
+                 f"**{_num(b.get('mean_auroc'))}** {_ci(b.get('mean_auroc_ci'))} | "
+                 f"**{_num(m['diff'])}** {_ci(m['ci'])} |")
     table = "\n".join(lines)
     passed = m["diff"] is not None and m["ci"][0] is not None and m["diff"] > 0 and m["ci"][0] > 0
     verdict = (f"PASS: the SimCLR encoder beats random init on mean AUROC by {m['diff']:.3f} "

@@ -27,7 +27,8 @@ def views_grid(cfg, out: Path, pairs: int = 8, tile_px: int = 96) -> Path:
     for i in range(min(pairs, v1.shape[0])):
         for row, v in enumerate((v1[i], v2[i])):
             a = v[0].numpy()
-            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)     # per-view stretch: show the content, not the scale
+            # per-view stretch: show the content, not the scale
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
             tile = Image.fromarray((a * 255).astype(np.uint8)).resize((tile_px, tile_px), Image.Resampling.BILINEAR)
             grid.paste(tile, (i * tile_px, row * tile_px))
     draw.text((4, 2 * tile_px + 4), f"top/bottom: the two augmented views of one image ({cfg.augment.preset}, "

@@ -17,8 +17,10 @@ class ServeError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0].strip("`"))
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder written by `python -m eval export`")
-    p.add_argument("--neighbours", type=Path, metavar="SHARDS", help="shard folder whose train split is searched for similar images")
-    p.add_argument("--neighbours-max", type=int, default=2000, metavar="N", help="index at most N training images (default 2000)")
+    p.add_argument("--neighbours", type=Path, metavar="SHARDS",
+                   help="shard folder whose train split is searched for similar images")
+    p.add_argument("--neighbours-max", type=int, default=2000, metavar="N",
+                   help="index at most N training images (default 2000)")
     p.add_argument("--k", type=int, default=6, help="similar images shown (default 6)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --token)")
     p.add_argument("--port", type=int, default=8000)
@@ -34,7 +36,8 @@ def check(args) -> None:
     if args.host not in LOCAL_HOSTS and not args.token:
         raise ServeError(f"--host {args.host} is reachable from other machines: give --token (or SERVE_TOKEN)")
     if args.token is not None and len(args.token) < MIN_TOKEN_CHARS:
-        raise ServeError(f"--token: use at least {MIN_TOKEN_CHARS} characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        raise ServeError(f"--token: use at least {MIN_TOKEN_CHARS} characters "
+                         "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
     if not 0 < args.port < 65536:
         raise ServeError(f"--port {args.port}: not a port number")
     if args.k < 1 or args.neighbours_max < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1:

@@ -76,12 +76,14 @@ def make_phantom_bundle(root: Path) -> Path:
     screenshot shows. Seeded random ResNet-18, so its scores are honest and weak."""
     from eval.__main__ import main as eval_main
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    for cmd in (["synth", "--out", str(root / "raw"), "--n", "300", "--size", "128", "--seed", "0", "--valid-frac", "0.2"],
+    for cmd in (["synth", "--out", str(root / "raw"), "--n", "300", "--size", "128", "--seed", "0",
+                 "--valid-frac", "0.2"],
                 ["build-shards", "--source", "chexpert", "--root", str(root / "raw" / "CheXpert-v1.0-small"),
                  "--out", str(root / "shards"), "--size", "72", "--val-frac", "0.2", "--no-progress"]):
         subprocess.run([sys.executable, "-m", "ingest", *cmd], check=True, cwd=ROOT, env=env, capture_output=True)
     out = root / "eval"
-    rc = eval_main(["linear", "--shards", str(root / "shards"), "--out", str(out), "--init", "random", "--tasks", "chexpert5",
+    rc = eval_main(["linear", "--shards", str(root / "shards"), "--out", str(out), "--init", "random",
+                    "--tasks", "chexpert5",
                     *FAST])
     assert rc == 0, "eval linear failed"
     rc = eval_main(["export", "--out", str(out), "--encoder", "random-resnet18", "--protocol", "linear",

@@ -90,7 +90,8 @@ def test_views_differ_and_are_normalised(unique_shards):
 
 
 def test_same_seed_same_batches_other_seed_differs(unique_shards):
-    a, b, c = list(_pretrain(unique_shards, seed=3)), list(_pretrain(unique_shards, seed=3)), list(_pretrain(unique_shards, seed=4))
+    a, b = list(_pretrain(unique_shards, seed=3)), list(_pretrain(unique_shards, seed=3))
+    c = list(_pretrain(unique_shards, seed=4))
     assert _same(a, b)
     assert not _same(a, c)
 
@@ -177,7 +178,8 @@ def test_resume_rejects_other_config(multi_shards):
         _pretrain(multi_shards, batch_size=2).load_state_dict(a.state_dict())
 
 
-def _write_views_shards(root: Path, views_per_patient: list[list[str]], pixel_range: tuple[int, int] = (0, 255)) -> Path:
+def _write_views_shards(root: Path, views_per_patient: list[list[str]],
+                        pixel_range: tuple[int, int] = (0, 255)) -> Path:
     """Shards where patient p has images with the given views (to test the frontal filter), pixels uniform in
     ``pixel_range``."""
     rng = np.random.default_rng(0)
@@ -298,7 +300,8 @@ def test_eval_ranks_cover_every_sample_once(unique_shards, world_size, batch_siz
 
 def test_eval_is_deterministic_and_centre_cropped(unique_shards):
     kw = dict(batch_size=4, image_size=S, resize_size=S, num_threads=1, channels=3, dtype=torch.float16)
-    a, b = list(dp.build_eval_loader(unique_shards, "test", **kw)), list(dp.build_eval_loader(unique_shards, "test", **kw))
+    a = list(dp.build_eval_loader(unique_shards, "test", **kw))
+    b = list(dp.build_eval_loader(unique_shards, "test", **kw))
     assert _same(a, b)
     assert a[0]["images"].shape == (4, 3, S, S) and a[0]["images"].dtype == torch.float16
 

@@ -1,4 +1,5 @@
-"""`scripts/demo_report.py`: the demo's verdict passes only when the paired-bootstrap CI of the difference is above 0."""
+"""`scripts/demo_report.py`: the demo's verdict passes only when the paired-bootstrap CI of the difference is
+above 0."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,7 +38,8 @@ def _eval_folder(demo: Path, diff: float, ci: tuple[float, float]) -> None:
     (demo / "run" / "config.toml").write_text("[model]\nproj_dim = 128\n")
 
 
-@pytest.mark.parametrize("diff, ci, rc", [(0.04, (0.01, 0.07), 0), (0.01, (-0.01, 0.03), 1), (-0.02, (-0.04, -0.01), 1)])
+@pytest.mark.parametrize("diff, ci, rc", [(0.04, (0.01, 0.07), 0), (0.01, (-0.01, 0.03), 1),
+                                          (-0.02, (-0.04, -0.01), 1)])
 def test_verdict_needs_the_ci_above_zero(tmp_path, capsys, diff, ci, rc):
     _eval_folder(tmp_path, diff, ci)
     assert _load().main([str(tmp_path), "run", "random-resnet18"]) == rc

@@ -51,7 +51,8 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert rc == 0, err
     lin = json.loads((out / "linear" / "ssl-run.json").read_text())
     assert lin["encoder"]["category"] == "SSL" and lin["encoder"]["arch"] == "resnet18"
-    assert lin["num_images"]["test"] == sum(s["num_samples"] for s in json.loads((shards / "manifest.json").read_text())["splits"]["test"]["shards"])
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert lin["num_images"]["test"] == sum(s["num_samples"] for s in manifest["splits"]["test"]["shards"])
     evaluated = [t for t, r in lin["tasks"].items() if not r["note"]]
     assert evaluated, lin["notes"]
     for t in evaluated:
@@ -91,7 +92,8 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert rc == 0, err
     assert [p.stat().st_mtime_ns for p in cache_files] == mtimes
 
-    rc, err = _run(capsys, "fewshot", *common, "--init", "random", "--k", "2", "--seeds", "20", "--probe-backend", "torch")
+    rc, err = _run(capsys, "fewshot", *common, "--init", "random", "--k", "2", "--seeds", "20",
+                   "--probe-backend", "torch")
     assert rc == 0, err
     few = json.loads((out / "fewshot" / "random-resnet18-k2.json").read_text())
     assert few["num_seeds"] == 20 and all(len(v) == 20 for v in few["per_seed_auroc"].values())
@@ -114,7 +116,8 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert frac["curve"][0]["label_counts"][0]["Edema"]["n_train_pos"] <= lin["tasks"]["Edema"]["n_train_pos"]
 
     # End-to-end half of the curve; a 4-image budget streams the validation split instead of keeping it decoded.
-    rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.5,1", "--seeds", "1", "--mode", "finetune",
+    rc, err = _run(capsys, "fractions", *common, "--init", "random", "--fractions", "0.5,1", "--seeds", "1",
+                   "--mode", "finetune",
                    "--epochs", "1", "--max-images-in-memory", "4")
     assert rc == 0, err
     ftc = json.loads((out / "fractions" / "random-resnet18-finetune.json").read_text())
@@ -135,9 +138,11 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
             {k: v for k, v in lin["tasks"][t].items() if k.startswith("n_")}
     import torch
     best = torch.load(out / "finetune" / "ssl-run.pt", weights_only=True)
-    assert best["lr"] == ft["chosen_lr"] and best["epoch"] == ft["best_epoch"] and best["head"]["weight"].shape == (3, 512)
+    assert best["lr"] == ft["chosen_lr"] and best["epoch"] == ft["best_epoch"] \
+        and best["head"]["weight"].shape == (3, 512)
     chosen = max(ft["grid"], key=lambda g: g["best_val_mean_auroc"])
-    assert ft["best_val_mean_auroc"] == chosen["best_val_mean_auroc"] == max(h["val_mean_auroc"] for h in chosen["history"])
+    assert ft["best_val_mean_auroc"] == chosen["best_val_mean_auroc"] \
+        == max(h["val_mean_auroc"] for h in chosen["history"])
 
     rc, err = _run(capsys, "compare", "--out", out, "--a", "ssl-run", "--b", "random-resnet18", "--bootstrap", "200")
     assert rc == 0, err
@@ -155,7 +160,8 @@ def test_every_subcommand_end_to_end(shards, encoder_file, tmp_path, capsys):
     assert "_Model selection: validation patients subsampled to the training fraction" in md
     for png in ("fractions.png", "roc-linear.png", "roc-finetune.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(json.loads((out / "report.json").read_text())) >= {"linear", "finetune", "fewshot", "fractions", "compare"}
+    assert set(json.loads((out / "report.json").read_text())) \
+        >= {"linear", "finetune", "fewshot", "fractions", "compare"}
 
 
 def lin_random_mean(out) -> float:
@@ -168,8 +174,10 @@ def test_bad_inputs_one_line_errors(shards, encoder_file, tmp_path, capsys, monk
     cases = [
         (["linear", *common, "--init", "random", "--tasks", "Cardiomegaly,Pneumonitis"], "unknown task 'Pneumonitis'"),
         (["linear", *common, "--init", "random", "--tasks", "chexpert5"], "no labels for task 'Atelectasis'"),
-        (["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--arch", "resnet50"], "encoder is resnet18"),
-        (["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--in-channels", "3"], "1 input channel"),
+        (["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--arch", "resnet50"],
+         "encoder is resnet18"),
+        (["linear", "--shards", shards, "--out", out, "--encoder", encoder_file, "--in-channels", "3"],
+         "1 input channel"),
         (["linear", "--shards", tmp_path / "nowhere", "--out", out, "--init", "random"], "does not exist"),
         (["compare", "--out", out, "--a", "x", "--b", "y"], "no stored predictions for 'x'"),
     ]
@@ -230,7 +238,8 @@ def test_features_drop_padding_and_cache_key(shards, tmp_path):
 
 
 def test_module_entry_point_help():
-    res = subprocess.run([sys.executable, "-m", "eval", "linear", "--help"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "eval", "linear", "--help"], capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0 and "--uncertainty" in res.stdout and "--bootstrap" in res.stdout
     assert "--blank" in res.stdout and "--eval-view" in res.stdout
     # argument parsing stays light: no torch / DALI until a protocol runs
@@ -244,7 +253,8 @@ def _pneumonia_shards(shared_data, tmp_path, per_class: int):
     Pneumonia = 1 for the bacterial / viral folders, 0 for Normal; one patient per image (the source has no ids)."""
     root = shared_data / "pneumonia-mini"
     rows = []
-    for cls, count, label in (("Normal", 2 * per_class, 0), ("BacterialPneumonia", per_class, 1), ("ViralPneumonia", per_class, 1)):
+    for cls, count, label in (("Normal", 2 * per_class, 0), ("BacterialPneumonia", per_class, 1),
+                              ("ViralPneumonia", per_class, 1)):
         files = sorted((root / cls).iterdir(), key=lambda p: p.name)[:count]
         rows += [(f"{cls}/{p.name}", label) for p in files]
     csv_path = tmp_path / "labels.csv"
@@ -265,7 +275,8 @@ def test_real_cxr_linear_probe_on_random_features_carries_signal(shared_data, tm
     shards = _pneumonia_shards(shared_data, tmp_path, per_class=60)  # 240 real images
     out = tmp_path / "eval"
     rc, err = _run(capsys, "linear", "--shards", shards, "--out", out, "--init", "random", "--arch", "resnet18",
-                   "--image-size", "64", "--resize-size", "72", "--batch-size", "32", "--device", "cpu", "--bootstrap", "500")
+                   "--image-size", "64", "--resize-size", "72", "--batch-size", "32", "--device", "cpu",
+                   "--bootstrap", "500")
     assert rc == 0, err
     res = json.loads((out / "linear" / "random-resnet18.json").read_text())
     task = res["tasks"]["Pneumonia"]
@@ -281,7 +292,8 @@ def test_gpu_features_match_cpu(shards):
     gpu = extract_features(spec, shards, "test", device="gpu", transform=t, batch_size=8)
     assert np.array_equal(cpu.pids, gpu.pids)
     # GPU decode (nvJPEG) and bf16 autocast differ slightly from the CPU path; features must still agree closely.
-    cos = np.sum(cpu.features * gpu.features, 1) / (np.linalg.norm(cpu.features, axis=1) * np.linalg.norm(gpu.features, axis=1))
+    norms = np.linalg.norm(cpu.features, axis=1) * np.linalg.norm(gpu.features, axis=1)
+    cos = np.sum(cpu.features * gpu.features, 1) / norms
     assert cos.min() > 0.98
 
 
@@ -341,13 +353,15 @@ def test_report_table_rows_scratch_imagenet_ssl_with_cis_and_fraction_plot_style
         (out / "linear").mkdir(parents=True, exist_ok=True)
         (out / "linear" / f"{name}.json").write_text(json.dumps(lin))
         for mode in ("linear", "finetune"):
-            doc = {"encoder": enc, "mode": mode, "curve": [{"fraction": f, "mean_auroc": 0.6 + f / 10, "mean_auroc_ci": [0.5, 0.8]}
-                                                          for f in (0.01, 1.0)]}
+            doc = {"encoder": enc, "mode": mode,
+                   "curve": [{"fraction": f, "mean_auroc": 0.6 + f / 10, "mean_auroc_ci": [0.5, 0.8]}
+                             for f in (0.01, 1.0)]}
             (out / "fractions").mkdir(exist_ok=True)
             (out / "fractions" / f"{name}-{mode}.json").write_text(json.dumps(doc))
             docs.append(doc)
     write_report(out)
-    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "resnet18" in line]
+    rows = [line for line in (out / "report.md").read_text().splitlines()
+            if line.startswith("| ") and "resnet18" in line]
     assert [r.split(":")[0] for r in rows[:3]] == ["| Scratch", "| ImageNet", "| SSL"]
     assert all("0.700 [0.600, 0.800]" in r for r in rows[:3])
     assert (out / "fractions.png").read_bytes()[:4] == b"\x89PNG"

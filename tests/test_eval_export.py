@@ -79,12 +79,15 @@ def test_threshold_rules():
 
 def test_export_errors(bundle, tmp_path, capsys):
     out = bundle.parent / "eval"
-    rc = eval_main(["export", "--out", str(out), "--encoder", "nope", "--protocol", "linear", "--bundle", str(tmp_path / "b")])
+    rc = eval_main(["export", "--out", str(out), "--encoder", "nope", "--protocol", "linear",
+                    "--bundle", str(tmp_path / "b")])
     assert rc == 2 and "no result" in capsys.readouterr().err
-    rc = eval_main(["export", "--out", str(out), "--encoder", "random-resnet18", "--protocol", "linear", "--bundle", str(bundle)])
+    rc = eval_main(["export", "--out", str(out), "--encoder", "random-resnet18", "--protocol", "linear",
+                    "--bundle", str(bundle)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
-    rc = eval_main(["predict", "--bundle", str(tmp_path / "bad"), "--input", str(tmp_path), "--out", str(tmp_path / "p.csv")])
+    rc = eval_main(["predict", "--bundle", str(tmp_path / "bad"), "--input", str(tmp_path),
+                    "--out", str(tmp_path / "p.csv")])
     assert rc == 2 and "not a bundle" in capsys.readouterr().err
 
 
@@ -143,7 +146,8 @@ def test_export_of_a_trained_encoder_file(bundle, tmp_path):
     enc.parent.mkdir()
     save_encoder(enc, model, "resnet18", 1, {"config": {}, "step": 0})
     out = tmp_path / "eval"
-    assert eval_main(["linear", "--shards", str(bundle.parent / "shards"), "--out", str(out), "--encoder", str(enc), *FAST]) == 0
+    assert eval_main(["linear", "--shards", str(bundle.parent / "shards"), "--out", str(out),
+                      "--encoder", str(enc), *FAST]) == 0
     args = ["export", "--out", str(out), "--encoder", "run", "--protocol", "linear", "--bundle", str(tmp_path / "b")]
     assert eval_main(args) == 0
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
@@ -162,13 +166,15 @@ def test_export_of_a_finetuned_network(bundle, tmp_path):
     from ingest.schema import load_manifest
     from ingest.shards import iter_shard
     shards, out = bundle.parent / "shards", tmp_path / "eval"
-    assert eval_main(["finetune", "--shards", str(shards), "--out", str(out), "--init", "random", *FAST, "--epochs", "1"]) == 0
+    assert eval_main(["finetune", "--shards", str(shards), "--out", str(out), "--init", "random", *FAST,
+                      "--epochs", "1"]) == 0
     assert eval_main(["export", "--out", str(out), "--encoder", "random-resnet18", "--protocol", "finetune",
                       "--bundle", str(tmp_path / "b")]) == 0
     b = load_bundle(tmp_path / "b")
     assert b.meta["protocol"] == "finetune" and float(b.model.heads.std.max()) == 1.0
     assert all("threshold" in b.meta["thresholds"][t] for t in b.tasks)
-    xs = [view_tensor(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("L")), b.meta["view"], b.meta["normalisation"], 1)
+    xs = [view_tensor(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("L")), b.meta["view"],
+                      b.meta["normalisation"], 1)
           for sh in load_manifest(shards).shards("test") for s in iter_shard(sh.path)]
     probs = Predictor(b).predict(torch.stack(xs)).probs
     with np.load(out / "finetune" / "random-resnet18.npz") as z:

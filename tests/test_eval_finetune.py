@@ -54,7 +54,8 @@ def test_each_epoch_is_a_fresh_shuffle_of_exactly_the_chosen_patients_with_their
     for i in range(len(pid0)):
         j = int(torch.argmin((ev_img - img0[i]).abs().flatten(1).amax(1)))
         assert torch.allclose(ev_img[j], img0[i], atol=1e-4)
-        assert int(ev_pid[j]) == int(pid0[i]) and torch.equal(torch.nan_to_num(ev_lbl[j], 9), torch.nan_to_num(lbl0[i], 9))
+        assert int(ev_pid[j]) == int(pid0[i]) \
+            and torch.equal(torch.nan_to_num(ev_lbl[j], 9), torch.nan_to_num(lbl0[i], 9))
 
 
 def test_augmentation_runs_on_the_dali_graph_and_varies_per_epoch(shards):
@@ -87,7 +88,8 @@ def test_a_training_set_too_small_for_a_batchnorm_step_is_noted(shards):
     ids, counts = np.unique(pids, return_counts=True)
     single = ids[counts == 1][:1]
     spec = encoder_spec(init="random", arch="resnet18", seed=0)
-    result, preds, _ = finetune(spec, shards, list(LABEL_NAMES), list(LABEL_NAMES), FinetuneConfig(epochs=1, batch_size=8),
+    result, preds, _ = finetune(spec, shards, list(LABEL_NAMES), list(LABEL_NAMES),
+                                FinetuneConfig(epochs=1, batch_size=8),
                                 transform=Transform(32, 36), train_patients=single, log=lambda m: None)
     assert result["train_images"] == 1 and any("not fine-tuned" in n for n in result["notes"])
     assert preds["scores"].shape[0] == len(split_patient_ids(shards, "test"))

@@ -223,7 +223,8 @@ def test_probe_picks_c_on_val_and_learns():
     y = (x @ w + rng.normal(size=n) > 0).astype(float)[:, None]
     y_train = y[:150].copy()
     y_train[:10] = np.nan  # masked rows are not used
-    res = fit_linear_probes(x[:150], y_train, x[225:], ["t"], val_x=x[150:225], val_y=y[150:225], c_grid=(1e-4, 1e-2, 1.0))
+    res = fit_linear_probes(x[:150], y_train, x[225:], ["t"], val_x=x[150:225], val_y=y[150:225],
+                            c_grid=(1e-4, 1e-2, 1.0))
     assert res.chosen_c["t"] in (1e-2, 1.0)
     assert auroc(y[225:, 0], res.test_scores[:, 0]) > 0.85
     one_class = fit_linear_probes(x[:20], np.ones((20, 1)), x[225:], ["t"], fixed_c=1.0)

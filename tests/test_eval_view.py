@@ -37,7 +37,8 @@ def _shards(root, films: list[np.ndarray]):
         meta = {"dataset": "test", "patient_id": f"p{i}", "study_id": "s1", "view": "PA",
                 "labels": {"Pleural Effusion": label}, "split": "test"}
         samples.append({"__key__": f"test-p{i:05d}-s1-v1", "jpg": buf.getvalue(),
-                        "json": json.dumps(meta).encode(), "lbl": struct.pack("<f", label), "pid": struct.pack("<q", i)})
+                        "json": json.dumps(meta).encode(), "lbl": struct.pack("<f", label),
+                        "pid": struct.pack("<q", i)})
     w = write_shard(root / "test" / SHARD_PATTERN.format(index=0), samples)
     manifest = {"format_version": FORMAT_VERSION, "datasets": ["test"], "label_names": ["Pleural Effusion"],
                 "num_patients": len(films), "rejects": [],

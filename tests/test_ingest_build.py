@@ -166,7 +166,8 @@ def _dali_roundtrip(out: Path, split: str) -> None:
 
 def test_output_is_independent_of_worker_count(chexpert_root, tmp_path):
     root, _, _ = chexpert_root
-    args = ("--shard-max-samples", "3", "--size", "48", "--split-mode", "hash", "--test-frac", "0.25", "--val-frac", "0.3")
+    args = ("--shard-max-samples", "3", "--size", "48", "--split-mode", "hash", "--test-frac", "0.25",
+            "--val-frac", "0.3")
     assert _build(root, tmp_path / "w0", "--workers", "0", *args) == 0
     assert _build(root, tmp_path / "w2", "--workers", "2", *args) == 0
     a, b = _files(tmp_path / "w0"), _files(tmp_path / "w2")

@@ -84,7 +84,8 @@ def test_mimic_layout(shared_data, tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         if dicom_id != "ee55":  # listed in the metadata, file missing
             shutil.copy(src[i], folder / f"{dicom_id}.jpg")
-    _gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
+    _gz_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz",
+            ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
             [(d, s, st, v, 300, 400) for d, s, st, v, _ in images])
     _gz_csv(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
             [(d, st, s, sp) for d, s, st, _, sp in images if sp])
@@ -101,7 +102,8 @@ def test_mimic_layout(shared_data, tmp_path):
     assert reasons[0].startswith("dicom_id not in mimic-cxr-2.0.0-split.csv") and reasons[1] == "missing file"
     assert [m.num_samples(s) for s in ("train", "val", "test")] == [1, 1, 1]  # official split honoured
     train = _metas(out, "train")["files/p10/p10000032/s50414267/aa11.jpg"]
-    assert train["labels"]["Cardiomegaly"] == 1 and train["labels"]["Edema"] == -1 and train["labels"]["No Finding"] is None
+    assert train["labels"]["Cardiomegaly"] == 1 and train["labels"]["Edema"] == -1 \
+        and train["labels"]["No Finding"] is None
     assert train["view"] == "PA" and train["patient_id"] == "p10000032" and train["study_id"] == "s50414267"
     assert _samples(out, "train")[0]["__key__"] == "mimic-p10000032-s50414267-vaa11"
     assert verify.main([str(out)]) == 0
@@ -121,7 +123,8 @@ def test_folder_with_labels_csv_on_figure1(shared_data, tmp_path, capsys):
         for n in names:
             stem = n.rsplit(".", 1)[0]
             row = meta.get(stem, {"finding": "", "view": ""})
-            w.writerow([f"images/{n}", re.sub(r"[a-z]$", "", stem), row["view"], "1" if row["finding"] == "COVID-19" else ""])
+            w.writerow([f"images/{n}", re.sub(r"[a-z]$", "", stem), row["view"],
+                        "1" if row["finding"] == "COVID-19" else ""])
     out = tmp_path / "out"
     assert build.main(["--source", "folder", "--root", str(root), "--out", str(out), "--labels-csv", str(labels_csv),
                        "--dataset-name", "figure1", "--workers", "0", "--no-progress", "--size", "96",
@@ -149,7 +152,8 @@ def test_folder_with_labels_csv_on_figure1(shared_data, tmp_path, capsys):
     st = stats.collect(out)["splits"]["train"]
     per_patient = Counter(re.sub(r"[a-z]$", "", n.rsplit(".", 1)[0]) for n in names[:-1])
     multi = [c for c in per_patient.values() if c >= 2]
-    assert (st["patients"], st["patients_2plus"], st["images_of_patients_2plus"]) == (len(per_patient), len(multi), sum(multi))
+    assert (st["patients"], st["patients_2plus"], st["images_of_patients_2plus"]) \
+        == (len(per_patient), len(multi), sum(multi))
     assert len(multi) == 3
     lbl = [struct.unpack("<f", s["lbl"])[0] for s in _samples(out, "train")]
     assert sum(np.isnan(lbl)) == sum(v["labels"]["COVID-19"] is None for v in metas.values()) > 0

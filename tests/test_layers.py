@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["ingest", "dali_pipes", "trainer", "eval", "bench", "serve"]
 SIBLINGS = {"bench": "serve", "serve": "bench"}  # both sit above eval, side by side
-HEAVY = ["nvidia.dali", "triton", "pynvml", "pydicom", "tensorboard", "fastapi", "uvicorn", "starlette", "python_multipart"]
+HEAVY = ["nvidia.dali", "triton", "pynvml", "pydicom", "tensorboard", "fastapi", "uvicorn", "starlette",
+         "python_multipart"]
 
 
 def _imports(path: Path) -> set[str]:

@@ -90,7 +90,8 @@ def test_health_and_page(client):
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["neighbours"] > 0
     page = client.get("/")
     assert page.status_code == 200 and "Research software, not a diagnosis" in page.text
-    assert page.headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff" \
+        and "default-src 'self'" in page.headers["content-security-policy"]
 
 
 def test_predict_png_jpeg(client, predictor):
@@ -121,8 +122,8 @@ def _strip() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case", ["truncated_jpeg", "text_as_png", "png_bomb", "dicom_no_pixels", "empty", "not_multipart",
-                                  "too_big", "strip"])
+@pytest.mark.parametrize("case", ["truncated_jpeg", "text_as_png", "png_bomb", "dicom_no_pixels", "empty",
+                                  "not_multipart", "too_big", "strip"])
 def test_bad_uploads_get_4xx_and_server_keeps_serving(client, case):
     if case == "not_multipart":
         r = client.post("/api/predict", content=b"hello", headers={"content-type": "text/plain"})
@@ -178,7 +179,8 @@ def test_real_dicom_headers_never_echoed(client):
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         r = _post(client, data, name="x.dcm")
         assert r.status_code == 200, r.text
-        secrets = [str(ds.get(t, "")) for t in ("PatientName", "PatientID", "StudyDate", "InstitutionName", "AccessionNumber")]
+        secrets = [str(ds.get(t, "")) for t in ("PatientName", "PatientID", "StudyDate", "InstitutionName",
+                                                "AccessionNumber")]
         for s in secrets:
             if len(s) >= 4:
                 assert s not in r.text

@@ -32,7 +32,8 @@ def browser():
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1100,1400"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1100,1400"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
     yield driver
@@ -71,7 +72,8 @@ def test_real_xray_findings_rendered(server, browser, shared_data):
         browser.find_element(By.ID, "file").send_keys(str(bad))
         from selenium.webdriver.support import expected_conditions as EC
         from selenium.webdriver.support.ui import WebDriverWait
-        WebDriverWait(browser, 60).until(EC.text_to_be_present_in_element((By.ID, "status"), "not a JPEG, PNG or DICOM"))
+        WebDriverWait(browser, 60).until(EC.text_to_be_present_in_element((By.ID, "status"),
+                                                                          "not a JPEG, PNG or DICOM"))
     finally:
         bad.unlink()
     assert _upload(browser, server, film) == rows

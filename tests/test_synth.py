@@ -1,4 +1,5 @@
-"""`ingest synth`: deterministic CheXpert-layout output, CheXpert-like CSVs, and findings that really change the image."""
+"""`ingest synth`: deterministic CheXpert-layout output, CheXpert-like CSVs, and findings that really change the
+image."""
 from __future__ import annotations
 
 import csv
@@ -51,7 +52,8 @@ def test_layout_and_csvs_parse_like_chexpert(small_set):
         assert PATH_RE.match(r[0]), r[0]
         assert (root.parent / r[0]).is_file()
         assert r[1] in ("Male", "Female") and r[2].isdigit()
-        assert (r[3], r[4] in ("AP", "PA")) in (("Frontal", True), ("Lateral", False)) and (r[3] == "Frontal" or r[4] == "")
+        assert (r[3], r[4] in ("AP", "PA")) in (("Frontal", True), ("Lateral", False)) \
+            and (r[3] == "Frontal" or r[4] == "")
         assert set(r[5:]) <= LABEL_VALUES
     assert any(r[3] == "Lateral" for r in all_rows)
     # valid.csv is the radiologist-consensus set: 0/1 everywhere, like CheXpert's
@@ -209,7 +211,8 @@ def test_same_patient_images_share_anatomy():
     small = []
     for p in patients:
         imgs = [render_image(p, s, im, 2, 96) for s in p.studies for im in s.images if im.view != "LAT"][:2]
-        small.append([np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(i).resize((24, 28)), float).ravel()
+        small.append([np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(i).resize((24, 28)),
+                                 float).ravel()
                       for i in imgs])
     corr = lambda a, b: np.corrcoef(a, b)[0, 1]  # noqa: E731
     same = np.mean([corr(a, b) for a, b in small])
@@ -227,7 +230,8 @@ def test_refuses_to_overwrite_and_rejects_bad_arguments(small_set, capsys):
 
 def test_preview_grid(tmp_path):
     png = tmp_path / "grid.png"
-    assert main(["--out", str(tmp_path / "d"), "--n", "6", "--size", "64", "--workers", "1", "--preview", str(png)]) == 0
+    assert main(["--out", str(tmp_path / "d"), "--n", "6", "--size", "64", "--workers", "1",
+                 "--preview", str(png)]) == 0
     from PIL import Image
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width >= 4 * 200

@@ -6,25 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-
-def _cell(x, ci=None) -> str:
-    if x is None:
-        return "–"
-    if ci and ci[0] is not None:
-        return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return f"{x:.3f}"
-
-
-def _label(doc: dict) -> str:
-    e = doc.get("encoder", {})
-    return f"{e.get('category', '?')}: {e.get('name', '?')} ({e.get('arch', '?')})"
-
-
-def settings_lines(docs: list[dict]) -> list[str]:
-    """eval.report's label policy / eval view lines (imported here: eval.report imports this module)."""
-    from eval.report import settings_lines as report_settings
-    return report_settings(docs)
+from eval.report_cells import cell, encoder_label, settings_lines
 
 
 def knn_section(docs: list[dict]) -> list[str]:
@@ -35,7 +17,7 @@ def knn_section(docs: list[dict]) -> list[str]:
 
 
 def _transfer_label(doc: dict) -> str:
-    return _label(doc) + (", fine-tuned" if doc.get("probe") == "finetuned" else ", linear probe")
+    return encoder_label(doc) + (", fine-tuned" if doc.get("probe") == "finetuned" else ", linear probe")
 
 
 def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
@@ -49,12 +31,12 @@ def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
             i, s = d["in_domain"]["tasks"].get(task, {}), d["shifted"]["tasks"].get(task, {})
             dr = d["drop"]["tasks"].get(task, {})
             name = task if task == target else f"{task} → {target}"
-            lines.append(f"| {_transfer_label(d)} | {name} | {_cell(i.get('auroc'), i.get('auroc_ci'))} | "
-                         f"{_cell(s.get('auroc'), s.get('auroc_ci'))} | {_cell(dr.get('drop'), dr.get('drop_ci'))} |")
+            lines.append(f"| {_transfer_label(d)} | {name} | {cell(i.get('auroc'), i.get('auroc_ci'))} | "
+                         f"{cell(s.get('auroc'), s.get('auroc_ci'))} | {cell(dr.get('drop'), dr.get('drop_ci'))} |")
         m = d["drop"]["mean"]
         i, s = d["in_domain"], d["shifted"]
-        lines.append(f"| {_transfer_label(d)} | **mean** | {_cell(i.get('mean_auroc'), i.get('mean_auroc_ci'))} | "
-                     f"{_cell(s.get('mean_auroc'), s.get('mean_auroc_ci'))} | {_cell(m['drop'], m['drop_ci'])} |")
+        lines.append(f"| {_transfer_label(d)} | **mean** | {cell(i.get('mean_auroc'), i.get('mean_auroc_ci'))} | "
+                     f"{cell(s.get('mean_auroc'), s.get('mean_auroc_ci'))} | {cell(m['drop'], m['drop_ci'])} |")
     notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
     lines += ([""] + notes if notes else []) + [""] + settings_lines(docs)
     if paired:
@@ -64,7 +46,7 @@ def transfer_section(docs: list[dict], paired: list[dict]) -> list[str]:
         for p in paired:
             m = p["mean_auroc"]
             pv = "–" if m["p_value"] is None else f"{m['p_value']:.3g}"
-            lines.append(f"| {p['a']} − {p['b']} | {_cell(m['diff'], m['ci'])} | {pv} |")
+            lines.append(f"| {p['a']} − {p['b']} | {cell(m['diff'], m['ci'])} | {pv} |")
         lines.append("")
     return lines
 
@@ -94,18 +76,18 @@ def summary_table(results: dict) -> list[str]:
     rows: dict[str, dict] = {}
     for p, _ in present:
         for d in results[p]:
-            rows.setdefault(_label(d), {"_order": (d.get("encoder", {}).get("category", ""), len(rows))})[p] = d
+            rows.setdefault(encoder_label(d), {"_order": (d.get("encoder", {}).get("category", ""), len(rows))})[p] = d
     order = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
     lines = ["## Mean AUROC by protocol", "",
              "Mean test AUROC over each protocol's tasks [95% CI, patient bootstrap].", "",
              "| Encoder | " + " | ".join(t for _, t in present) + " |", "|---" * (len(present) + 1) + "|"]
     for label, by in sorted(rows.items(), key=lambda kv: (order.get(kv[1]["_order"][0], 9), kv[1]["_order"][1])):
-        cells = [_cell(by[p].get("mean_auroc"), by[p].get("mean_auroc_ci")) if p in by else "–" for p, _ in present]
+        cells = [cell(by[p].get("mean_auroc"), by[p].get("mean_auroc_ci")) if p in by else "–" for p, _ in present]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines + [""] + settings_lines([d for p, _ in present for d in results[p]])
 
 
-def extra_sections(out: Path, results: dict) -> list[str]:
+def analysis_sections(out: Path, results: dict) -> list[str]:
     """Markdown for the knn / transfer results in ``results`` and the figures under ``out``."""
     lines = summary_table(results)
     if results.get("knn"):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from eval.args import _common, _positive, _positive_float, _positive_floats
 
-EXTRA_COMMANDS = ("knn", "transfer", "neighbours", "map")
+ANALYSIS_COMMANDS = ("knn", "transfer", "neighbours", "map")
 
 
-def add_extra_arguments(p: argparse.ArgumentParser, command: str) -> None:
+def add_analysis_arguments(p: argparse.ArgumentParser, command: str) -> None:
     if command == "knn":
         p.description = ("Weighted kNN on cosine similarity (training split = bank, votes exp(sim / T)), per-task test "
                          "AUROC with patient-bootstrap CIs; nothing is tuned.")
