@@ -2,11 +2,13 @@
 forward + loss + backward, and the method's extra log fields."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn as nn
 
 
-class Method:
+class Method(ABC):
     """One method (SimCLR, MoCo v2, MICLe, ...). Class attributes state what it needs from the rest of the trainer;
     an instance serves one run (``loss_cfg`` is the run's [loss] section).
 
@@ -29,9 +31,9 @@ class Method:
         """A one-line reason this run cannot start on ``world_size`` ranks of ``device``, or None."""
         return None
 
+    @abstractmethod
     def build_model(self, model_cfg, *, world_size: int) -> nn.Module:
         """The trainable model (before global BN, device placement, DDP and compile)."""
-        raise NotImplementedError
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The encoder that `encoder.pt` exports and the kNN monitor embeds with."""
@@ -52,10 +54,10 @@ class Method:
         """The run's NT-Xent (`trainer.loss_impl.LossImpl`) for methods that use it, else None."""
         return None
 
+    @abstractmethod
     def forward_backward(self, step, batch: dict) -> torch.Tensor:
         """Forward, loss and backward for one batch through ``step`` (a `trainer.steps.TrainStep`: its model, autocast,
         health observer and scaled backward); returns the detached loss (no host sync)."""
-        raise NotImplementedError
 
     def log_fields(self, loader) -> dict:
         """Extra fields of a metrics row."""
