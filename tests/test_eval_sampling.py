@@ -241,3 +241,28 @@ def test_torch_probe_backend_matches_sklearn():
     th = fit_linear_probes(x[:120], y[:120], x[180:], ["t"], backend="torch", **kw)
     assert sk.chosen_c == th.chosen_c
     assert np.allclose(sk.test_scores, th.test_scores, atol=2e-3)
+
+
+def test_small_probe_fits_hold_blas_to_one_thread(monkeypatch):
+    # Each L-BFGS iteration is one matrix-vector product: on small sets BLAS threads only add wake-up cost, so the
+    # fit runs single-threaded there and keeps the library's thread count on large ones.
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info
+
+    import eval.probes as probes
+    seen = []
+    real_fit = LogisticRegression.fit
+
+    def spy(self, x, y, *a, **k):
+        seen.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+        return real_fit(self, x, y, *a, **k)
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 8))
+    y = (x[:, 0] > 0).astype(float)[:, None]
+    fit_linear_probes(x[:100], y[:100], x[100:], ["t"], fixed_c=1.0)
+    assert seen == [1]
+    monkeypatch.setattr(probes, "SINGLE_THREAD_FIT_ELEMENTS", 10)
+    before = max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+    fit_linear_probes(x[:100], y[:100], x[100:], ["t"], fixed_c=1.0)
+    assert seen[-1] == before
