@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,mlflow]"
 	@# an older install's pynvml package (now nvidia-ml-py, same module) warns on every import of torch
 	$(BIN)/pip uninstall -y -q pynvml 2>/dev/null || true
 	touch $(STAMP)

@@ -104,6 +104,9 @@ class RunConfig:
     monitor_images: int = 1024       # the monitor's fixed labelled val subset (decoded once, kept on the device)
     monitor_k: int = 20              # neighbours of the weighted kNN
     collapse_std_ratio: float = 0.25  # warn when std of normalised embeddings < ratio / sqrt(proj_dim)
+    mlflow_uri: str = ""             # MLflow tracking URI (http://host:5000, sqlite:///mlflow.db); "": off
+    mlflow_experiment: str = "cxr-ssl"
+    mlflow_run_name: str = ""        # "": the run folder's name
 
 
 @dataclass
@@ -300,6 +303,7 @@ SAFE_ON_RESUME = frozenset({
     "run.progress", "run.tensorboard", "run.resume", "run.out", "run.overwrite",
     # the monitor and the collapse warning only observe (eval mode, BatchNorm statistics untouched)
     "run.monitor_every", "run.monitor_images", "run.monitor_k", "run.collapse_std_ratio",
+    "run.mlflow_uri", "run.mlflow_experiment", "run.mlflow_run_name",  # where the rows are also sent
 })
 
 

@@ -1,6 +1,6 @@
-"""Run visibility: one console line and one `metrics.jsonl` row per log step, TensorBoard scalars, GPU stats (pynvml).
-
-Device values are read (`.item()`) only at log steps; between them the loop only accumulates host-side timings.
+"""Run visibility: a console line and a `metrics.jsonl` row per log step, TensorBoard scalars, GPU stats (pynvml) and,
+with a tracker, MLflow. Device values are read (`.item()`) only at log steps; between them the loop only accumulates
+host-side timings.
 """
 from __future__ import annotations
 
@@ -67,10 +67,11 @@ class MetricsLogger:
     """Writes RUN/metrics.jsonl (append; rows past a resume point are dropped), TensorBoard, and the console."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None, device: torch.device = torch.device("cpu")):
+                 resume_step: int | None = None, device: torch.device = torch.device("cpu"), tracker=None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
+        self.tracker = tracker  # trainer.tracking.MlflowTracker or None
         self.gpu = GpuStats(device) if enabled else None
         if not enabled:
             return
@@ -109,12 +110,17 @@ class MetricsLogger:
             for k, v in row.items():  # "health/std", "knn_auroc/<task>" keep their own group
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, row["step"])
+        if self.tracker is not None:
+            self.tracker.log(row)
         return line
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """``status``: how the run ended, for the tracker (FINISHED, KILLED or FAILED)."""
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close(status)
 
 
 _LINE_FORMATS = (  # key -> how it reads on the console line

@@ -32,6 +32,7 @@ from trainer.optim import build_optimizer
 from trainer.resume import Position
 from trainer.schedules import scaled_lr, steps_from_epochs, warmup_cosine
 from trainer.steps import AUTOCAST_DTYPES, TrainStep, resolve_precision
+from trainer.tracking import MlflowTracker, TrackingError, check_available, flat_params
 
 USAGE = """usage: torchrun --nproc_per_node=N trainer/pretrain.py CONFIG.toml [section.key=value ...]
        python trainer/pretrain.py CONFIG.toml [section.key=value ...]
@@ -135,13 +136,16 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
 
     logger = bar = None
     previous_handlers: dict = {}
+    end_status = "FAILED"  # what the tracker records unless the loop ends normally
     try:
         # ---- preemption: SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next agreed step and exits
         received: list[int] = []
         previous_handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
                              for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        resume_step = pos.step if resume_path is not None else None
         logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard,
-                               resume_step=pos.step if resume_path is not None else None, device=device)
+                               resume_step=resume_step, device=device,
+                               tracker=_tracker(cfg, info, run_dir, resume_step))
         bar = _progress(cfg.run.progress and info.is_main, total_steps, pos.step)
         if info.is_main:
             bn_scope = method.bn_scope(_global_bn(cfg, world_size))
@@ -212,6 +216,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                 stop_reason = f"run.max_steps={cfg.run.max_steps}"
                 break
 
+        end_status = "KILLED" if stop_reason else "FINISHED"  # MLflow's word for stopped early (it resumes)
         # ---- the end (finished, preempted or max_steps): last checkpoint and the encoder export
         if last_saved != pos.step:
             _check_finite(nonfinite, pos.step, run_dir)
@@ -226,7 +231,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
         if bar is not None:
             bar.close()
         if logger is not None:
-            logger.close()
+            logger.close(end_status)
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     return 0
@@ -259,6 +264,10 @@ def _check_inputs(cfg: Config, info: dist_utils.DistInfo, method: Method) -> Non
     reason = method.check_run(cfg, world_size, device)
     if reason:
         raise Stop(EXIT_BAD_INPUT, reason)
+    try:
+        check_available(cfg.run.mlflow_uri)
+    except TrackingError as e:
+        raise Stop(EXIT_BAD_INPUT, str(e)) from None
 
 
 def _global_bn(cfg: Config, world_size: int) -> bool:
@@ -304,6 +313,23 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, method: Method, precisi
                         micro_batch=cfg.optim.micro_batch, grad_clip_norm=cfg.optim.grad_clip_norm,
                         health=HealthMeter(device), method=method)
     return raw_model, step_fn
+
+
+def _tracker(cfg: Config, info: dist_utils.DistInfo, run_dir: Path, resume_step: int | None):
+    """Rank 0's MLflow tracker (None when run.mlflow_uri is empty); a tracker that cannot start stops every rank."""
+    tracker, error = None, None
+    if info.is_main and cfg.run.mlflow_uri:
+        try:
+            tracker = MlflowTracker(cfg.run.mlflow_uri, cfg.run.mlflow_experiment, cfg.run.mlflow_run_name, run_dir,
+                                    flat_params(to_dict(cfg)), resume_step)
+            print(f"mlflow: run {tracker.run_id} at {cfg.run.mlflow_uri} (experiment '{cfg.run.mlflow_experiment}')",
+                  flush=True)
+        except TrackingError as e:
+            error = str(e)
+    error = dist_utils.broadcast_object(error)
+    if error:
+        raise Stop(EXIT_BAD_INPUT, error)
+    return tracker
 
 
 # ------------------------------------------------------------------------------------------------- loop helpers
