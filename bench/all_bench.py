@@ -114,7 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shards", help="shard folder for data/e2e (default: phantoms through ingest, in a temp folder)")
     p.add_argument("--stage-timeout-s", type=float, default=600.0)
     p.add_argument("--in-process", action="store_true", help="import and call each stage (no subprocess isolation)")
-    p.add_argument("--overwrite", action="store_true", help="replace today's result instead of adding a timestamped one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace today's result instead of adding a timestamped one")
     args = p.parse_args(argv)
     args.stage_list = [s for s in args.stages.split(",") if s]
     bad = [s for s in args.stage_list if s not in STAGES]

@@ -47,7 +47,8 @@ def headline(stages: dict) -> dict:
     loss = [x for x in rows("loss") if x.get("status") == "ok"]
     if loss:
         n_max = max(x["n_views"] for x in loss)
-        out["loss_ms_at_max_n"] = {"n_views": n_max, **{x["impl"]: x["median_ms"] for x in loss if x["n_views"] == n_max}}
+        out["loss_ms_at_max_n"] = {"n_views": n_max,
+                                   **{x["impl"]: x["median_ms"] for x in loss if x["n_views"] == n_max}}
     return out
 
 
@@ -114,7 +115,8 @@ def markdown(doc: dict, plot_name: str | None) -> str:
              f"`{doc['command']}` on {env.get('date')}, {doc['mode']} mode, {doc['wall_s']:.0f} s in all.", ""]
     versions = env.get("versions", {})
     lines += ["| | |", "|---|---|",
-              f"| GPU | {', '.join(gpus) or 'none'} |", f"| driver / CUDA | {env.get('driver')} / {env.get('cuda_runtime')} |",
+              f"| GPU | {', '.join(gpus) or 'none'} |",
+              f"| driver / CUDA | {env.get('driver')} / {env.get('cuda_runtime')} |",
               f"| CPU | {env.get('cpu')} ({env.get('cpu_cores_available')} cores available) |",
               "| versions | " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + " |",
               f"| commit | {env.get('git_commit')} |", ""]
@@ -127,7 +129,8 @@ def markdown(doc: dict, plot_name: str | None) -> str:
     for name, v in summary.get("images_per_s", {}).items():
         lines.append(f"- {name}: **{v:,.0f} images/s**")
     if "pipeline_efficiency" in summary:
-        lines.append(f"- pipeline efficiency (end-to-end / model-only): **{100 * summary['pipeline_efficiency']:.1f}%**, "
+        lines.append("- pipeline efficiency (end-to-end / model-only): "
+                     f"**{100 * summary['pipeline_efficiency']:.1f}%**, "
                      f"data wait **{summary['data_wait_pct']:.1f}%** of wall time")
     if "loss_ms_at_max_n" in summary:
         l_ = summary["loss_ms_at_max_n"]

@@ -51,7 +51,8 @@ class AugmentConfig:
             if not 0.0 <= getattr(self, f) <= 1.0:
                 raise ValueError(f"AugmentConfig.{f}={getattr(self, f)} is not a probability")
         if not 0.0 < self.crop_scale_min <= self.crop_scale_max <= 1.0:
-            raise ValueError(f"AugmentConfig crop scale ({self.crop_scale_min}, {self.crop_scale_max}) must satisfy 0 < min <= max <= 1")
+            raise ValueError(f"AugmentConfig crop scale ({self.crop_scale_min}, {self.crop_scale_max}) "
+                             "must satisfy 0 < min <= max <= 1")
         if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"AugmentConfig.crop_ratio={self.crop_ratio} must be increasing and positive")
         if self.brightness < 0 or self.contrast < 0 or self.saturation < 0 or not 0 <= self.hue <= 0.5:
@@ -77,7 +78,8 @@ _PRESETS: dict[str, dict] = {
     # the area; we keep 0.08 to reproduce it (simclr-cxr's 0.2 is this project's milder CXR choice; override freely).
     "azizi": dict(crop_scale_min=0.08, brightness=0.4, contrast=0.4, rotation_deg=45.0, blur_prob=0.0),
     # MoCo-CXR (Sowrirajan et al. 2021): rotation +-10 degrees and flip only; resize + centre crop to image_size.
-    "moco-cxr": dict(random_crop=False, rotation_deg=10.0, jitter_prob=0.0, brightness=0.0, contrast=0.0, blur_prob=0.0),
+    "moco-cxr": dict(random_crop=False, rotation_deg=10.0, jitter_prob=0.0, brightness=0.0, contrast=0.0,
+                     blur_prob=0.0),
     # Original ImageNet SimCLR recipe, for 3-channel parity runs.
     "simclr": dict(crop_scale_min=0.08, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                    grayscale_prob=0.2, blur_prob=0.5),
@@ -87,7 +89,8 @@ _PRESETS: dict[str, dict] = {
 def resolve_augment(augment: "AugmentConfig | str", channels: int) -> AugmentConfig:
     cfg = AugmentConfig.preset(augment) if isinstance(augment, str) else augment.validated()
     if cfg.needs_color and channels != 3:
-        raise ValueError(f"augmentation '{cfg.name}' uses saturation/hue/grayscale, which need channels=3 (got {channels})")
+        raise ValueError(f"augmentation '{cfg.name}' uses saturation/hue/grayscale, "
+                         f"which need channels=3 (got {channels})")
     return cfg
 
 

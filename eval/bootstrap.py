@@ -63,16 +63,19 @@ def _mean_over_tasks(values: np.ndarray, evaluated: np.ndarray) -> np.ndarray:
 def bootstrap_ci(targets: np.ndarray, scores: np.ndarray, pids: np.ndarray, task_names: list[str], *,
                  num_replicates: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Patient-bootstrap CIs: ``{"tasks": {name: {"auroc_ci": [lo, hi], "auprc_ci": [...]}}, "mean_auroc_ci": [...],
-    "num_replicates": B, "num_degenerate": n}`` for ``targets`` (N, T) (NaN masked), ``scores`` (N, T), ``pids`` (N,)."""
+    "num_replicates": B, "num_degenerate": n}`` for ``targets`` (N, T) (NaN masked), ``scores`` (N, T),
+    ``pids`` (N,)."""
     targets, scores = np.asarray(targets, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     weights = patient_weights(pids, num_replicates, seed)
     au, ap = _replicate_metrics(targets, scores, weights)
-    evaluated = np.array([_two_classes(targets[:, j]) and np.isfinite(scores[:, j]).all() for j in range(targets.shape[1])], dtype=bool)
+    evaluated = np.array([_two_classes(targets[:, j]) and np.isfinite(scores[:, j]).all()
+                          for j in range(targets.shape[1])], dtype=bool)
     mean = _mean_over_tasks(au, evaluated)
     tasks = {}
     for j, name in enumerate(task_names):
         if evaluated[j]:
-            tasks[name] = {"auroc_ci": _none(percentile_ci(au[:, j], level)), "auprc_ci": _none(percentile_ci(ap[:, j], level)),
+            tasks[name] = {"auroc_ci": _none(percentile_ci(au[:, j], level)),
+                           "auprc_ci": _none(percentile_ci(ap[:, j], level)),
                            "num_degenerate": int(np.sum(~np.isfinite(au[:, j])))}
     return {"tasks": tasks, "mean_auroc_ci": _none(percentile_ci(mean, level)), "num_replicates": num_replicates,
             "num_degenerate": int(np.sum(~np.isfinite(mean))), "seed": seed, "level": level, "unit": "patient"}
@@ -87,8 +90,10 @@ def paired_bootstrap(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
     targets = np.asarray(targets, dtype=np.float64)
     scores_a, scores_b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     if scores_a.shape != scores_b.shape or scores_a.shape != targets.shape:
-        raise ValueError(f"paired comparison needs the same test samples: targets {targets.shape}, a {scores_a.shape}, b {scores_b.shape}")
-    evaluated = np.array([_two_classes(targets[:, j]) and np.isfinite(scores_a[:, j]).all() and np.isfinite(scores_b[:, j]).all()
+        raise ValueError(f"paired comparison needs the same test samples: targets {targets.shape}, "
+                         f"a {scores_a.shape}, b {scores_b.shape}")
+    evaluated = np.array([_two_classes(targets[:, j]) and np.isfinite(scores_a[:, j]).all()
+                          and np.isfinite(scores_b[:, j]).all()
                           for j in range(targets.shape[1])], dtype=bool)
     point_a, _ = _replicate_metrics(targets, scores_a, np.ones((1, targets.shape[0])))
     point_b, _ = _replicate_metrics(targets, scores_b, np.ones((1, targets.shape[0])))
@@ -101,7 +106,8 @@ def paired_bootstrap(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.nda
         if evaluated[j]:
             out["tasks"][name] = _diff_summary(point_a[0, j] - point_b[0, j], diff[:, j], level)
     point_mean = float(np.mean(point_a[0, evaluated] - point_b[0, evaluated])) if evaluated.any() else float("nan")
-    out["mean_auroc"] = _diff_summary(point_mean, _mean_over_tasks(au_a, evaluated) - _mean_over_tasks(au_b, evaluated), level)
+    out["mean_auroc"] = _diff_summary(point_mean,
+                                      _mean_over_tasks(au_a, evaluated) - _mean_over_tasks(au_b, evaluated), level)
     return out
 
 
@@ -110,7 +116,8 @@ def _diff_summary(point: float, replicates: np.ndarray, level: float) -> dict:
     if r.size == 0:
         return {"diff": _none1(point), "ci": [None, None], "p_value": None}
     p = 2 * min(np.mean(r <= 0), np.mean(r >= 0))
-    return {"diff": _none1(point), "ci": _none(percentile_ci(r, level)), "p_value": float(min(1.0, max(p, 1.0 / r.size)))}
+    return {"diff": _none1(point), "ci": _none(percentile_ci(r, level)),
+            "p_value": float(min(1.0, max(p, 1.0 / r.size)))}
 
 
 def _two_classes(y: np.ndarray) -> bool:
@@ -131,7 +138,8 @@ def bootstrap_mean_over_runs(targets: np.ndarray, runs_scores: list[np.ndarray],
     """CI of the mean AUROC averaged over several runs (e.g. sampling seeds) scored on the same test set:
     every run is scored on the same patient resample, then the runs are averaged inside each replicate."""
     targets = np.asarray(targets, dtype=np.float64)
-    evaluated = np.array([_two_classes(targets[:, j]) and all(np.isfinite(np.asarray(s)[:, j]).all() for s in runs_scores)
+    evaluated = np.array([_two_classes(targets[:, j])
+                          and all(np.isfinite(np.asarray(s)[:, j]).all() for s in runs_scores)
                           for j in range(targets.shape[1])], dtype=bool)
     weights = patient_weights(pids, num_replicates, seed)
     per_run = []

@@ -52,7 +52,8 @@ def _ribs(anat: Anatomy, find: Findings, x, y, lat_limit, side: int, ax):
     ya = y - 0.55 * (lat_limit - ax) + 0.25 * (lat_limit - ax) ** 2
     ka = (ya - anat.rib_y0 - 0.25) / (anat.rib_gap * 1.45)
     fa = ka - np.round(ka)
-    ant = np.exp(-(fa / 0.16) ** 2) * _ramp(ax - 0.3, 0.08) * _ramp(lat_limit - ax, 0.03) * _ramp(ka + 0.3, 0.3) * _ramp(6.5 - ka, 0.5)
+    ant = (np.exp(-(fa / 0.16) ** 2) * _ramp(ax - 0.3, 0.08) * _ramp(lat_limit - ax, 0.03) * _ramp(ka + 0.3, 0.3)
+           * _ramp(6.5 - ka, 0.5))
     return post, ant
 
 
@@ -81,8 +82,8 @@ def _devices(find: Findings, anat: Anatomy, frame: _Frame, heart_xy, heart_r) ->
         cx, cy = s * rng.uniform(0.45, 0.6), rng.uniform(-0.78, -0.62)
         box = frame.to_px([(cx - 0.09, cy - 0.06), (cx + 0.09, cy + 0.06)])
         (x0, y0), (x1, y1) = box
-        draw.rounded_rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], radius=max(1, int(abs(x1 - x0) / 4)),
-                               fill=230)
+        draw.rounded_rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)],
+                               radius=max(1, int(abs(x1 - x0) / 4)), fill=230)
         hx, hy = heart_xy
         pts = [(cx, cy), (cx * 0.5, cy + 0.05), (-0.02, -0.45), (-0.05, hy - 0.1), (hx + 0.3 * heart_r, hy + 0.1)]
         draw.line(frame.to_px(pts), fill=128, width=px + 1, joint="curve")
@@ -146,7 +147,8 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
     for s in SIDES:
         lo, hi = sorted((s * (anat.thorax_hw + 0.05), s * (anat.medi_hw - 0.05)))
         sl = frame.bbox(lo, hi, anat.apex_y - 0.05, anat.base_y + pose.inspiration + 0.05)
-        x, y, fine_s, mid_s, mu = frame.x[sl], frame.y[sl], fine[sl], mid[sl], full_mu[sl]   # views: in-place edits land
+        # views: in-place edits land
+        x, y, fine_s, mid_s, mu = frame.x[sl], frame.y[sl], fine[sl], mid[sl], full_mu[sl]
         g = lung_geometry(anat, find, pose, view, x, y, s)
         lung, u, v, ax = g["mask"], g["u"], g["v"], g["ax"]
         lung = lung * (1.0 - 0.75 * cardiac[sl])
@@ -168,7 +170,8 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
         for c_side, cu, cv, cr in find.consolidation:
             if c_side == s:
                 d2 = ((u - cu) * (g["lateral"] - g["medial"])) ** 2 + ((v - cv) * g["height"]) ** 2
-                patch = np.clip(np.exp(-d2 / (cr * cr)) * 1.3 + 0.35 * fine_s + 0.15 * mid_s - 0.3, 0, 1)  # fluffy margins
+                # fluffy margins
+                patch = np.clip(np.exp(-d2 / (cr * cr)) * 1.3 + 0.35 * fine_s + 0.15 * mid_s - 0.3, 0, 1)
                 opacity = np.maximum(opacity, 0.9 * patch)
         if find.edema > 0:
             bat = np.exp(-hil_d2 / (0.1 + 0.1 * find.edema)) * (0.75 + 0.25 * mid_s)
@@ -178,11 +181,13 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
         for a_side, av, tilt in find.atelectasis:
             if a_side == s:
                 dist = (v - av - tilt * (u - 0.5)) * g["height"]
-                opacity = np.maximum(opacity, 0.9 * np.exp(-(dist / 0.03) ** 2) * _ramp(u - 0.1, 0.1) * _ramp(0.95 - u, 0.1))
+                opacity = np.maximum(opacity,
+                                     0.9 * np.exp(-(dist / 0.03) ** 2) * _ramp(u - 0.1, 0.1) * _ramp(0.95 - u, 0.1))
         for l_side, lu, lv, lr in find.lesion:
             if l_side == s:
                 d = np.sqrt(((u - lu) * (g["lateral"] - g["medial"])) ** 2 + ((v - lv) * g["height"]) ** 2)
-                opacity = np.maximum(opacity, 0.9 * np.sqrt(np.clip(1 - (d / lr) ** 2, 0, 1)) + 0.1 * _ramp(lr - d, 0.01))
+                opacity = np.maximum(opacity,
+                                     0.9 * np.sqrt(np.clip(1 - (d / lr) ** 2, 0, 1)) + 0.1 * _ramp(lr - d, 0.01))
         if find.pleural_other == s:
             rim = _ramp(0.03 - (g["lateral"] - ax), 0.01) * _ramp(v - 0.3, 0.2)
             opacity = np.maximum(opacity, 0.6 * rim)
@@ -223,7 +228,8 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
         mu += anat.bone * (0.09 * post + 0.045 * ant) * (0.35 + 0.65 * lung_total)
         tc = np.clip((ax - 0.05) / 0.7, 0.0, 1.0)
         clav_y = anat.apex_y + 0.16 - 0.2 * tc + 0.04 * np.sin(2 * np.pi * tc)
-        clav = _ramp(0.028 + 0.012 * (1 - tc) - np.abs(y - clav_y), 0.012) * _ramp(ax - 0.07, 0.02) * _ramp(0.8 - ax, 0.05)
+        clav = (_ramp(0.028 + 0.012 * (1 - tc) - np.abs(y - clav_y), 0.012) * _ramp(ax - 0.07, 0.02)
+                * _ramp(0.8 - ax, 0.05))
         mu += 0.13 * anat.bone * clav
         hd = np.sqrt((ax - (anat.thorax_hw + 0.24)) ** 2 + (y - (anat.apex_y + 0.02)) ** 2)
         mu += 0.25 * anat.bone * np.sqrt(np.clip(1 - (hd / 0.17) ** 2, 0, 1))

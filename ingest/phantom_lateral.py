@@ -40,7 +40,8 @@ def lateral_attenuation(anat: Anatomy, find: Findings, pose: Pose, frame: _Frame
     body = np.sqrt(np.clip(1.0 - ((x - mid_x) / ((back - front) / 2 + 0.05)) ** 2, 0.0, 1.0))
     mu = anat.soft * 1.05 * body * (0.95 + 0.03 * mid)
     # raised arms over the upper chest
-    mu += 0.12 * _ramp(0.16 - np.abs((x + 0.1) * 0.6 + (y - (anat.apex_y - 0.05))), 0.08) * _ramp(anat.apex_y + 0.3 - y, 0.1)
+    mu += (0.12 * _ramp(0.16 - np.abs((x + 0.1) * 0.6 + (y - (anat.apex_y - 0.05))), 0.08)
+           * _ramp(anat.apex_y + 0.3 - y, 0.1))
 
     height = anat.base_y + pose.inspiration + 0.05 - anat.apex_y
     v = (y - anat.apex_y) / height
@@ -87,7 +88,8 @@ def lateral_attenuation(anat: Anatomy, find: Findings, pose: Pose, frame: _Frame
     disc = np.exp(-(((y * 8.5 + 0.2) % 1.0 - 0.5) / 0.08) ** 2)
     mu += anat.bone * in_column * (0.09 - 0.05 * disc)
     mu += 0.05 * anat.bone * _ramp(0.05 - np.abs(x - (spine_x + 0.16)), 0.02) * (1 - disc)   # posterior elements
-    sternum = _ramp(0.03 - np.abs(x - (ant - 0.07)), 0.01) * _ramp(y - (anat.apex_y + 0.2), 0.02) * _ramp(hy + 0.1 - y, 0.05)
+    sternum = (_ramp(0.03 - np.abs(x - (ant - 0.07)), 0.01) * _ramp(y - (anat.apex_y + 0.2), 0.02)
+               * _ramp(hy + 0.1 - y, 0.05))
     mu += 0.1 * anat.bone * sternum
     ribs = np.exp(-((((y - 0.35 * x) / anat.rib_gap) % 1.0 - 0.5) / 0.15) ** 2) * _ramp(x - 0.2, 0.1) * lung
     mu += 0.04 * anat.bone * ribs

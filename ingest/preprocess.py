@@ -96,7 +96,8 @@ def to_gray_u8(im: Image.Image) -> tuple[Image.Image, list[str], dict]:
     return im.convert("L"), steps, flags
 
 
-def decode_pillow(data: bytes, size: int, draft: bool = True) -> tuple[Image.Image, int, int, int, str, list[str], dict, int]:
+def decode_pillow(data: bytes, size: int,
+                  draft: bool = True) -> tuple[Image.Image, int, int, int, str, list[str], dict, int]:
     """(gray image, original w, h, bit depth, photometric, steps, flags, DCT reduction factor 1/2/4/8)."""
     reduction = 1
     try:
@@ -116,7 +117,8 @@ def decode_pillow(data: bytes, size: int, draft: bool = True) -> tuple[Image.Ima
     except Image.DecompressionBombError as e:
         raise ImageReject(f"image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReject(f"truncated or corrupt image ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise ImageReject("truncated or corrupt image "
+                          f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     if im.mode == "I" and fmt == "PNG":
         bit_depth = 16
     else:

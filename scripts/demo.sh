@@ -85,7 +85,8 @@ stage "paired patient bootstrap: SimCLR - random init"
 "$PY" -m eval report --out "$DEMO/eval" || fail "eval report exited $?"
 
 stage "verdict"
-"$PY" scripts/demo_report.py "$DEMO" run "random-$ARCH" || fail "the SimCLR encoder did not beat random init (see above)"
+"$PY" scripts/demo_report.py "$DEMO" run "random-$ARCH" \
+    || fail "the SimCLR encoder did not beat random init (see above)"
 
 stage "export the SimCLR encoder's linear probes as a bundle (weights, thresholds on val, model card)"
 "$PY" -m eval export --out "$DEMO/eval" --encoder run --protocol linear --bundle "$DEMO/bundle" \

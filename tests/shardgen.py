@@ -78,7 +78,8 @@ def make_shards(
         rng.shuffle(samples)
         shards = []
         for i in range(0, len(samples), samples_per_shard):
-            w = write_shard(out / split / SHARD_PATTERN.format(index=i // samples_per_shard), samples[i : i + samples_per_shard])
+            w = write_shard(out / split / SHARD_PATTERN.format(index=i // samples_per_shard),
+                            samples[i : i + samples_per_shard])
             shards.append({"name": w.name, "num_samples": w.num_samples, "sha256": w.sha256, "num_bytes": w.num_bytes})
         manifest["splits"][split] = {"num_samples": len(samples), "shards": shards}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))

@@ -28,7 +28,8 @@ def test_bench_all_cpu_smoke(tmp_path, monkeypatch, capsys):
         assert doc["stages"][stage]["result"]["rows"]
     e2e_row = doc["stages"]["e2e"]["result"]["rows"][0]
     summary = doc["summary"]
-    assert summary["pipeline_efficiency"] == pytest.approx(e2e_row["e2e_views_per_s"] / e2e_row["model_only_views_per_s"])
+    assert summary["pipeline_efficiency"] == pytest.approx(
+        e2e_row["e2e_views_per_s"] / e2e_row["model_only_views_per_s"])
     assert 0 <= summary["data_wait_pct"] <= 100
     assert any(k.startswith("end-to-end") for k in summary["images_per_s"])
     stem = docs[0].stem

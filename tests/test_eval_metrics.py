@@ -98,7 +98,8 @@ def test_patient_bootstrap_covers_known_auroc_at_about_nominal_rate():
         y, s, pids = _clustered_case(np.random.default_rng(1000 + r), 80, shift)
         lo, hi = bootstrap_ci(y[:, None], s[:, None], pids, ["t"], num_replicates=200, seed=r)["tasks"]["t"]["auroc_ci"]
         covered_patient += lo <= true_auroc <= hi
-        lo, hi = bootstrap_ci(y[:, None], s[:, None], np.arange(len(y)), ["t"], num_replicates=200, seed=r)["tasks"]["t"]["auroc_ci"]
+        lo, hi = bootstrap_ci(y[:, None], s[:, None], np.arange(len(y)), ["t"],
+                              num_replicates=200, seed=r)["tasks"]["t"]["auroc_ci"]
         covered_image += lo <= true_auroc <= hi
     assert 0.89 <= covered_patient / reps <= 0.985
     # Resampling images ignores the clustering and is too narrow: why the unit is the patient.

@@ -49,7 +49,8 @@ def test_monochrome1_is_exactly_inverted_monochrome2(shared_data):
 def test_nih_png_and_rgb_files(shared_data):
     f = shared_data / "formats"
     p = process_file(f / "nih_00000001_000.png", "image", 256, 95)
-    assert (p.original_width, p.original_height, p.original_bit_depth, p.photometric_interpretation) == (512, 512, 8, "MONOCHROME2")
+    assert (p.original_width, p.original_height, p.original_bit_depth,
+            p.photometric_interpretation) == (512, 512, 8, "MONOCHROME2")
     assert _decode(p.jpeg).shape == (256, 256) and p.flags == {}
     for name in ("tbx11k_h0001_rgb.png", "padchest_16747_3_1_rgb.jpg"):
         p = process_file(f / name, "image", 256, 95)

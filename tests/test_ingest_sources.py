@@ -49,7 +49,8 @@ def test_chexpert_full_csv_counts(chexpert):
     assert got == expect
     assert got["LAT"] == 32_387 and got["UNKNOWN"] == sum(r["AP/PA"] in ("LL", "RL") for r in rows) == 17
     flagged = [r for r in res.records if "view_contradiction" in r.flags]
-    assert len(flagged) == 17 and all("AP/PA=L" in r.flags["view_contradiction"] or "AP/PA=R" in r.flags["view_contradiction"] for r in flagged)
+    assert len(flagged) == 17 and all("AP/PA=L" in r.flags["view_contradiction"]
+                                      or "AP/PA=R" in r.flags["view_contradiction"] for r in flagged)
     # Labels exactly as in the CSV: blank stays None (never 0), -1 stays -1.
     for name in CHEXPERT_LABELS:
         want = Counter(CHEXPERT_STATE[r[name]] for r in rows)
@@ -89,11 +90,13 @@ def test_nih_full_csv_counts(shared_data, tmp_path, monkeypatch):
     (tmp_path / "Data_Entry_2017_v2020.csv.gz").symlink_to(src)
     rows = _rows(src)
     # No images here: pretend every listed file sits in images_001/images/ (the reader's file index).
-    monkeypatch.setattr(nih, "index_images", lambda root: {r["Image Index"]: f"images_001/images/{r['Image Index']}" for r in rows})
+    monkeypatch.setattr(nih, "index_images",
+                        lambda root: {r["Image Index"]: f"images_001/images/{r['Image Index']}" for r in rows})
     res = read_source("nih", tmp_path, SourceOptions())
     assert len(rows) == 112_120 and len(res.records) == len(rows) and res.rejects == []
     assert len({r.patient_id for r in res.records}) == len({r["Patient ID"] for r in rows}) == 30_805
-    assert Counter(r.view for r in res.records) == Counter(r["View Position"] for r in rows) == Counter(PA=67_310, AP=44_810)
+    assert (Counter(r.view for r in res.records) == Counter(r["View Position"] for r in rows)
+            == Counter(PA=67_310, AP=44_810))
     findings = Counter(f for r in rows for f in r["Finding Labels"].split("|"))
     for name in NIH_LABELS:
         assert sum(rec.labels[name] == 1 for rec in res.records) == findings[name], name
@@ -102,7 +105,8 @@ def test_nih_full_csv_counts(shared_data, tmp_path, monkeypatch):
     assert len(no_finding) == findings["No Finding"] == 60_361
     # The study is the Follow-up # column, not the file name (00000003_000.png is follow-up 7).
     rec = next(r for r in res.records if r.source_path.endswith("00000003_000.png"))
-    assert (rec.study_id, rec.key, rec.patient_id, rec.sex) == ("followup7", "nih-p00000003-s007-v1", "00000003", "Female")
+    assert (rec.study_id, rec.key, rec.patient_id, rec.sex) == (
+        "followup7", "nih-p00000003-s007-v1", "00000003", "Female")
     assert len({r.key for r in res.records}) == len(rows)
     assert not res.has_official_split
 
@@ -122,7 +126,8 @@ def test_nih_official_lists_and_missing_files(shared_data, tmp_path):
     assert [(r.source_path, r.official_split) for r in res.records] == [
         ("images_001/images/00000001_000.png", "trainval"), ("images_002/images/00000002_000.png", "test")]
     assert res.records[0].labels["Effusion"] == 1 and res.records[0].labels["Atelectasis"] == 0
-    assert [(r.source_path, r.reason) for r in res.rejects] == [("00000003_000.png", "missing file named in Data_Entry_2017.csv")]
+    assert [(r.source_path, r.reason) for r in res.rejects] == [
+        ("00000003_000.png", "missing file named in Data_Entry_2017.csv")]
     (tmp_path / "test_list.txt").unlink()
     with pytest.raises(SourceError, match="needs both"):
         read_source("nih", tmp_path, SourceOptions())

@@ -72,7 +72,8 @@ def test_a_store_that_cannot_start_stops_the_run_in_one_line(tmp_path, capsys):
     blocker.write_text("a file where the store's folder should be")
     rc = main([DEBUG, "data.source=synthetic", f"run.out={run}", f"run.mlflow_uri=sqlite:///{blocker}/x/mlflow.db"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith(f"pretrain: run.mlflow_uri=sqlite:///{blocker}/x/mlflow.db: ")
+    assert (rc == 2 and len(err) == 1
+            and err[0].startswith(f"pretrain: run.mlflow_uri=sqlite:///{blocker}/x/mlflow.db: "))
     assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text()
 
 

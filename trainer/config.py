@@ -90,7 +90,8 @@ class RunConfig:
     device: str = "auto"             # "auto" | "cpu" | "cuda"
     precision: str = "auto"          # "auto" (bf16 on cuda, fp32 on cpu) | "bf16" | "fp16" (GradScaler) | "fp32"
     deterministic: bool = False      # deterministic algorithms (exact resume on CPU)
-    cpu_threads: int = 0             # >0 pins torch's intra-op threads; CPU sums depend on it, so exact resume needs the same count
+    # >0 pins torch's intra-op threads; CPU sums depend on it, so exact resume needs the same count
+    cpu_threads: int = 0
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 def nt_xent_reference(
     z_rows: torch.Tensor,      # (R, D) L2-normalised embeddings of this rank's rows
     z_cols: torch.Tensor,      # (C, D) L2-normalised embeddings of the whole (gathered) batch
-    row_labels: torch.Tensor,  # (R,) int64: positives share a label (sample index for SimCLR, patient for multi-positive)
+    # (R,) int64: positives share a label (sample index for SimCLR, patient for multi-positive)
+    row_labels: torch.Tensor,
     col_labels: torch.Tensor,  # (C,) int64
     row_offset: int,           # column index of row 0 in z_cols (rank * R when gathered in rank order)
     temperature: float,

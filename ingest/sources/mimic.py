@@ -45,9 +45,11 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
     for i, key in enumerate(zip(chex["subject_id"], chex["study_id"])):
         study_labels[key] = [col[i] for col in label_cols]
     records, rejects = [], []
-    for dicom_id, subject, study, view in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"], meta["ViewPosition"]):
+    for dicom_id, subject, study, view in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"],
+                                              meta["ViewPosition"]):
         if not (subject.isdigit() and study.isdigit() and dicom_id):
-            rejects.append(Reject(f"{subject}/{study}/{dicom_id}", "metadata row with malformed subject_id / study_id / dicom_id"))
+            rejects.append(Reject(f"{subject}/{study}/{dicom_id}",
+                                  "metadata row with malformed subject_id / study_id / dicom_id"))
             continue
         rel = image_path(subject, study, dicom_id)
         split = SPLIT_NAMES.get(splits.get(dicom_id, ""))
@@ -61,7 +63,8 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
                 labels = {n: None for n in CHEXPERT_LABELS}
                 flags["no_labels_row"] = True
             else:
-                labels = {n: parse_label(v, where=f"{CHEXPERT_CSV[0]} s{study} {n}") for n, v in zip(CHEXPERT_LABELS, raw)}
+                labels = {n: parse_label(v, where=f"{CHEXPERT_CSV[0]} s{study} {n}")
+                          for n, v in zip(CHEXPERT_LABELS, raw)}
         except ValueError as e:
             rejects.append(Reject(rel, str(e)))
             continue

@@ -67,7 +67,8 @@ def _official_split(root: Path) -> dict[str, str] | None:
     if not present:
         return None
     if len(present) == 1:
-        raise SourceError(f"{root}: only {present[0]} found; the official split needs both train_val_list.txt and test_list.txt")
+        raise SourceError(f"{root}: only {present[0]} found; "
+                          "the official split needs both train_val_list.txt and test_list.txt")
     out = {}
     for name, split in (("train_val_list.txt", "trainval"), ("test_list.txt", "test")):
         for line in lists[name].read_text().split():
@@ -85,7 +86,8 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
     images = index_images(root)
     official = _official_split(root)
     records, rejects = [], []
-    for i, (name, findings, followup, pid, age, sex, view) in enumerate(zip(*(df[c].tolist() for c in REQUIRED_COLUMNS))):
+    for i, (name, findings, followup, pid, age, sex, view) in enumerate(
+            zip(*(df[c].tolist() for c in REQUIRED_COLUMNS))):
         where = f"{csv_path.name} row {i + 2}"
         rel = images.get(name)
         if rel is None:
