@@ -1,8 +1,10 @@
 """DESIGN.md layer order: ingest -> dali_pipes -> trainer -> eval -> {bench, serve}; a package imports only leftwards,
-and the two top packages never import each other."""
+and the two top packages never import each other. The code style's line limit holds too: no tracked *.py or *.sh
+line is longer than 120 characters."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ LAYERS = ["ingest", "dali_pipes", "trainer", "eval", "bench", "serve"]
 SIBLINGS = {"bench": "serve", "serve": "bench"}  # both sit above eval, side by side
 HEAVY = ["nvidia.dali", "triton", "pynvml", "pydicom", "tensorboard", "fastapi", "uvicorn", "starlette",
          "python_multipart"]
+MAX_LINE = 120
+SKIP_DIRS = {".venv", ".git", "build"}  # for the walk when there is no git checkout
 
 
 def _imports(path: Path) -> set[str]:
@@ -25,6 +29,23 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def _source_files() -> list[Path]:
+    """Every git-tracked *.py and *.sh file; without git (or outside a checkout), a walk of the repo instead."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", "*.py", "*.sh"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+        tracked = sorted(ROOT / name for name in out.decode().split("\0") if name)
+    except (OSError, subprocess.CalledProcessError):
+        tracked = []
+    if tracked:
+        return tracked
+    found = []
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        found += [Path(folder) / n for n in names if n.endswith((".py", ".sh"))]
+    return sorted(found)
 
 
 def _module_level_imports(path: Path) -> set[str]:
@@ -77,3 +98,16 @@ def test_packages_import_without_heavy_deps():
         f"for p in {LAYERS!r}: __import__(p)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_line_over_120_characters():
+    files = _source_files()
+    assert files, "found no *.py / *.sh files to check"
+    bad = []
+    for path in files:
+        if not path.is_file():  # tracked but deleted in the work tree
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            if len(line) > MAX_LINE:
+                bad.append(f"{path.relative_to(ROOT)}:{n}: {len(line)} characters")
+    assert not bad, f"lines over {MAX_LINE} characters (wrap them):\n" + "\n".join(bad)
