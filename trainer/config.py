@@ -308,13 +308,15 @@ SAFE_ON_RESUME = frozenset({
 })
 
 
+def flat_keys(config: dict) -> dict:
+    """A `to_dict` config -> {"section.key": value}."""
+    return {f"{s}.{k}": v for s, table in config.items() if isinstance(table, dict) for k, v in table.items()}
+
+
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """``section.key: old -> new`` for every key outside SAFE_ON_RESUME whose value differs between two `to_dict`
     configs; a key only one of them has (written by another version of this code) counts as changed."""
-    def flat(d: dict) -> dict:
-        return {f"{s}.{k}": v for s, table in d.items() if isinstance(table, dict) for k, v in table.items()}
-
-    old, new = flat(saved), flat(current)
+    old, new = flat_keys(saved), flat_keys(current)
     missing = object()
     out = []
     for key in sorted(old.keys() | new.keys()):

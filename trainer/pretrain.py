@@ -21,7 +21,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
 from trainer import resume
 from trainer.augment_section import augment_config
-from trainer.config import Config, ConfigError, load_config, split_argv, to_dict, to_toml
+from trainer.config import Config, ConfigError, flat_keys, load_config, split_argv, to_dict, to_toml
 from trainer.data import build_loader
 from trainer.health import HealthMeter, collapse_warning
 from trainer.metrics import MetricsLogger, StepTimer
@@ -32,7 +32,7 @@ from trainer.optim import build_optimizer
 from trainer.resume import Position
 from trainer.schedules import scaled_lr, steps_from_epochs, warmup_cosine
 from trainer.steps import AUTOCAST_DTYPES, TrainStep, resolve_precision
-from trainer.tracking import MlflowTracker, TrackingError, check_available, flat_params
+from trainer.tracking import MlflowTracker, TrackingError, check_available
 
 USAGE = """usage: torchrun --nproc_per_node=N trainer/pretrain.py CONFIG.toml [section.key=value ...]
        python trainer/pretrain.py CONFIG.toml [section.key=value ...]
@@ -321,7 +321,7 @@ def _tracker(cfg: Config, info: dist_utils.DistInfo, run_dir: Path, resume_step:
     if info.is_main and cfg.run.mlflow_uri:
         try:
             tracker = MlflowTracker(cfg.run.mlflow_uri, cfg.run.mlflow_experiment, cfg.run.mlflow_run_name, run_dir,
-                                    flat_params(to_dict(cfg)), resume_step)
+                                    {k: str(v) for k, v in flat_keys(to_dict(cfg)).items()}, resume_step)
             print(f"mlflow: run {tracker.run_id} at {cfg.run.mlflow_uri} (experiment '{cfg.run.mlflow_experiment}')",
                   flush=True)
         except TrackingError as e:

@@ -102,9 +102,3 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status)
         except Exception as e:
             print(f"warning: mlflow: could not mark the run {status} ({type(e).__name__})", flush=True)
-
-
-def flat_params(config: dict) -> dict[str, str]:
-    """A to_dict config -> {"section.key": str(value)} (MLflow params are strings)."""
-    return {f"{section}.{key}": str(value) for section, table in config.items() if isinstance(table, dict)
-            for key, value in table.items()}
