@@ -76,14 +76,32 @@ def _loss_and_grads(fn, z_cols, col_labels, rows: int, row_offset: int, dtype, r
     return loss.detach(), z_rows.grad, cols.grad
 
 
+def _exact_reference(*args, **kwargs):
+    """The reference at 'highest' whatever the test set: under 'high' torch's CPU fp32 matmul runs in bf16 on AMX
+    CPUs (and in tf32 on a GPU), which would make the yardstick itself imprecise."""
+    setting = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return _loss_and_grads(nt_xent_reference, *args, **kwargs)
+    finally:
+        torch.set_float32_matmul_precision(setting)
+
+
+def _tolerance(dtype) -> float:
+    """fp32 kernels multiply in tf32 on a GPU unless torch's precision is 'highest' (the interpreter stays exact)."""
+    tf32 = dtype == torch.float32 and DEVICE == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return 1e-2 if tf32 else TOL[dtype]
+
+
 def _assert_close(rows, cols, dim, row_offset, labels, dtype, reduction="sum", temperature=0.1, seed=0):
     z = _embeddings(cols, dim, labels, seed)
-    want = _loss_and_grads(nt_xent_reference, z, labels, rows, row_offset, dtype, reduction, temperature)
+    want = _exact_reference(z, labels, rows, row_offset, dtype, reduction, temperature)
     got = _loss_and_grads(nt_xent_fused, z, labels, rows, row_offset, dtype, reduction, temperature)
+    tol = _tolerance(dtype)
     for name, g, w in zip(("loss", "d z_rows", "d z_cols"), got, want):
         assert torch.isfinite(g).all(), name
         err = _rel(g, w)
-        assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e} ({dtype}, R={rows}, C={cols})"
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e} ({dtype}, R={rows}, C={cols})"
     return got
 
 
