@@ -54,13 +54,14 @@ def stage_argv(stage: str, *, mode: str, cuda: bool, shards: Path | None, out_js
 
 def make_phantom_shards(folder: Path, *, n_images: int, synth_px: int, shard_px: int, workers: int) -> Path:
     """`ingest synth` + `ingest build-shards --source chexpert`: the shards the data and e2e stages read."""
-    from ingest import build, synth
+    from ingest import build
+    from synth import dataset as synth_dataset
     raw, shards = folder / "phantoms", folder / "shards"
     with contextlib.redirect_stdout(io.StringIO()):
-        if synth.main(["--out", str(raw), "--n", str(n_images), "--size", str(synth_px),
-                       "--workers", str(workers), "--overwrite"]) != 0:
+        if synth_dataset.main(["--out", str(raw), "--n", str(n_images), "--size", str(synth_px),
+                               "--workers", str(workers), "--overwrite"]) != 0:
             raise RuntimeError("ingest synth failed")
-        if build.main(["--source", "chexpert", "--root", str(raw / synth.ROOT_NAME), "--out", str(shards),
+        if build.main(["--source", "chexpert", "--root", str(raw / synth_dataset.ROOT_NAME), "--out", str(shards),
                        "--size", str(shard_px), "--workers", str(workers), "--no-progress", "--overwrite"]) != 0:
             raise RuntimeError("ingest build-shards failed")
     return shards

@@ -10,7 +10,8 @@ SUBCOMMANDS = {
     "scan": ("ingest.scan", "header-only dry run over a DICOM archive: counts, filters, rejects, decoders"),
     "verify": ("ingest.verify", "re-read every shard; check counts, checksums, decoding and patient splits"),
     "stats": ("ingest.stats", "counts per split / label state / view, patients with 2+ images"),
-    "synth": ("ingest.synth", "generate procedural chest X-ray phantoms in the CheXpert layout"),
+    # the generator lives in the synth package (left of ingest); ingest only names its command
+    "synth": ("synth.dataset", "generate procedural chest X-ray phantoms in the CheXpert layout"),
 }
 
 

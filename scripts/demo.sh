@@ -25,7 +25,7 @@ need() {  # a stage that another part of the project provides, checked before an
 DEVICE=${DEMO_DEVICE:-$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null \
     || echo none)}
 [ "$DEVICE" != none ] || fail "$PY cannot import torch (run \`make demo\`, which installs into .venv first)"
-need ingest.synth "ingest synth"
+need synth.dataset "ingest synth"
 need ingest.build "ingest build-shards"
 need dali_pipes "dali_pipes loaders"
 need trainer.data "trainer/pretrain.py"

@@ -1,5 +1,5 @@
-"""`ingest synth`: deterministic CheXpert-layout output, CheXpert-like CSVs, and findings that really change the
-image."""
+"""`ingest synth` (the synth package): deterministic CheXpert-layout output, CheXpert-like CSVs, and findings that
+really change the image."""
 from __future__ import annotations
 
 import csv
@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ingest.phantom import Findings, Pose, render_frontal, sample_anatomy
 from ingest.schema import CHEXPERT_LABELS
-from ingest.synth import CSV_HEADER, ROOT_NAME, main, plan_dataset
+from synth.dataset import CSV_HEADER, ROOT_NAME, main, plan_dataset
+from synth.phantom import Findings, Frame, Pose, sample_anatomy
+from synth.render import render_frontal
 
 PATH_RE = re.compile(r"^CheXpert-v1\.0-small/(train|valid)/patient\d{5}/study\d+/view\d_(frontal|lateral)\.jpg$")
 LABEL_VALUES = {"", "1.0", "0.0", "-1.0"}
@@ -36,6 +37,20 @@ def test_rerun_is_byte_identical_and_worker_count_does_not_matter(small_set, tmp
     assert main(["--out", str(tmp_path / "other"), "--n", "40", "--size", "96", "--seed", "4", "--workers", "1"]) == 0
     c = _files(tmp_path / "other")
     assert sum(a[k] == c.get(k) for k in a if k.endswith(".jpg")) == 0   # another seed: other images
+
+
+def test_ingest_cli_dispatches_synth_to_the_synth_package(tmp_path):
+    from ingest.cli import main as ingest_main
+    assert ingest_main(["synth", "--out", str(tmp_path), "--n", "3", "--size", "64", "--seed", "3",
+                        "--workers", "1"]) == 0
+    with open(tmp_path / ROOT_NAME / "train.csv", newline="") as f:
+        assert next(csv.reader(f)) == CSV_HEADER
+
+
+def test_synth_label_columns_are_the_shard_schema_labels():
+    """synth keeps its own copy of the CheXpert columns (it sits left of ingest); the two must never drift."""
+    from synth.dataset import CHEXPERT_LABELS as SYNTH_LABELS
+    assert SYNTH_LABELS == CHEXPERT_LABELS
 
 
 def test_layout_and_csvs_parse_like_chexpert(small_set):
@@ -151,8 +166,7 @@ def _pair(finding: Findings, seed: int, view: str = "PA", size: int = 160) -> tu
 
 def _box(seed: int, shape, x: float, y: float, half: float = 0.06):
     """Pixel box around an anatomical point of the ``_pair`` patient (x, y in anatomical units)."""
-    from ingest.phantom import _Frame
-    frame = _Frame(shape[0], shape[1], POSE)
+    frame = Frame(shape[0], shape[1], POSE)
     (j, i), = frame.to_px([(x, y)])
     r = max(2, int(half * frame.unit_px))
     return np.s_[int(i) - r: int(i) + r, int(j) - r: int(j) + r]
@@ -167,7 +181,7 @@ def test_cardiomegaly_raises_the_measured_cardiothoracic_ratio(seed):
 
 def test_cardiomegaly_labels_match_measured_ctr_across_a_dataset():
     """Random poses, exposures and co-occurring findings: the measured CTR still separates the label."""
-    from ingest.synth import render_image
+    from synth.dataset import render_image
     ctr = {True: [], False: []}
     for p in plan_dataset(200, seed=5):
         for st in p.studies:
@@ -196,7 +210,7 @@ def test_consolidation_is_a_dense_patch_and_pneumothorax_removes_markings(seed):
     box = _box(seed, base.shape, -(anat.medi_hw + anat.thorax_hw) / 2, anat.apex_y + 0.55 * height, half=0.06)
     assert ill[box].mean() > base[box].mean() + 20
     base, ptx = _pair(Findings(pneumothorax=(1, 0.35)), seed)
-    lateral = anat.thorax_hw * (1 - 0.5 * 0.65 ** 3)     # lung edge at 35% of its height (phantom_frontal geometry)
+    lateral = anat.thorax_hw * (1 - 0.5 * 0.65 ** 3)     # lung edge at 35% of its height (synth/frontal.py geometry)
     rim = _box(seed, base.shape, lateral - 0.07, anat.apex_y + 0.35 * height, half=0.035)
     texture = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()      # noqa: E731  (ribs run across rows)
     assert texture(ptx[rim]) < texture(base[rim])
@@ -205,7 +219,7 @@ def test_consolidation_is_a_dense_patch_and_pneumothorax_removes_markings(seed):
 
 def test_same_patient_images_share_anatomy():
     """Two images of one patient are more alike than images of different patients (MICLe positives)."""
-    from ingest.synth import render_image
+    from synth.dataset import render_image
     patients = [p for p in plan_dataset(200, seed=2) if sum(im.view == "PA" or im.view == "AP"
                                                            for s in p.studies for im in s.images) >= 2][:6]
     small = []
@@ -241,7 +255,7 @@ def test_preview_captions_sit_directly_under_their_films(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from ingest.synth import save_preview
+    from synth.preview import save_preview
 
     films = [np.full((h, 64), 200, np.uint8) for h in (64, 80, 72)]  # portrait renders smaller than the tile
     path = save_preview(films, ["PA: Effusion", "AP: no finding", "LAT: " + "Edema, " * 20], tmp_path / "p.png",

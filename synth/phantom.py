@@ -1,21 +1,20 @@
-"""Procedural chest radiograph phantoms: anatomy and findings as an attenuation map, exposed and processed like a film.
+"""The phantom's types (anatomy, findings, pose), their samplers and the pixel <-> anatomy frame the renderers share.
 
-numpy + Pillow only. Shapes live in anatomical coordinates (x, y in image half-widths, patient's right on image left);
-the pose is an affine map, so a patient's anatomy and lung texture stay fixed while each image moves and re-exposes.
-"""
+Shapes live in anatomical coordinates (x, y in image half-widths, patient's right on image left); the pose is an affine
+map, so a patient's anatomy and lung texture stay fixed while each image moves. Imports nothing of the project."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 TEXTURE_EXTENT = 1.6      # noise fields cover [-1.6, 1.6]^2 anatomical units
 SIDES = (-1, 1)           # -1: patient's right lung (image left), +1: patient's left lung
 
 
-def _ramp(d, width: float):
+def ramp(d, width: float):
     """Soft inside-indicator of a signed distance-like quantity (> 0 inside), edge ``width`` wide."""
     return np.clip(d * (1.0 / width) + 0.5, 0.0, 1.0)
 
@@ -124,7 +123,7 @@ def sample_pose(rng: np.random.Generator, view: str) -> Pose:
     )
 
 
-class _Frame:
+class Frame:
     """Pixel grid <-> anatomical coordinates for one image under one pose."""
 
     def __init__(self, height_px: int, width_px: int, pose: Pose):
@@ -167,43 +166,3 @@ class _Frame:
         img = Image.fromarray(field_, mode="F").transform((self.w, self.h), Image.Transform.AFFINE, coeffs,
                                                           resample=Image.Resampling.BILINEAR)
         return np.asarray(img)
-
-
-def _expose(mu: np.ndarray, frame: _Frame, pose: Pose, rng: np.random.Generator, marker: str | None) -> np.ndarray:
-    """Attenuation -> detector signal -> window / gamma -> quantum noise -> blur + edge enhancement -> uint8."""
-    # displayed density ~ log transmission = attenuation, through an S-shaped film / LUT curve
-    k = pose.exposure
-    img = 0.5 + 0.5 * np.tanh((mu - pose.level) * k)
-    img = np.clip((img - pose.window_lo) * (1.0 / (pose.window_hi - pose.window_lo)), 0.0, 1.0) ** pose.gamma
-    img *= 1.0 + pose.heel * (np.arange(frame.h, dtype=np.float32)[:, None] / frame.h - 0.5)
-    # fewer photons behind dense structures: noise grows with brightness
-    img += (pose.noise * (0.4 + img)) * rng.standard_normal(img.shape, dtype=np.float32)
-    out = Image.fromarray(np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if pose.blur_px > 0.05:
-        out = out.filter(ImageFilter.GaussianBlur(pose.blur_px))
-    if pose.sharpen > 0:
-        out = out.filter(ImageFilter.UnsharpMask(radius=max(2, frame.w // 60), percent=int(pose.sharpen), threshold=2))
-    if marker:
-        from PIL import ImageFont
-        size = max(8, frame.w // 18)
-        draw = ImageDraw.Draw(out)
-        draw.text((frame.w * 0.06, frame.h * 0.04), marker, fill=235, font=ImageFont.load_default(size=size))
-    return np.asarray(out)
-
-
-def render_frontal(anat: Anatomy, find: Findings, pose: Pose, view: str, height_px: int, width_px: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """One PA or AP chest radiograph, uint8 (H, W)."""
-    from ingest.phantom_frontal import frontal_attenuation
-    frame = _Frame(height_px, width_px, pose)
-    mu = frontal_attenuation(anat, find, pose, view, frame)
-    return _expose(mu, frame, pose, rng, ("R" if rng.random() < 0.7 else "L") if pose.marker else None)
-
-
-def render_lateral(anat: Anatomy, find: Findings, pose: Pose, height_px: int, width_px: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """One left-lateral chest radiograph (anterior on image left), uint8 (H, W)."""
-    from ingest.phantom_lateral import lateral_attenuation
-    frame = _Frame(height_px, width_px, pose)
-    mu = lateral_attenuation(anat, find, pose, frame)
-    return _expose(mu, frame, pose, rng, "L" if pose.marker else None)

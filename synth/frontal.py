@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ingest.phantom import SIDES, Anatomy, Findings, Pose, _Frame, _ramp
+from synth.phantom import SIDES, Anatomy, Findings, Frame, Pose, ramp
 
 EDGE = 0.012          # soft-edge width of organ borders, anatomical units
 LUNG_AIR = 0.52       # attenuation removed where a full-thickness lung replaces soft tissue
@@ -28,7 +28,7 @@ def lung_geometry(anat: Anatomy, find: Findings, pose: Pose, view: str, x, y, si
     v_bottom = 1.0 - dome_h * dome
     v_top = 0.16 * (2.0 * uc - 0.9) ** 2
     dist = np.minimum(np.minimum(ax - medial, lateral - ax), np.minimum((v - v_top), (v_bottom - v)) * height)
-    mask = _ramp(dist, EDGE)
+    mask = ramp(dist, EDGE)
     return {"mask": mask, "u": u, "v": v, "ax": ax, "lateral": lateral, "medial": medial, "height": height,
             "v_bottom": v_bottom, "v_top": v_top}
 
@@ -47,17 +47,17 @@ def _ribs(anat: Anatomy, find: Findings, x, y, lat_limit, side: int, ax):
         gap = 0.0
     frac = k - np.round(k)
     band = np.exp(-(frac / 0.2) ** 2) + 0.35 * np.exp(-((np.abs(frac) - 0.2) / 0.04) ** 2)  # body + cortex
-    region = _ramp(lat_limit + 0.03 - ax, 0.02) * _ramp(ax - 0.07, 0.03) * _ramp(k + 0.5, 0.3) * _ramp(10.6 - k, 0.3)
+    region = ramp(lat_limit + 0.03 - ax, 0.02) * ramp(ax - 0.07, 0.03) * ramp(k + 0.5, 0.3) * ramp(10.6 - k, 0.3)
     post = band * region * (1.0 - gap)
     ya = y - 0.55 * (lat_limit - ax) + 0.25 * (lat_limit - ax) ** 2
     ka = (ya - anat.rib_y0 - 0.25) / (anat.rib_gap * 1.45)
     fa = ka - np.round(ka)
-    ant = (np.exp(-(fa / 0.16) ** 2) * _ramp(ax - 0.3, 0.08) * _ramp(lat_limit - ax, 0.03) * _ramp(ka + 0.3, 0.3)
-           * _ramp(6.5 - ka, 0.5))
+    ant = (np.exp(-(fa / 0.16) ** 2) * ramp(ax - 0.3, 0.08) * ramp(lat_limit - ax, 0.03) * ramp(ka + 0.3, 0.3)
+           * ramp(6.5 - ka, 0.5))
     return post, ant
 
 
-def _devices(find: Findings, anat: Anatomy, frame: _Frame, heart_xy, heart_r) -> np.ndarray:
+def _devices(find: Findings, anat: Anatomy, frame: Frame, heart_xy, heart_r) -> np.ndarray:
     """Tubes, lines, pacemaker and ECG leads drawn at the output resolution (thin, sharp, very dense)."""
     layer = Image.new("L", (frame.w, frame.h), 0)  # 255 = attenuation 1.0
     draw = ImageDraw.Draw(layer)
@@ -111,16 +111,16 @@ def _vessels(field_: np.ndarray, dx, dy, d2) -> np.ndarray:
     return np.exp(-(val / caliber) ** 2)
 
 
-def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, frame: _Frame) -> np.ndarray:
+def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, frame: Frame) -> np.ndarray:
     x, y = frame.x, frame.y
     ap = view == "AP"
     fine, mid = frame.texture(anat.textures[2]), frame.texture(anat.textures[1])
     # body: a soft-tissue cylinder with neck and shoulders
-    shoulder = _ramp(y - (anat.apex_y - 0.2), 0.25)
+    shoulder = ramp(y - (anat.apex_y - 0.2), 0.25)
     body_hw = 0.32 + (anat.body_hw - 0.32) * shoulder
     body = np.clip(1.0 - (x / body_hw) ** 2, 0.0, 1.0) ** 0.3   # flatter than a cylinder: chest wall stays bright
     mu = anat.soft * body * (0.92 + 0.04 * mid)
-    mu += 0.1 * body * _ramp(np.abs(x) - anat.thorax_hw, 0.08)   # chest-wall muscles seen tangentially
+    mu += 0.1 * body * ramp(np.abs(x) - anat.thorax_hw, 0.08)   # chest-wall muscles seen tangentially
     if anat.breast > 0:
         for s in SIDES:
             d2 = ((x - s * 0.52) / 0.36) ** 2 + ((y - (anat.base_y - 0.12)) / 0.26) ** 2
@@ -136,8 +136,8 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
     hy = anat.base_y + pose.inspiration - 0.2 * (anat.base_y - anat.apex_y) - 0.55 * ry
     xr, yr = x - hx, y - hy
     xt, yt = np.cos(t) * xr + np.sin(t) * yr, -np.sin(t) * xr + np.cos(t) * yr
-    heart = _ramp((1.0 - np.sqrt((xt / rx) ** 2 + (yt / ry) ** 2)) * min(rx, ry), EDGE)
-    knob = _ramp(0.065 - np.sqrt((x - (anat.medi_hw * 0.9)) ** 2 + (y - (anat.hilum_y - 0.3)) ** 2), EDGE)
+    heart = ramp((1.0 - np.sqrt((xt / rx) ** 2 + (yt / ry) ** 2)) * min(rx, ry), EDGE)
+    knob = ramp(0.065 - np.sqrt((x - (anat.medi_hw * 0.9)) ** 2 + (y - (anat.hilum_y - 0.3)) ** 2), EDGE)
     cardiac = np.maximum(heart, knob)
     mu += 0.03 * cardiac
 
@@ -163,9 +163,9 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
         if s in find.effusion:
             h = find.effusion[s]
             meniscus = (0.08 + 0.4 * h) * np.clip(u, 0, 1) ** 2
-            fluid = _ramp((v - (1.0 - h - meniscus)) * g["height"], 0.05) * _ramp(u * 4, 0.5)
+            fluid = ramp((v - (1.0 - h - meniscus)) * g["height"], 0.05) * ramp(u * 4, 0.5)
             if ap:   # supine: fluid layers posteriorly, a veil over the hemithorax
-                fluid = np.maximum(fluid, 0.35 * h * 2 * _ramp(v - 0.2, 0.4) * _ramp(u * 4, 0.5))
+                fluid = np.maximum(fluid, 0.35 * h * 2 * ramp(v - 0.2, 0.4) * ramp(u * 4, 0.5))
             opacity = np.maximum(opacity, 0.95 * fluid)
         for c_side, cu, cv, cr in find.consolidation:
             if c_side == s:
@@ -175,26 +175,26 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
                 opacity = np.maximum(opacity, 0.9 * patch)
         if find.edema > 0:
             bat = np.exp(-hil_d2 / (0.1 + 0.1 * find.edema)) * (0.75 + 0.25 * mid_s)
-            kerley = np.exp(-((((y * 28.0) % 1.0) - 0.5) / 0.08) ** 2) * _ramp(u - 0.8, 0.1) * _ramp(v - 0.6, 0.1)
+            kerley = np.exp(-((((y * 28.0) % 1.0) - 0.5) / 0.08) ** 2) * ramp(u - 0.8, 0.1) * ramp(v - 0.6, 0.1)
             opacity = np.maximum(opacity, find.edema * (0.9 * bat + 0.3 * kerley * (fine_s > 0)))
             mark = mark * (1.0 + find.edema)   # engorged, indistinct vessels
         for a_side, av, tilt in find.atelectasis:
             if a_side == s:
                 dist = (v - av - tilt * (u - 0.5)) * g["height"]
                 opacity = np.maximum(opacity,
-                                     0.9 * np.exp(-(dist / 0.03) ** 2) * _ramp(u - 0.1, 0.1) * _ramp(0.95 - u, 0.1))
+                                     0.9 * np.exp(-(dist / 0.03) ** 2) * ramp(u - 0.1, 0.1) * ramp(0.95 - u, 0.1))
         for l_side, lu, lv, lr in find.lesion:
             if l_side == s:
                 d = np.sqrt(((u - lu) * (g["lateral"] - g["medial"])) ** 2 + ((v - lv) * g["height"]) ** 2)
                 opacity = np.maximum(opacity,
-                                     0.9 * np.sqrt(np.clip(1 - (d / lr) ** 2, 0, 1)) + 0.1 * _ramp(lr - d, 0.01))
+                                     0.9 * np.sqrt(np.clip(1 - (d / lr) ** 2, 0, 1)) + 0.1 * ramp(lr - d, 0.01))
         if find.pleural_other == s:
-            rim = _ramp(0.03 - (g["lateral"] - ax), 0.01) * _ramp(v - 0.3, 0.2)
+            rim = ramp(0.03 - (g["lateral"] - ax), 0.01) * ramp(v - 0.3, 0.2)
             opacity = np.maximum(opacity, 0.6 * rim)
         if find.pneumothorax is not None and find.pneumothorax[0] == s:
             rim_w = find.pneumothorax[1] * (g["lateral"] - g["medial"]) * (1.0 - 0.55 * np.clip(v, 0, 1))
             edge_d = np.minimum(g["lateral"] - ax, (v - g["v_top"]) * g["height"] * 1.3)
-            ptx = _ramp(rim_w - edge_d, 0.006) * (lung > 0.01)
+            ptx = ramp(rim_w - edge_d, 0.006) * (lung > 0.01)
             mark = mark * (1.0 - ptx)
             pleural_line = np.exp(-((edge_d - rim_w) / 0.006) ** 2) * lung
             mu -= 0.07 * ptx * lung - 0.06 * pleural_line
@@ -206,9 +206,9 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
     mu += markings
 
     # mediastinum: trachea (air column) and spine through it
-    trachea = _ramp(0.042 - np.abs(x - 0.015 * (y + 1)), 0.015) * _ramp(anat.hilum_y - 0.2 - y, 0.03)
+    trachea = ramp(0.042 - np.abs(x - 0.015 * (y + 1)), 0.015) * ramp(anat.hilum_y - 0.2 - y, 0.03)
     mu -= 0.14 * trachea
-    column = _ramp(0.075 - np.abs(x), 0.02)
+    column = ramp(0.075 - np.abs(x), 0.02)
     disc = np.exp(-(((y * 9.5 + 0.3) % 1.0 - 0.5) / 0.09) ** 2)
     mu += anat.bone * column * (0.06 - 0.03 * disc)
     pedicles = np.exp(-(((np.abs(x) - 0.055) / 0.012) ** 2 + (((y * 9.5 + 0.3) % 1.0 - 0.25) / 0.1) ** 2))
@@ -216,7 +216,7 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
 
     # gastric bubble under the left hemidiaphragm
     stomach_y = anat.base_y + pose.inspiration + 0.05
-    mu -= 0.18 * _ramp(1.0 - ((x - 0.42) / 0.12) ** 2 - ((y - stomach_y) / 0.06) ** 2, 0.3) * (y < stomach_y + 0.02)
+    mu -= 0.18 * ramp(1.0 - ((x - 0.42) / 0.12) ** 2 - ((y - stomach_y) / 0.06) ** 2, 0.3) * (y < stomach_y + 0.02)
 
     # bones: ribs, clavicles, scapulae, humeral heads
     for s in SIDES:
@@ -228,13 +228,13 @@ def frontal_attenuation(anat: Anatomy, find: Findings, pose: Pose, view: str, fr
         mu += anat.bone * (0.09 * post + 0.045 * ant) * (0.35 + 0.65 * lung_total)
         tc = np.clip((ax - 0.05) / 0.7, 0.0, 1.0)
         clav_y = anat.apex_y + 0.16 - 0.2 * tc + 0.04 * np.sin(2 * np.pi * tc)
-        clav = (_ramp(0.028 + 0.012 * (1 - tc) - np.abs(y - clav_y), 0.012) * _ramp(ax - 0.07, 0.02)
-                * _ramp(0.8 - ax, 0.05))
+        clav = (ramp(0.028 + 0.012 * (1 - tc) - np.abs(y - clav_y), 0.012) * ramp(ax - 0.07, 0.02)
+                * ramp(0.8 - ax, 0.05))
         mu += 0.13 * anat.bone * clav
         hd = np.sqrt((ax - (anat.thorax_hw + 0.24)) ** 2 + (y - (anat.apex_y + 0.02)) ** 2)
         mu += 0.25 * anat.bone * np.sqrt(np.clip(1 - (hd / 0.17) ** 2, 0, 1))
         scap_x = 0.55 + 0.25 * np.clip((y - anat.apex_y) / 0.6, 0, 1) + (0.0 if ap else 0.18)
-        mu += 0.05 * anat.bone * _ramp(ax - scap_x, 0.02) * _ramp(anat.apex_y + 0.6 - y, 0.1) * _ramp(1.05 - ax, 0.05)
+        mu += 0.05 * anat.bone * ramp(ax - scap_x, 0.02) * ramp(anat.apex_y + 0.6 - y, 0.1) * ramp(1.05 - ax, 0.05)
 
     if find.devices:
         mu += _devices(find, anat, frame, (hx, hy), rx)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ingest.phantom import Anatomy, Findings, Pose, _Frame, _ramp
+from synth.phantom import Anatomy, Findings, Frame, Pose, ramp
 
 EDGE = 0.015
 
 
-def _lateral_devices(find: Findings, anat: Anatomy, frame: _Frame) -> np.ndarray:
+def _lateral_devices(find: Findings, anat: Anatomy, frame: Frame) -> np.ndarray:
     layer = Image.new("L", (frame.w, frame.h), 0)  # 255 = attenuation 1.0
     draw = ImageDraw.Draw(layer)
     px = max(2, int(round(frame.unit_px * 0.01)))
@@ -28,20 +28,20 @@ def _lateral_devices(find: Findings, anat: Anatomy, frame: _Frame) -> np.ndarray
     return np.asarray(layer.filter(ImageFilter.GaussianBlur(0.5)), dtype=np.float32) * (1.0 / 255.0)
 
 
-def lateral_attenuation(anat: Anatomy, find: Findings, pose: Pose, frame: _Frame) -> np.ndarray:
+def lateral_attenuation(anat: Anatomy, find: Findings, pose: Pose, frame: Frame) -> np.ndarray:
     x, y = frame.x, frame.y
     fine = frame.texture(anat.textures[2])
     mid = frame.texture(anat.textures[1])
     # the body is thickest side-to-side: a lateral film is denser and flatter than a frontal one
-    neck = _ramp(y - (anat.apex_y - 0.15), 0.3)
+    neck = ramp(y - (anat.apex_y - 0.15), 0.3)
     front = -0.35 - 0.45 * neck
     back = 0.5 + 0.35 * neck
     mid_x = (front + back) / 2
     body = np.sqrt(np.clip(1.0 - ((x - mid_x) / ((back - front) / 2 + 0.05)) ** 2, 0.0, 1.0))
     mu = anat.soft * 1.05 * body * (0.95 + 0.03 * mid)
     # raised arms over the upper chest
-    mu += (0.12 * _ramp(0.16 - np.abs((x + 0.1) * 0.6 + (y - (anat.apex_y - 0.05))), 0.08)
-           * _ramp(anat.apex_y + 0.3 - y, 0.1))
+    mu += (0.12 * ramp(0.16 - np.abs((x + 0.1) * 0.6 + (y - (anat.apex_y - 0.05))), 0.08)
+           * ramp(anat.apex_y + 0.3 - y, 0.1))
 
     height = anat.base_y + pose.inspiration + 0.05 - anat.apex_y
     v = (y - anat.apex_y) / height
@@ -52,20 +52,20 @@ def lateral_attenuation(anat: Anatomy, find: Findings, pose: Pose, frame: _Frame
     uc = np.clip(u, 0, 1)
     v_bottom = 0.86 + 0.14 * uc ** 2 - 0.1 * np.clip(np.sin(np.pi * uc), 0, 1)   # posterior sulcus is the deepest
     dist = np.minimum(np.minimum(x - ant, post - x), np.minimum(v - 0.2 * (2 * uc - 1) ** 2, v_bottom - v) * height)
-    lung = _ramp(dist, EDGE)
+    lung = ramp(dist, EDGE)
 
     ctr_gain = find.cardiomegaly / 0.44
     rx, ry = 0.27 * (1 + 0.9 * ctr_gain), 0.25 * (1 + 0.3 * ctr_gain)
     hx, hy = -0.3 + 0.1 * ctr_gain, anat.apex_y + 0.75 * height
-    heart = _ramp((1 - np.sqrt(((x - hx) / rx) ** 2 + ((y - hy) / ry) ** 2)) * min(rx, ry), EDGE)
+    heart = ramp((1 - np.sqrt(((x - hx) / rx) ** 2 + ((y - hy) / ry) ** 2)) * min(rx, ry), EDGE)
     aorta = np.exp(-((np.sqrt((x - 0.02) ** 2 + ((y - (anat.hilum_y - 0.15)) * 1.3) ** 2) - 0.2) / 0.035) ** 2)
-    aorta *= _ramp(anat.hilum_y - 0.1 - y, 0.1) + _ramp(x - 0.18, 0.05)
+    aorta *= ramp(anat.hilum_y - 0.1 - y, 0.1) + ramp(x - 0.18, 0.05)
     lung = lung * (1 - 0.8 * heart)
 
     opacity = np.zeros_like(x)
     if find.effusion:
         h = max(find.effusion.values())
-        fluid = _ramp((v - (1.0 - h * 0.8 - (0.05 + 0.35 * h) * uc ** 2)) * height, 0.04)
+        fluid = ramp((v - (1.0 - h * 0.8 - (0.05 + 0.35 * h) * uc ** 2)) * height, 0.04)
         opacity = np.maximum(opacity, 0.95 * fluid)
     for _, cu, cv, cr in find.consolidation:
         d2 = ((u - (0.3 + 0.4 * cu)) * (post - ant)) ** 2 + ((v - cv) * height) ** 2
@@ -81,17 +81,17 @@ def lateral_attenuation(anat: Anatomy, find: Findings, pose: Pose, frame: _Frame
     mu += 0.03 * heart + 0.03 * aorta
 
     trachea_x = 0.0 + 0.08 * (y - anat.apex_y)
-    mu -= 0.07 * _ramp(0.04 - np.abs(x - trachea_x), 0.015) * _ramp(anat.hilum_y - 0.15 - y, 0.04)
+    mu -= 0.07 * ramp(0.04 - np.abs(x - trachea_x), 0.015) * ramp(anat.hilum_y - 0.15 - y, 0.04)
     # thoracic spine: vertebral bodies with disc spaces, following a gentle kyphosis
     spine_x = 0.56 + 0.06 * (y - 0.0) ** 2 - 0.04 * y
-    in_column = _ramp(0.09 - np.abs(x - spine_x), 0.012)
+    in_column = ramp(0.09 - np.abs(x - spine_x), 0.012)
     disc = np.exp(-(((y * 8.5 + 0.2) % 1.0 - 0.5) / 0.08) ** 2)
     mu += anat.bone * in_column * (0.09 - 0.05 * disc)
-    mu += 0.05 * anat.bone * _ramp(0.05 - np.abs(x - (spine_x + 0.16)), 0.02) * (1 - disc)   # posterior elements
-    sternum = (_ramp(0.03 - np.abs(x - (ant - 0.07)), 0.01) * _ramp(y - (anat.apex_y + 0.2), 0.02)
-               * _ramp(hy + 0.1 - y, 0.05))
+    mu += 0.05 * anat.bone * ramp(0.05 - np.abs(x - (spine_x + 0.16)), 0.02) * (1 - disc)   # posterior elements
+    sternum = (ramp(0.03 - np.abs(x - (ant - 0.07)), 0.01) * ramp(y - (anat.apex_y + 0.2), 0.02)
+               * ramp(hy + 0.1 - y, 0.05))
     mu += 0.1 * anat.bone * sternum
-    ribs = np.exp(-((((y - 0.35 * x) / anat.rib_gap) % 1.0 - 0.5) / 0.15) ** 2) * _ramp(x - 0.2, 0.1) * lung
+    ribs = np.exp(-((((y - 0.35 * x) / anat.rib_gap) % 1.0 - 0.5) / 0.15) ** 2) * ramp(x - 0.2, 0.1) * lung
     mu += 0.04 * anat.bone * ribs
     if find.devices:
         mu += _lateral_devices(find, anat, frame)
