@@ -24,8 +24,8 @@ from ingest.records import Record, Reject, parse_views_option
 from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS, VIEWS_CACHE_DIR
 from ingest.shards import EncodedSample, tar_archive_bytes, write_encoded_shard
 from ingest.sources import SOURCES, SourceError, SourceOptions, read_source
-from ingest.state import (STATE_DIR, Segment, clear_failed, failed_run, keep_until_first_reject, load_segments, mark_failed,
-                          read_plan_fingerprint, save_plan_fingerprint, save_segment)
+from ingest.state import (STATE_DIR, Segment, clear_failed, failed_run, keep_until_first_reject, load_segments,
+                          mark_failed, read_plan_fingerprint, save_plan_fingerprint, save_segment)
 from ingest.workers import GuardedPool, SampleTask, SampleWorker, TaskResult
 
 LEGACY_SALT_FILE = "pseudonym-salt.txt"  # older versions kept the salt in OUT: refused now
@@ -56,17 +56,19 @@ def parse_bytes(text: str) -> int:
 
 
 EPILOG = """sources (--source):
-  chexpert  ROOT/train.csv, valid.csv (CheXpert v1.0 or v1.0-small); official split: valid.csv -> test,
-            train.csv -> train, with --val-frac of its patients hashed into val
+  chexpert  ROOT/train.csv, valid.csv (CheXpert v1.0 or v1.0-small, or one folder down); official split:
+            valid.csv -> test, train.csv -> train, with --val-frac of its patients hashed into val
   nih       ROOT/Data_Entry_2017*.csv, PNGs in ROOT/, ROOT/images/ or ROOT/images_NNN/images/;
             train_val_list.txt + test_list.txt honoured when present
   mimic     ROOT/files/pXX/pNNN/sNNN/*.jpg + mimic-cxr-2.0.0-{metadata,split,chexpert}.csv[.gz]
   dicom     every file under ROOT (header filters: --modalities, --body-parts, --frames, ...; see
             `ingest scan` for a dry run); PatientID / StudyInstanceUID replaced by salted hashes
-  folder    ROOT/<class>/**/image (one-hot labels over the class folders) or --labels-csv
+  folder    ROOT/<class>/**/image (one-hot labels over the class folders) or --labels-csv; symlinks followed
+            (loops rejected); a tree with CheXpert / NIH / MIMIC metadata is refused unless --force-folder
 output: OUT/{train,val,test}/shard-NNNNNN.tar + .idx, patients.json, rejects.tsv, filtered.tsv, manifest.json
 (written last). inputs = written + rejected + filtered, always. A killed run continues when started again
-with the same arguments, and the result is byte-identical to an uninterrupted run.
+with the same arguments, and the result is byte-identical to an uninterrupted run. A run that writes no
+sample, or fails --strict, writes no manifest: the same command runs it again without --overwrite.
 privacy (dicom, folder): OUT names inputs only by salted pseudonyms (input_id) and sha256; the salt
 (--salt-file) and the map back to raw paths (--private-log) are kept outside OUT, mode 600."""
 

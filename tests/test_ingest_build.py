@@ -495,3 +495,34 @@ def test_dead_or_hung_worker_costs_one_reject_and_the_run_goes_on(tmp_path, monk
     assert log["cls/kill.png"] == "decoder process killed by SIGKILL while reading this file"
     assert log["cls/hang.png"] == "decoding took longer than --file-timeout-s 3"
     assert verify.main([str(out)]) == 0
+
+
+def test_chexpert_root_one_level_up_is_found(chexpert_root, tmp_path, tmp_path_factory, capsys):
+    root, _, _ = chexpert_root
+    outs = tmp_path_factory.mktemp("outs")  # outside tmp_path: --out must not be inside --root
+    args = ("--workers", "0", "--size", "32")
+    assert _build(root, outs / "ref", *args) == 0
+    capsys.readouterr()
+    assert _build(tmp_path, outs / "above", *args) == 0  # tmp_path holds CheXpert-v1.0-small
+    assert f"using {root} as --root" in capsys.readouterr().out
+    ref, got = _files(outs / "ref"), _files(outs / "above")
+    assert ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
+    (tmp_path / "CheXpert-v1.0").symlink_to(root)  # two candidates: the user chooses
+    assert _build(tmp_path, outs / "two", *args) == 2
+    err = capsys.readouterr().err
+    assert "several CheXpert folders (CheXpert-v1.0, CheXpert-v1.0-small)" in err and not (outs / "two").exists()
+
+
+def test_folder_source_refuses_a_chexpert_tree_unless_forced(chexpert_root, tmp_path, tmp_path_factory, capsys):
+    root, rows, _ = chexpert_root
+    outs = tmp_path_factory.mktemp("outs")
+    for given in (root, tmp_path):  # the CheXpert folder itself, or the folder above it
+        assert _build(given, outs / "refused", "--workers", "0", source="folder") == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "use --source chexpert" in err[0] and "train.csv" in err[0]
+        assert "--force-folder" in err[0]
+        assert not (outs / "refused").exists()
+    assert _build(root, outs / "forced", "--workers", "0", "--size", "32", "--force-folder", source="folder") == 0
+    m = load_manifest(outs / "forced")
+    assert m.label_names == ["train"]  # what was asked for: class folders, whatever they are named
+    assert m.data["counts"]["inputs"] == len(rows) - 1 + 1  # the films (one listed film is absent) + train.csv
