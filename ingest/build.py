@@ -24,7 +24,8 @@ from ingest.records import Record, Reject, parse_views_option
 from ingest.schema import INDEX_SUFFIX, MANIFEST_NAME, REJECTS_NAME, SHARD_PATTERN, SPLITS, VIEWS_CACHE_DIR
 from ingest.shards import EncodedSample, tar_archive_bytes, write_encoded_shard
 from ingest.sources import SOURCES, SourceError, SourceOptions, read_source
-from ingest.state import STATE_DIR, Segment, load_segments, read_plan_fingerprint, save_plan_fingerprint, save_segment
+from ingest.state import (STATE_DIR, Segment, clear_failed, failed_run, keep_until_first_reject, load_segments,
+                          mark_failed, read_plan_fingerprint, save_plan_fingerprint, save_segment)
 from ingest.workers import GuardedPool, SampleTask, SampleWorker, TaskResult
 
 LEGACY_SALT_FILE = "pseudonym-salt.txt"  # older versions kept the salt in OUT: refused now
@@ -55,17 +56,19 @@ def parse_bytes(text: str) -> int:
 
 
 EPILOG = """sources (--source):
-  chexpert  ROOT/train.csv, valid.csv (CheXpert v1.0 or v1.0-small); official split: valid.csv -> test,
-            train.csv -> train, with --val-frac of its patients hashed into val
+  chexpert  ROOT/train.csv, valid.csv (CheXpert v1.0 or v1.0-small, or one folder down); official split:
+            valid.csv -> test, train.csv -> train, with --val-frac of its patients hashed into val
   nih       ROOT/Data_Entry_2017*.csv, PNGs in ROOT/, ROOT/images/ or ROOT/images_NNN/images/;
             train_val_list.txt + test_list.txt honoured when present
   mimic     ROOT/files/pXX/pNNN/sNNN/*.jpg + mimic-cxr-2.0.0-{metadata,split,chexpert}.csv[.gz]
   dicom     every file under ROOT (header filters: --modalities, --body-parts, --frames, ...; see
             `ingest scan` for a dry run); PatientID / StudyInstanceUID replaced by salted hashes
-  folder    ROOT/<class>/**/image (one-hot labels over the class folders) or --labels-csv
+  folder    ROOT/<class>/**/image (one-hot labels over the class folders) or --labels-csv; symlinks followed
+            (loops rejected); a tree with CheXpert / NIH / MIMIC metadata is refused unless --force-folder
 output: OUT/{train,val,test}/shard-NNNNNN.tar + .idx, patients.json, rejects.tsv, filtered.tsv, manifest.json
 (written last). inputs = written + rejected + filtered, always. A killed run continues when started again
-with the same arguments, and the result is byte-identical to an uninterrupted run.
+with the same arguments, and the result is byte-identical to an uninterrupted run. A run that writes no
+sample, or fails --strict, writes no manifest: the same command runs it again without --overwrite.
 privacy (dicom, folder): OUT names inputs only by salted pseudonyms (input_id) and sha256; the salt
 (--salt-file) and the map back to raw paths (--private-log) are kept outside OUT, mode 600."""
 
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding processes (0: in-process)")
     p.add_argument("--labels-csv", type=Path, help="folder / dicom: CSV with path [, patient, study, view, sex, age] "
                                                    "and a 'label' column or one column per label")
+    p.add_argument("--force-folder", action="store_true",
+                   help="folder: pack ROOT as class folders even when it holds CheXpert, NIH or MIMIC metadata "
+                        "(refused by default: that source reads the real labels, views and patients)")
     p.add_argument("--dataset-name", help="folder / dicom: value of the 'dataset' field and key prefix")
     p.add_argument("--salt-file", type=Path, default=argparse.SUPPRESS,
                    help=f"dicom / folder: the pseudonym key, kept by the data team outside OUT; created (mode 600, "
@@ -109,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file-timeout-s", type=float, default=300.0,
                    help="with --workers >= 1: a worker still decoding one file after this long is killed and the "
                         "file rejected (a crashing decoder costs its file only, whatever this is)")
-    p.add_argument("--strict", action="store_true", help="exit non-zero when any input is rejected")
+    p.add_argument("--strict", action="store_true",
+                   help="when any input is rejected: exit 1 and write no manifest (rejects.tsv says why; the rerun "
+                        "resumes up to the first rejected input)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished (or differently configured) output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -134,11 +142,12 @@ def _check_args(a: argparse.Namespace) -> frozenset[str]:
         raise BuildError(str(e)) from None
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse finished or foreign output; with --overwrite remove only what ingest writes."""
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse finished or foreign output before anything is written (a failed check leaves OUT as it was)."""
     if out.exists() and not out.is_dir():
         raise BuildError(f"{out}: --out exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir():
+        return
     if (out / LEGACY_SALT_FILE).exists():
         raise BuildError(f"{out / LEGACY_SALT_FILE}: a pseudonym salt inside OUT would ship with the shards; move it "
                          f"out of OUT and pass it with --salt-file")
@@ -148,13 +157,20 @@ def prepare_out(out: Path, overwrite: bool) -> None:
                          "choose an empty --out")
     if (out / MANIFEST_NAME).is_file() and not overwrite:
         raise BuildError(f"{out}: holds a finished ingest (manifest.json); pass --overwrite to rebuild it")
-    if overwrite:
-        for name in OWN_ENTRIES:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Once every check passed: create OUT; with --overwrite remove only what ingest writes. Without it, the
+    final files of an unfinished run (written again at the end) go, and its resume state stays."""
+    check_out(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    names = OWN_ENTRIES if overwrite else OWN_ENTRIES - {*SPLITS, STATE_DIR, VIEWS_CACHE_DIR}
+    for name in names:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 class Privacy:
@@ -269,9 +285,15 @@ def run(a: argparse.Namespace) -> int:
         raise BuildError(f"{a.out}: --out must not be inside --root (its files would become inputs)")
     if a.labels_csv is not None and not a.labels_csv.is_file():
         raise BuildError(f"{a.labels_csv}: --labels-csv not found")
+    if a.force_folder and a.source != "folder":
+        raise BuildError(f"--force-folder applies to --source folder only, not {a.source}")
+    check_out(a.out, a.overwrite)
     privacy = Privacy(a)
-    prepare_out(a.out, a.overwrite)
-    src = read_source(a.source, a.root, SourceOptions(a.labels_csv, privacy.salt, a.dataset_name, a.workers, policy))
+    src = read_source(a.source, a.root, SourceOptions(a.labels_csv, privacy.salt, a.dataset_name, a.workers, policy,
+                                                      force_folder=a.force_folder))
+    if src.root is not None:
+        print(f"ingest build-shards: using {src.root} as --root (the {src.dataset} folder found in {a.root})")
+        a.root = src.root
     if not src.has_official_split:
         a.split_mode = "hash"  # recorded as what was actually done
     options = options_json(a, privacy)
@@ -285,11 +307,18 @@ def run(a: argparse.Namespace) -> int:
         raise BuildError(str(e)) from None
     plan.filtered = src.filtered + plan.filtered  # header filters, then --views
     plan.num_inputs += len(src.filtered)
-    old = read_plan_fingerprint(a.out)
-    if old is not None and old != plan.fingerprint:
+    old = None if a.overwrite else read_plan_fingerprint(a.out)
+    restart = old is not None and old != plan.fingerprint
+    if restart and not failed_run(a.out):  # a killed run's hours of work are not dropped without being asked
         raise BuildError(f"{a.out}: holds a partial ingest made with other arguments or inputs; "
                          "re-run with the same arguments or pass --overwrite")
+    # Every check passed: only now is OUT created or cleared. A failure from here on leaves resume state only.
+    if restart:
+        print(f"ingest build-shards: {a.out}: the inputs or arguments changed since the failed run there; "
+              "starting over")
+    prepare_out(a.out, a.overwrite or restart)
     save_plan_fingerprint(a.out, plan.fingerprint)
+    clear_failed(a.out)
     done = load_segments(a.out, {s: len(plan.order[s]) for s in SPLITS})
     _clean_partial_files(a.out, done)
     writers = {s: SplitWriter(a.out, s, done[s], a.shard_max_bytes, a.shard_max_samples) for s in SPLITS}
@@ -337,6 +366,8 @@ def _finish(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter], 
     rejects = [privacy.row(p, reason, sha) for p, reason, sha in raw]
     filtered = [{k: v for k, v in privacy.row(f.source_path, f.reason).items() if k != "sha256"} for f in plan.filtered]
     extra = dict(notes)
+    written = sum(sp["num_samples"] for sp in splits.values())
+    finished = written > 0 and not (a.strict and raw)  # a failed run leaves no manifest that looks finished
     if privacy.private:
         extra["pseudonymisation"] = {
             "method": "HMAC-SHA256(salt, identifier or relative path), first 64 bits, hex",
@@ -346,8 +377,13 @@ def _finish(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter], 
                              for f in plan.filtered])
     manifest = write_outputs(a.out, dataset=plan.dataset, label_names=plan.label_names, patients=plan.patients,
                              splits=splits, rejects=rejects, filtered=filtered, num_inputs=plan.num_inputs,
-                             options=options_json(a, privacy), extra=extra)
-    shutil.rmtree(a.out / STATE_DIR, ignore_errors=True)
+                             options=options_json(a, privacy), extra=extra, private=privacy.private,
+                             finished=finished)
+    if finished:
+        shutil.rmtree(a.out / STATE_DIR, ignore_errors=True)
+    else:  # no manifest: what stays is resumable (segments before the first reject) or removed
+        _clean_partial_files(a.out, keep_until_first_reject(a.out, {s: writers[s].segments for s in SPLITS}))
+        mark_failed(a.out, "no sample written" if not written else "--strict and rejects")
     summary_table(manifest)
     if privacy.private:
         made = " (created now: keep it, it maps patients to pseudonyms)" if privacy.salt_created else ""

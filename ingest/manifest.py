@@ -29,9 +29,18 @@ def _tsv_cell(text: str) -> str:
     return str(text).replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
 
-def write_tsv(path: Path, rows: list[dict]) -> None:
-    """Rows of one shape; the header is their keys (source_path, reason; or input_id, sha256, reason)."""
-    columns = list(rows[0]) if rows else ["source_path", "reason"]
+# The columns of rejects.tsv and filtered.tsv: public datasets name inputs by path, private sources (paths may
+# identify) by salted pseudonym. The header depends only on that, never on whether any row was written.
+PUBLIC_COLUMNS = ("source_path", "reason")
+PRIVATE_REJECT_COLUMNS = ("input_id", "sha256", "reason")
+PRIVATE_FILTERED_COLUMNS = ("input_id", "reason")
+
+
+def write_tsv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """A header of ``columns``, then one line per row (each row has exactly these keys)."""
+    for row in rows:
+        if tuple(row) != columns:
+            raise AssertionError(f"{path.name}: row columns {list(row)} != header {list(columns)}")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write("\t".join(columns) + "\n")
@@ -41,16 +50,18 @@ def write_tsv(path: Path, rows: list[dict]) -> None:
 
 
 def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], splits: dict, rejects: list[dict],
-                  filtered: list[dict], num_inputs: int, options: dict, extra: dict) -> dict:
-    """Write patients.json, rejects.tsv, filtered.tsv, then manifest.json; returns the manifest dict. A reject
-    is {source_path, reason} for public datasets, {input_id, sha256, reason} where paths may identify."""
+                  filtered: list[dict], num_inputs: int, options: dict, extra: dict, private: bool,
+                  finished: bool = True) -> dict:
+    """Write rejects.tsv, filtered.tsv, patients.json, then manifest.json; returns the manifest dict. A reject
+    is {source_path, reason} for public datasets, {input_id, sha256, reason} where paths may identify.
+    A run that wrote no sample is never finished; with ``finished`` False only the two TSVs (why it failed) are
+    written, no manifest, so `ingest verify` and the trainer refuse the folder and a rerun needs no --overwrite."""
     written = sum(s["num_samples"] for s in splits.values())
     if num_inputs != written + len(rejects) + len(filtered):
         raise AssertionError(f"inputs {num_inputs} != written {written} + rejected {len(rejects)} "
                              f"+ filtered {len(filtered)}")
-    write_json_atomic(out / PATIENTS_NAME, patients)
-    write_tsv(out / REJECTS_NAME, rejects)
-    write_tsv(out / FILTERED_NAME, filtered)
+    write_tsv(out / REJECTS_NAME, rejects, PRIVATE_REJECT_COLUMNS if private else PUBLIC_COLUMNS)
+    write_tsv(out / FILTERED_NAME, filtered, PRIVATE_FILTERED_COLUMNS if private else PUBLIC_COLUMNS)
     manifest = {
         "format_version": FORMAT_VERSION,
         "datasets": [dataset],
@@ -65,7 +76,9 @@ def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], 
         "tool_versions": tool_versions(),
         **extra,
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest, indent=1)
+    if finished and written > 0:
+        write_json_atomic(out / PATIENTS_NAME, patients)
+        write_json_atomic(out / MANIFEST_NAME, manifest, indent=1)
     return manifest
 
 

@@ -53,11 +53,15 @@ def _uid_name(uid: str) -> str:
 
 
 def collect(root: Path, workers: int, policy) -> dict:
-    files = walk_files(root, root)
+    unwalked: list = []  # symlink loops and unreadable folders, counted as build-shards rejects them
+    files = walk_files(root, root, unwalked)
     t0 = time.perf_counter()
     headers = read_headers(root, files, workers)
     counts = {k: Counter() for k in ("modality", "sop_class", "transfer_syntax", "photometric", "view", "body_part",
                                      "outcome", "rejected", "filtered", "patient_key")}
+    for problem in unwalked:
+        counts["outcome"]["rejected"] += 1
+        counts["rejected"][_reason_kind(problem.reason)] += 1
     for rel, h in zip(files, headers):
         if isinstance(h, str):
             counts["outcome"]["rejected"] += 1

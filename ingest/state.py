@@ -12,6 +12,7 @@ from ingest.shards import sha256_file
 
 STATE_DIR = ".ingest-state"
 PLAN_FILE = "plan.json"
+FAILED_FILE = "failed.json"  # the run got to the end but failed (no sample, or --strict and rejects): no manifest
 
 
 @dataclass
@@ -90,3 +91,30 @@ def load_segments(out: Path, plan_lengths: dict[str, int]) -> dict[str, list[Seg
             done[split].append(seg)
             start, seq = seg.plan_end, seq + 1
     return done
+
+
+def keep_until_first_reject(out: Path, done: dict[str, list[Segment]]) -> dict[str, list[Segment]]:
+    """After a failed run: each split keeps its segments before the first one with a reject, so a rerun (once
+    the inputs are fixed) redoes the rejected inputs and what follows, and resumes the rest. Later segment
+    files are removed; returns the segments kept."""
+    kept: dict[str, list[Segment]] = {}
+    for split, segs in done.items():
+        n = next((i for i, seg in enumerate(segs) if seg.rejects), len(segs))
+        kept[split] = segs[:n]
+        for seg in segs[n:]:
+            segment_path(out, split, seg.seq).unlink(missing_ok=True)
+    return kept
+
+
+def mark_failed(out: Path, reason: str) -> None:
+    write_json_atomic(out / STATE_DIR / FAILED_FILE, {"reason": reason})
+
+
+def clear_failed(out: Path) -> None:
+    """A rerun has started: if it is killed now, its state is a killed run's again."""
+    (out / STATE_DIR / FAILED_FILE).unlink(missing_ok=True)
+
+
+def failed_run(out: Path) -> bool:
+    """Whether OUT's resume state is that of a run that finished and failed (not of a killed run)."""
+    return (out / STATE_DIR / FAILED_FILE).is_file()

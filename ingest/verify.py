@@ -92,6 +92,9 @@ def verify(out: Path, workers: int = 1) -> tuple[list[str], dict]:
     except ShardFormatError as e:
         return [str(e)], {}
     data = m.data
+    listed = sum(int(sp.get("num_samples", 0) or 0) for sp in data.get("splits", {}).values())
+    if listed == 0:  # older versions wrote a manifest for runs that wrote nothing: not a usable output
+        return [f"{out}: the manifest lists 0 samples (a run that wrote nothing; see rejects.tsv and filtered.tsv)"], {}
     size = int(data.get("options", {}).get("size", 0) or 0)
     patients = None
     table = data.get("patient_table")
@@ -184,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="shards checked in parallel")
     a = p.parse_args(argv)
     problems, totals = verify(a.out, a.workers)
+    if len(problems) == 1:  # one problem, one line
+        print(f"ingest verify: FAILED: {problems[0]}", file=sys.stderr)
+        return 1
     for line in problems[:MAX_PROBLEMS_SHOWN]:
         print(f"ingest verify: {line}", file=sys.stderr)
     if len(problems) > MAX_PROBLEMS_SHOWN:

@@ -241,7 +241,8 @@ def test_refuses_to_overwrite_and_strict(chexpert_root, tmp_path, capsys):
     assert _build(root, out, "--workers", "0", "--size", "32") == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert _build(root, out, "--workers", "0", "--size", "32", "--overwrite", "--strict") == 1  # 2 rejects
-    assert load_manifest(out).data["counts"]["rejected"] == 2
+    assert not (out / "manifest.json").exists()  # a failed run does not look finished
+    assert len((out / "rejects.tsv").read_text().splitlines()) == 1 + 2
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "thesis.tex").write_text("keep me")
     assert _build(root, tmp_path / "foreign", "--workers", "0", "--overwrite") == 2
@@ -330,15 +331,117 @@ def test_verify_catches_patient_in_two_splits_and_bad_pid(chexpert_root, tmp_pat
     assert "sha256" not in err  # the manifest was updated: only the real problems are reported
 
 
-def test_nothing_usable_is_an_error(tmp_path, capsys):
+def test_run_with_no_sample_leaves_no_manifest_and_reruns_without_overwrite(shared_data, tmp_path, capsys):
     root = tmp_path / "root"
     (root / "cls").mkdir(parents=True)
     (root / "cls" / "a.png").write_bytes(b"")
     (root / "cls" / "b.txt").write_text("x")
-    assert build.main(["--source", "folder", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "0",
-                       "--no-progress"]) == 1
+    out = tmp_path / "out"
+    args = ["--source", "folder", "--root", str(root), "--out", str(out), "--workers", "0", "--no-progress",
+            "--size", "32"]
+    assert build.main(args) == 1
     assert "no sample written" in capsys.readouterr().err
-    assert load_manifest(tmp_path / "out").data["counts"] == {"inputs": 2, "written": 0, "rejected": 2, "filtered": 0}
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert left == [".ingest-state/failed.json", ".ingest-state/plan.json", "filtered.tsv", "rejects.tsv"]
+    rejects = (out / "rejects.tsv").read_text().splitlines()
+    assert rejects[0] == "input_id\tsha256\treason" and len(rejects) == 3
+    assert verify.main([str(out)]) == 1
+    # The inputs fixed (a real film, the stray text file gone): the same command finishes, no --overwrite.
+    Image.open(sorted((shared_data / "pneumonia-mini" / "Normal").glob("*.jpeg"))[0]).convert("L").save(
+        root / "cls" / "a.png")
+    (root / "cls" / "b.txt").unlink()
+    assert build.main(args) == 0
+    assert "starting over" in capsys.readouterr().out
+    assert load_manifest(out).data["counts"] == {"inputs": 1, "written": 1, "rejected": 0, "filtered": 0}
+    assert not (out / ".ingest-state").exists()
+    assert build.main([*args[:5], str(tmp_path / "fresh"), *args[6:]]) == 0
+    ref, got = _files(tmp_path / "fresh"), _files(out)
+    assert ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
+    assert verify.main([str(out)]) == 0
+
+
+def test_strict_failure_resumes_to_the_same_bytes(chexpert_root, tmp_path, capsys):
+    root, _, _ = chexpert_root
+    args = ("--workers", "0", "--size", "32", "--shard-max-samples", "4")
+    assert _build(root, tmp_path / "ref", *args) == 0
+    out = tmp_path / "out"
+    assert _build(root, out, *args, "--strict") == 1
+    assert not (out / "manifest.json").exists() and not (out / "patients.json").exists()
+    assert len((out / "rejects.tsv").read_text().splitlines()) == 1 + 2
+    # Only segments before the first reject stay, each with its shard; nothing else of the run is left.
+    segs = sorted((out / ".ingest-state").glob("train-*.json"))
+    shards = sorted(p.name for p in (out / "train").iterdir()) if (out / "train").is_dir() else []
+    assert all(not json.loads(p.read_text())["rejects"] for p in segs)
+    assert len(shards) == 2 * len(segs)
+    assert verify.main([str(out)]) == 1
+    capsys.readouterr()
+    assert _build(root, out, *args) == 0  # no --overwrite: the failed run was not finished
+    ref, got = _files(tmp_path / "ref"), _files(out)
+    assert ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
+
+
+def test_verify_refuses_a_manifest_of_zero_samples(chexpert_root, tmp_path, capsys):
+    root, _, _ = chexpert_root
+    out = tmp_path / "out"
+    assert _build(root, out, "--workers", "0", "--size", "32") == 0
+    data = json.loads((out / "manifest.json").read_text())
+    for split in SPLITS:  # what older versions wrote for a run where every input was rejected
+        data["splits"][split].update(num_samples=0, num_patients=0, shards=[])
+        if (out / split).is_dir():
+            for p in (out / split).iterdir():
+                p.unlink()
+    (out / "manifest.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert verify.main([str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "0 samples" in err[0] and str(out) in err[0]
+
+
+def test_failed_early_checks_leave_nothing_in_out(chexpert_root, tmp_path, capsys):
+    root, _, _ = chexpert_root
+    bad_csv = tmp_path / "bad-csv"
+    bad_csv.mkdir()
+    (bad_csv / "train.csv").write_bytes(b"\xff\xfe\x00garbage\n")
+    empty_csv = tmp_path / "empty-csv"
+    empty_csv.mkdir()
+    (empty_csv / "train.csv").write_bytes(b"")
+    out = tmp_path / "new" / "out"
+    cases = [  # bad --root, bad options, unreadable CSVs, the wrong --source (folder: CheXpert markers)
+        {"--root": str(tmp_path / "absent")}, {"--size": "-1"}, {"--quality": "0"}, {"--views": "sideways"},
+        {"--modalities": ""}, {"--root": str(bad_csv)}, {"--root": str(empty_csv)}, {"--source": "nih"},
+        {"--source": "folder"}, {"--force-folder": None},
+    ]
+    for extra in cases:
+        opts = {"--source": "chexpert", "--root": str(root), "--out": str(out), "--workers": "0", **extra}
+        argv = [x for k, v in opts.items() for x in ((k,) if v is None else (k, v))] + ["--no-progress"]
+        assert build.main(argv) == 2, extra
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("ingest build-shards: "), (extra, err)
+        assert not (tmp_path / "new").exists(), extra
+    # A finished output stays as it was when a rerun with --overwrite fails its checks.
+    done = tmp_path / "done"
+    assert _build(root, done, "--workers", "0", "--size", "32") == 0
+    before = _files(done)
+    assert _build(bad_csv, done, "--workers", "0", "--size", "32", "--overwrite") == 2
+    assert _files(done) == before
+
+
+def test_rejects_tsv_has_one_header_whatever_the_rows(shared_data, tmp_path):
+    from ingest.manifest import FILTERED_NAME
+    root = tmp_path / "root"
+    (root / "cls").mkdir(parents=True)
+    films = sorted((shared_data / "pneumonia-mini" / "Normal").glob("*.jpeg"))
+    for i in range(2):
+        Image.open(films[i]).convert("L").save(root / "cls" / f"{i}.png")
+    args = ["--source", "folder", "--root", str(root), "--workers", "0", "--no-progress", "--size", "32"]
+    assert build.main([*args, "--out", str(tmp_path / "clean")]) == 0
+    (root / "cls" / "broken.png").write_bytes(b"")
+    assert build.main([*args, "--out", str(tmp_path / "one-reject")]) == 0
+    clean = (tmp_path / "clean" / "rejects.tsv").read_text().splitlines()
+    full = (tmp_path / "one-reject" / "rejects.tsv").read_text().splitlines()
+    assert clean == ["input_id\tsha256\treason"] and full[0] == clean[0] and len(full) == 2
+    assert (tmp_path / "clean" / FILTERED_NAME).read_text() == "input_id\treason\n"
+    assert (tmp_path / "one-reject" / FILTERED_NAME).read_text() == "input_id\treason\n"
 
 
 def test_dead_or_hung_worker_costs_one_reject_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -392,3 +495,34 @@ def test_dead_or_hung_worker_costs_one_reject_and_the_run_goes_on(tmp_path, monk
     assert log["cls/kill.png"] == "decoder process killed by SIGKILL while reading this file"
     assert log["cls/hang.png"] == "decoding took longer than --file-timeout-s 3"
     assert verify.main([str(out)]) == 0
+
+
+def test_chexpert_root_one_level_up_is_found(chexpert_root, tmp_path, tmp_path_factory, capsys):
+    root, _, _ = chexpert_root
+    outs = tmp_path_factory.mktemp("outs")  # outside tmp_path: --out must not be inside --root
+    args = ("--workers", "0", "--size", "32")
+    assert _build(root, outs / "ref", *args) == 0
+    capsys.readouterr()
+    assert _build(tmp_path, outs / "above", *args) == 0  # tmp_path holds CheXpert-v1.0-small
+    assert f"using {root} as --root" in capsys.readouterr().out
+    ref, got = _files(outs / "ref"), _files(outs / "above")
+    assert ref.keys() == got.keys() and all(ref[k] == got[k] for k in ref)
+    (tmp_path / "CheXpert-v1.0").symlink_to(root)  # two candidates: the user chooses
+    assert _build(tmp_path, outs / "two", *args) == 2
+    err = capsys.readouterr().err
+    assert "several CheXpert folders (CheXpert-v1.0, CheXpert-v1.0-small)" in err and not (outs / "two").exists()
+
+
+def test_folder_source_refuses_a_chexpert_tree_unless_forced(chexpert_root, tmp_path, tmp_path_factory, capsys):
+    root, rows, _ = chexpert_root
+    outs = tmp_path_factory.mktemp("outs")
+    for given in (root, tmp_path):  # the CheXpert folder itself, or the folder above it
+        assert _build(given, outs / "refused", "--workers", "0", source="folder") == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "use --source chexpert" in err[0] and "train.csv" in err[0]
+        assert "--force-folder" in err[0]
+        assert not (outs / "refused").exists()
+    assert _build(root, outs / "forced", "--workers", "0", "--size", "32", "--force-folder", source="folder") == 0
+    m = load_manifest(outs / "forced")
+    assert m.label_names == ["train"]  # what was asked for: class folders, whatever they are named
+    assert m.data["counts"]["inputs"] == len(rows) - 1 + 1  # the films (one listed film is absent) + train.csv

@@ -157,3 +157,60 @@ def test_folder_with_labels_csv_on_figure1(shared_data, tmp_path, capsys):
     assert len(multi) == 3
     lbl = [struct.unpack("<f", s["lbl"])[0] for s in _samples(out, "train")]
     assert sum(np.isnan(lbl)) == sum(v["labels"]["COVID-19"] is None for v in metas.values()) > 0
+
+
+def _nih_rows(shared_data, n):
+    with gzip.open(shared_data / "metadata" / "nih_data_entry_2017_v2020.csv.gz", "rt", newline="") as f:
+        reader = csv.reader(f)
+        return [next(reader) for _ in range(n + 1)]  # header + n rows
+
+
+def test_folder_source_follows_symlinks_and_reports_loops(shared_data, tmp_path):
+    """Class folders and films linked from a store elsewhere (as hospital exports often are): all followed,
+    a film linked under two names counted once per path, a link back to its own folder reported, not walked."""
+    store = tmp_path / "store"
+    for cls in ("BacterialPneumonia", "Normal"):
+        (store / cls).mkdir(parents=True)
+        for src in sorted((shared_data / "pneumonia-mini" / cls).glob("*.jpeg"))[:3]:
+            Image.open(src).convert("L").save(store / cls / (src.stem + ".png"))
+    root = tmp_path / "root"
+    (root / "Pneumonia").mkdir(parents=True)
+    (root / "Normal").symlink_to(store / "Normal", target_is_directory=True)  # a linked class folder
+    films = sorted((store / "BacterialPneumonia").iterdir())
+    (root / "Pneumonia" / "a.png").symlink_to(films[0])
+    (root / "Pneumonia" / "same-film-again.png").symlink_to(films[0])
+    (root / "Pneumonia" / "batch2").symlink_to(store / "BacterialPneumonia", target_is_directory=True)
+    (root / "Pneumonia" / "batch2-loop").symlink_to(root / "Pneumonia", target_is_directory=True)
+    out = tmp_path / "out"
+    assert build.main(["--source", "folder", "--root", str(root), "--out", str(out), "--workers", "0",
+                       "--no-progress", "--size", "32", "--val-frac", "0", "--test-frac", "0"]) == 0
+    m = load_manifest(out)
+    assert m.label_names == ["Normal", "Pneumonia"]
+    # 3 linked Normal films; Pneumonia: 2 file links + 3 films in the linked batch2 folder
+    assert m.data["counts"] == {"inputs": 9, "written": 8, "rejected": 1, "filtered": 0}
+    from ingest.pseudonym import default_salt_file, pseudonymise
+    salt = default_salt_file().read_text().strip().encode()
+    [loop] = m.data["rejects"]
+    assert loop["input_id"] == pseudonymise("Pneumonia/batch2-loop", salt, "f")
+    assert loop["reason"].startswith("symlink loop")
+    labels = Counter(tuple(meta["labels"].items()) for meta in _metas(out, "train").values())
+    assert labels == {(("Normal", 1), ("Pneumonia", 0)): 3, (("Normal", 0), ("Pneumonia", 1)): 5}
+    assert verify.main([str(out)]) == 0
+
+
+def test_folder_source_refuses_nih_and_mimic_trees(shared_data, tmp_path, capsys):
+    nih = tmp_path / "nih"
+    (nih / "images_001" / "images").mkdir(parents=True)
+    shutil.copy(shared_data / "formats" / "nih_00000001_000.png", nih / "images_001" / "images" / "00000001_000.png")
+    with open(nih / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
+        csv.writer(f).writerows(_nih_rows(shared_data, 5))
+    mimic = tmp_path / "above" / "mimic-cxr-jpg"  # given one level up
+    (mimic / "files" / "p10" / "p10000032" / "s50414267").mkdir(parents=True)
+    _gz_csv(mimic / "mimic-cxr-2.0.0-metadata.csv.gz", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+            [("aa11", "10000032", "50414267", "PA")])
+    for root, source in ((nih, "nih"), (tmp_path / "above", "mimic")):
+        out = tmp_path / f"out-{source}"
+        assert build.main(["--source", "folder", "--root", str(root), "--out", str(out), "--workers", "0",
+                           "--no-progress"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and f"use --source {source}" in err[0] and not out.exists()

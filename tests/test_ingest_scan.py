@@ -55,3 +55,27 @@ def test_scan_counts_match_build(tmp_path, capsys):
     assert (counts["written"], counts["filtered"], counts["rejected"]) == (2, 4, 3)
     assert scan.main(["--source", "dicom", "--root", str(tmp_path / "nowhere")]) == 2
     assert scan.main(["--source", "dicom", "--root", str(root), "--modalities", ","]) == 2
+
+
+def test_linked_dicom_folders_are_followed_and_loops_rejected(tmp_path):
+    x = np.tile(np.linspace(0, 4095, 40), (32, 1)).astype(np.uint16)
+    store = tmp_path / "pacs-export"
+    store.mkdir()
+    make_dicom(store / "pa.dcm", x, ViewPosition="PA", PatientID="A", StudyInstanceUID="1.2")
+    make_dicom(store / "ap.dcm", x, ViewPosition="AP", PatientID="B", StudyInstanceUID="1.3")
+    root = tmp_path / "archive"
+    root.mkdir()
+    (root / "2024").symlink_to(store, target_is_directory=True)
+    (store / "again").symlink_to(store, target_is_directory=True)  # a loop, reached through the link
+    r = scan.collect(root, 0, scan.policy_from_args(scan.build_parser().parse_args(
+        ["--source", "dicom", "--root", str(root)])))
+    assert r["files"] == 2 and r["counts"]["outcome"] == {"would write": 2, "rejected": 1}
+    assert list(r["counts"]["rejected"]) == ["symlink loop"]
+    salt = tmp_path / "k"
+    salt.write_text("s" * 32)
+    salt.chmod(0o600)
+    assert build.main(["--source", "dicom", "--root", str(root), "--out", str(tmp_path / "out"), "--workers", "0",
+                       "--no-progress", "--salt-file", str(salt), "--private-log", str(tmp_path / "log")]) == 0
+    m = load_manifest(tmp_path / "out")
+    assert (m.data["counts"]["written"], m.data["counts"]["rejected"]) == (2, 1)
+    assert m.data["rejects"][0]["reason"].startswith("symlink loop")

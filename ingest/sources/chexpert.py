@@ -8,11 +8,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from ingest.records import Record, Reject, normalise_age, normalise_sex, normalise_view, parse_label
 from ingest.schema import CHEXPERT_LABELS, sample_key
-from ingest.sources import SourceError, SourceOptions, SourceResult, find_file
+from ingest.sources import (SourceError, SourceOptions, SourceResult, find_file, read_csv_table,
+                            source_markers)
 
 PATH_PATTERN = re.compile(
     r"^(?:(?P<prefix>[^/]+)/)?(?P<part>train|valid|test)/patient(?P<patient>\d{5,})/study(?P<study>\d+)/"
@@ -43,7 +42,7 @@ def _view(fl_column: str, appa: str, fl_name: str) -> tuple[str, str | None]:
 
 
 def read_csv_records(csv_path: Path, split: str) -> tuple[list[Record], list[Reject]]:
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    df = read_csv_table(csv_path)
     missing = [c for c in (*REQUIRED_COLUMNS, *CHEXPERT_LABELS) if c not in df.columns]
     if missing:
         raise SourceError(f"{csv_path}: not a CheXpert CSV, missing columns {missing}")
@@ -75,16 +74,33 @@ def read_csv_records(csv_path: Path, split: str) -> tuple[list[Record], list[Rej
     return records, rejects
 
 
+def find_root(root: Path) -> Path:
+    """``root`` when it holds train.csv / valid.csv, else the one sub-folder holding CheXpert's CSVs (--root given
+    as the folder above CheXpert-v1.0-small or CheXpert-v1.0)."""
+    if any(find_file(root, (name,)) for name, _ in CSV_SPLITS):
+        return root
+    try:
+        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise SourceError(f"{root}: cannot list --root ({e.strerror})") from None
+    inside = [sub for sub in subs if any(source == "chexpert" for source, _ in source_markers(sub))]
+    if len(inside) > 1:
+        raise SourceError(f"{root}: several CheXpert folders ({', '.join(p.name for p in inside)}); "
+                          "pass the one to pack as --root")
+    if not inside:
+        raise SourceError(f"{root}: no train.csv or valid.csv, here or in a sub-folder (CheXpert layout expected)")
+    return inside[0]
+
+
 def read(root: Path, opts: SourceOptions) -> SourceResult:
-    records, rejects, found = [], [], False
+    found_root = find_root(root)
+    records, rejects = [], []
     for name, split in CSV_SPLITS:
-        csv_path = find_file(root, (name,))
+        csv_path = find_file(found_root, (name,))
         if csv_path is None:
             continue
-        found = True
         r, j = read_csv_records(csv_path, split)
         records += r
         rejects += j
-    if not found:
-        raise SourceError(f"{root}: no train.csv or valid.csv (CheXpert layout expected)")
-    return SourceResult("chexpert", CHEXPERT_LABELS, records, rejects, has_official_split=True)
+    return SourceResult("chexpert", CHEXPERT_LABELS, records, rejects, has_official_split=True,
+                        root=None if found_root == root else found_root)

@@ -50,7 +50,7 @@ def read(root: Path, opts: SourceOptions) -> SourceResult:
             else:
                 csv_labels[row.path] = row.labels
     csv_path = Path(opts.labels_csv).resolve() if opts.labels_csv is not None else None
-    all_files = walk_files(root, root)
+    all_files = walk_files(root, root, rejects)  # symlink loops and unreadable folders: rejects
     # The labels CSV itself may sit inside the tree: it is not an input.
     files = [rel for rel in all_files if csv_path is None or (root / rel).resolve() != csv_path]
     scanned, key_kinds = [], {}
