@@ -11,36 +11,33 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.args import UsageError
-from eval.cli import _context, _features, _guard, _log, _policy, _prepare, _probe, _save_predictions, _write_json
+from eval.arg_types import UsageError
+from eval.cli_common import (features_of, fmt, guard_outputs, log, policy_of, prepare, probe_options, run_context,
+                             save_predictions, transform_of, write_json)
 from eval.labels import TaskError
 from ingest.schema import load_manifest
 
 
-def _split_features(args, spec, split: str, shards: Path | None = None):
+def _splitfeatures_of(args, spec, split: str, shards: Path | None = None):
     """Frozen features of one split. The eval view (args.eval_view) reaches feature extraction here and only here,
-    through eval.cli's feature path, so these subcommands see exactly the images the other protocols see."""
+    through eval.cli_common's feature path, so these subcommands see exactly the images the other protocols see."""
     a = args if shards is None else argparse.Namespace(**{**vars(args), "shards": shards})
-    return _features(a, spec, split)
+    return features_of(a, spec, split)
 
 
 def _record(result: dict, args, spec, tasks: list[str]) -> dict:
-    result.update(_context(args, spec, tasks))  # encoder, shards, label_policy, eval_view, transform, argv
+    result.update(run_context(args, spec, tasks))  # encoder, shards, label_policy, eval_view, transform, argv
     return result
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def run_knn(args) -> None:
     from eval.knn import KnnError, knn_protocol
-    specs, tasks = _prepare(args)
-    _guard([args.out / "knn" / f"{s.name}.json" for s in specs], args.overwrite)
+    specs, tasks = prepare(args)
+    guard_outputs([args.out / "knn" / f"{s.name}.json" for s in specs], args.overwrite)
     for spec in specs:
-        train, val, test = (_split_features(args, spec, s) for s in ("train", "val", "test"))
+        train, val, test = (_splitfeatures_of(args, spec, s) for s in ("train", "val", "test"))
         try:
-            result, preds = knn_protocol(train, val, test, tasks, policy=_policy(args), k=args.k,
+            result, preds = knn_protocol(train, val, test, tasks, policy=policy_of(args), k=args.k,
                                          temperature=args.temperature, device=args.device,
                                          chunk_elements=args.chunk_elements, num_replicates=args.bootstrap,
                                          seed=args.seed, source=str(args.shards))
@@ -48,21 +45,21 @@ def run_knn(args) -> None:
             raise UsageError(f"--k {args.k}: {e}") from None
         _record(result, args, spec, tasks)
         (args.out / "knn").mkdir(parents=True, exist_ok=True)
-        _save_predictions(args.out / "knn" / f"{spec.name}.npz", preds, tasks)
-        _write_json(args.out / "knn" / f"{spec.name}.json", result)
-        _log(f"knn k={args.k} T={args.temperature:g} {spec.name}: mean AUROC {_fmt(result['mean_auroc'])}")
+        save_predictions(args.out / "knn" / f"{spec.name}.npz", preds, tasks)
+        write_json(args.out / "knn" / f"{spec.name}.json", result)
+        log(f"knn k={args.k} T={args.temperature:g} {spec.name}: mean AUROC {fmt(result['mean_auroc'])}")
 
 
-def _target_features(args, spec, splits: list[str]):
+def _targetfeatures_of(args, spec, splits: list[str]):
     from eval.transfer import concat_features
-    return concat_features([_split_features(args, spec, s, args.target_shards) for s in splits])
+    return concat_features([_splitfeatures_of(args, spec, s, args.target_shards) for s in splits])
 
 
 def run_transfer(args) -> None:
     from eval.bootstrap import paired_bootstrap
     from eval.probes import DEFAULT_C_GRID
     from eval.transfer import map_tasks, parse_task_map, transfer_protocol
-    specs, tasks = _prepare(args)
+    specs, tasks = prepare(args)
     source, target = str(args.shards), str(args.target_shards)
     src_names, tgt_manifest = load_manifest(args.shards).label_names, load_manifest(args.target_shards)
     if not tgt_manifest.label_names:
@@ -75,25 +72,26 @@ def run_transfer(args) -> None:
         raise UsageError(f"{target}: target shards hold no samples")
     folder = args.out / "transfer"
     names = [s.name for s in specs] + ([f"{s.name}-finetuned" for s in specs] if args.finetuned else [])
-    _guard([folder / f"{n}.json" for n in names], args.overwrite)
+    guard_outputs([folder / f"{n}.json" for n in names], args.overwrite)
     for spec in specs if args.finetuned else []:  # fail before any work, not after the linear results are written
         ckpt = args.out / "finetune" / f"{spec.name}.pt"
         if not ckpt.is_file():
             raise UsageError(f"{ckpt}: no fine-tuned checkpoint; run `python -m eval finetune` for {spec.name} first")
     shifted_preds = {}
     for spec in specs:
-        train, val, test = (_split_features(args, spec, s) for s in ("train", "val", "test"))
-        tgt = _target_features(args, spec, tgt_splits)
-        result, p_in, p_sh = transfer_protocol(train, val, test, tgt, mapping, policy=_policy(args),
+        train, val, test = (_splitfeatures_of(args, spec, s) for s in ("train", "val", "test"))
+        tgt = _targetfeatures_of(args, spec, tgt_splits)
+        result, p_in, p_sh = transfer_protocol(train, val, test, tgt, mapping, policy=policy_of(args),
                                                c_grid=args.c_grid or DEFAULT_C_GRID, num_replicates=args.bootstrap,
-                                               seed=args.seed, source=source, target_name=target, probe=_probe(args))
+                                               seed=args.seed, source=source, target_name=target,
+                                               probe=probe_options(args))
         result["notes"] = map_notes + result["notes"]
         result.update(target_shards=str(Path(target).resolve()), target_splits=tgt_splits)
         _record(result, args, spec, list(mapping))
         folder.mkdir(parents=True, exist_ok=True)
-        _save_predictions(folder / f"{spec.name}-source.npz", p_in, list(mapping))
-        _save_predictions(folder / f"{spec.name}-target.npz", p_sh, list(mapping))
-        _write_json(folder / f"{spec.name}.json", result)
+        save_predictions(folder / f"{spec.name}-source.npz", p_in, list(mapping))
+        save_predictions(folder / f"{spec.name}-target.npz", p_sh, list(mapping))
+        write_json(folder / f"{spec.name}.json", result)
         shifted_preds[spec.name] = p_sh
         _log_transfer(spec.name, result)
         if args.finetuned:
@@ -105,17 +103,16 @@ def run_transfer(args) -> None:
         cmp = paired_bootstrap(pa["targets"], pa["scores"], pb["scores"], pa["pids"], list(mapping),
                                num_replicates=args.bootstrap, seed=args.seed)
         cmp.update(a=a, b=b, protocol="transfer", evaluated_on="target", target_shards=target, task_names=list(mapping))
-        _write_json(folder / "paired" / f"{a}-vs-{b}.json", cmp)
-        _log(f"transfer paired {a} - {b} on the target: {_fmt(cmp['mean_auroc']['diff'])}")
+        write_json(folder / "paired" / f"{a}-vs-{b}.json", cmp)
+        log(f"transfer paired {a} - {b} on the target: {fmt(cmp['mean_auroc']['diff'])}")
 
 
 def _log_transfer(name: str, result: dict) -> None:
-    _log(f"transfer {name}: in-domain {_fmt(result['in_domain']['mean_auroc'])}, shifted "
-         f"{_fmt(result['shifted']['mean_auroc'])}, drop {_fmt(result['drop']['mean']['drop'])}")
+    log(f"transfer {name}: in-domain {fmt(result['in_domain']['mean_auroc'])}, shifted "
+         f"{fmt(result['shifted']['mean_auroc'])}, drop {fmt(result['drop']['mean']['drop'])}")
 
 
 def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[str], map_notes: list[str]) -> dict:
-    from eval.cli import _transform
     from eval.transfer import score_shift
     from eval.transfer_finetuned import load_finetuned, score_split
     name = f"{spec.name}-finetuned"
@@ -127,24 +124,24 @@ def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[st
     trained = json.loads(ft_json.read_text()) if ft_json.is_file() else {}
     if trained.get("shards") != str(args.shards.resolve()):
         raise UsageError(f"{ft_json}: fine-tuned on {trained.get('shards')}, not on --shards {args.shards}")
-    if trained.get("label_policy") not in (None, _policy(args).to_json()):
+    if trained.get("label_policy") not in (None, policy_of(args).to_json()):
         raise UsageError(f"{ft_json}: fine-tuned under label policy {trained['label_policy']}, "
-                         f"not {_policy(args).to_json()}; pass the same --blank / --uncertainty")
-    kw = dict(spec=spec, transform=_transform(args), device=args.device, batch_size=args.batch_size,
+                         f"not {policy_of(args).to_json()}; pass the same --blank / --uncertainty")
+    kw = dict(spec=spec, transform=transform_of(args), device=args.device, batch_size=args.batch_size,
               num_threads=args.num_threads)
     cols = [ft_tasks.index(t) for t in mapping]
     src = score_split(model, head, args.shards, ["test"], cols, **kw)
     tgt = score_split(model, head, args.target_shards, tgt_splits, cols, **kw)
-    result, p_in, p_sh = score_shift(src, tgt, mapping, policy=_policy(args), num_replicates=args.bootstrap,
+    result, p_in, p_sh = score_shift(src, tgt, mapping, policy=policy_of(args), num_replicates=args.bootstrap,
                                      seed=args.seed, target_name=str(args.target_shards))
     result.update(probe="finetuned", notes=list(map_notes), checkpoint=str(args.out / "finetune" / f"{spec.name}.pt"),
                   trained_label_policy=trained.get("label_policy"), target_shards=str(args.target_shards.resolve()),
                   target_splits=tgt_splits, chosen_lr=trained.get("chosen_lr"), best_epoch=trained.get("best_epoch"))
     _record(result, args, spec, list(mapping))
     folder = args.out / "transfer"
-    _save_predictions(folder / f"{name}-source.npz", p_in, list(mapping))
-    _save_predictions(folder / f"{name}-target.npz", p_sh, list(mapping))
-    _write_json(folder / f"{name}.json", result)
+    save_predictions(folder / f"{name}-source.npz", p_in, list(mapping))
+    save_predictions(folder / f"{name}-target.npz", p_sh, list(mapping))
+    write_json(folder / f"{name}.json", result)
     _log_transfer(name, result)
     return p_sh
 
@@ -152,15 +149,15 @@ def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[st
 def run_neighbours(args) -> None:
     from eval.neighbours import neighbour_table, pick_queries, plot_neighbours
     from eval.shard_samples import SplitSamples
-    specs, tasks = _prepare(args)
+    specs, tasks = prepare(args)
     folder = args.out / "neighbours"
-    _guard([folder / f"{s.name}.png" for s in specs], args.overwrite)
+    guard_outputs([folder / f"{s.name}.png" for s in specs], args.overwrite)
     train_samples, test_samples = SplitSamples(args.shards, "train"), SplitSamples(args.shards, "test")
     if args.k > len(train_samples):
         raise UsageError(f"--k {args.k}: larger than the training bank ({len(train_samples)} images)")
     folder.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        train, test = _split_features(args, spec, "train"), _split_features(args, spec, "test")
+        train, test = _splitfeatures_of(args, spec, "train"), _splitfeatures_of(args, spec, "test")
         train_samples.check_rows(train.pids)
         test_samples.check_rows(test.pids)
         queries = pick_queries(len(test), args.queries, args.seed)
@@ -169,7 +166,7 @@ def run_neighbours(args) -> None:
                                title=f"{spec.category}: {spec.name} - {args.k} nearest training images (cosine), "
                                      f"eval view {args.eval_view}")
         _write_csv(folder / f"{spec.name}.csv", rows)
-        _log(f"neighbours {spec.name}: {folder / f'{spec.name}.png'}")
+        log(f"neighbours {spec.name}: {folder / f'{spec.name}.png'}")
 
 
 def _map_sources(args) -> list[tuple[Path, str]]:
@@ -185,10 +182,10 @@ def _map_sources(args) -> list[tuple[Path, str]]:
 def run_map(args) -> None:
     from eval.embedmap import FIELDS, colour_values, embed_2d, plot_map
     from eval.shard_samples import SplitSamples
-    specs, _ = _prepare(args)
+    specs, _ = prepare(args)
     folder = args.out / "map"
     stem = f"{args.split}-{args.method}-{_slug(args.color_by)}"
-    _guard([folder / f"{s.name}-{stem}.png" for s in specs], args.overwrite)
+    guard_outputs([folder / f"{s.name}-{stem}.png" for s in specs], args.overwrite)
     label_names = load_manifest(args.shards).label_names
     if args.color_by not in label_names and args.color_by not in FIELDS:
         raise UsageError(f"--color-by '{args.color_by}': not a label of {args.shards} ({', '.join(label_names)}) "
@@ -205,12 +202,12 @@ def run_map(args) -> None:
     for spec in specs:
         feats, values = [], []
         for j, (root, samples) in enumerate(sources):
-            fs = _split_features(args, spec, samples.split, root)
+            fs = _splitfeatures_of(args, spec, samples.split, root)
             samples.check_rows(fs.pids, sample_every=max(1, len(samples) // 200))
             mine = [i for jj, i in picked if jj == j]
             feats.append(fs.features[mine])
             values += colour_values([metas[n] for n, (jj, _) in enumerate(picked) if jj == j], fs.labels[mine],
-                                    fs.label_names, args.color_by, _policy(args))
+                                    fs.label_names, args.color_by, policy_of(args))
         coords = embed_2d(np.concatenate(feats), args.method, seed=args.seed)
         method = "t-SNE" if args.method == "tsne" else "PCA"
         where = ", ".join(f"{Path(r).name}/{s.split}" for r, s in sources)
@@ -219,7 +216,7 @@ def run_map(args) -> None:
         _write_csv(folder / f"{spec.name}-{stem}.csv",
                    [{"key": k, "split": sources[j][1].split, "x": f"{c[0]:.6f}", "y": f"{c[1]:.6f}", args.color_by: v}
                     for k, (j, _), c, v in zip(keys, picked, coords, values)])
-        _log(f"map {spec.name}: {folder / f'{spec.name}-{stem}.png'}")
+        log(f"map {spec.name}: {folder / f'{spec.name}-{stem}.png'}")
 
 
 def _slug(text: str) -> str:

@@ -28,7 +28,7 @@ def embed_2d(features: np.ndarray, method: str = "pca", *, seed: int = 0, perple
 
 
 def colour_values(metas: list[dict], raw_labels: np.ndarray, label_names: list[str], colour_by: str,
-                  policy: LabelPolicy = LabelPolicy()) -> list[str]:
+                  policy: LabelPolicy) -> list[str]:
     """Category per image: "positive" / "negative" / "masked" for a label name (label policy applied; "no such
     label" for shards without it), or the metadata field's value for view / sex / dataset."""
     if colour_by in FIELDS:

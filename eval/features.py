@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ingest.schema import MANIFEST_NAME, load_manifest
+from eval.devices import dali_device_id, torch_device
 
 CACHE_VERSION = 1
 CATEGORY = {"checkpoint": "SSL", "random": "Scratch", "imagenet": "ImageNet"}
@@ -186,16 +187,6 @@ def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def default_device(device: str) -> str:
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"--device must be cpu or gpu, got '{device}'")
-    if device == "gpu":
-        import torch
-        if not torch.cuda.is_available():
-            raise EncoderError("--device gpu requested but torch sees no CUDA GPU")
-    return device
-
-
 def eval_loader(shard_root: Path, split: str, *, batch_size: int, device: str, transform: Transform, channels: int,
                 num_threads: int = 2):
     """The dali_pipes deterministic evaluation loader for one split (single rank)."""
@@ -203,7 +194,7 @@ def eval_loader(shard_root: Path, split: str, *, batch_size: int, device: str, t
     return dali_pipes.build_eval_loader(str(shard_root), split, batch_size=batch_size, device=device,
                                         image_size=transform.image_size, resize_size=transform.resize_size,
                                         view=transform.view, channels=channels, num_threads=num_threads,
-                                        device_id=0 if device == "gpu" else None)
+                                        device_id=dali_device_id(device))
 
 
 def iterate_valid(loader):
@@ -237,15 +228,15 @@ def extract_features(spec: EncoderSpec, shard_root: str | Path, split: str, *, d
                 return FeatureSet(z["features"], z["labels"], z["pids"], [str(s) for s in z["label_names"]])
     if model is None:
         model, _ = build_encoder(spec)
-    torch_device = torch.device("cuda" if device == "gpu" else "cpu")
-    model = model.to(torch_device).eval()
+    dev = torch_device(device)
+    model = model.to(dev).eval()
     make = loader_factory or eval_loader
     loader = make(shard_root, split, batch_size=batch_size, device=device, transform=transform,
                   channels=spec.in_channels, num_threads=num_threads)
     feats, labels, pids = [], [], []
-    with torch.no_grad(), torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         for images, lbl, pid in iterate_valid(loader):
-            feats.append(model(images.to(torch_device, non_blocking=True)).float().cpu().numpy())
+            feats.append(model(images.to(dev, non_blocking=True)).float().cpu().numpy())
             labels.append(lbl.float().cpu().numpy())
             pids.append(pid.cpu().numpy().astype(np.int64))
     expected = manifest.num_samples(split)

@@ -16,6 +16,7 @@ from dali_pipes.augment import AugmentConfig
 from eval.features import EncoderSpec, Transform, build_encoder, eval_loader, iterate_valid
 from eval.labels import LabelPolicy, select_targets, split_counts
 from eval.metrics import evaluate
+from eval.devices import torch_device
 
 # 7 learning rates x 4 weight decays, the size of Azizi et al.'s (2021) fine-tuning sweep. Their exact values
 # (supplementary material) could not be checked offline, so this is our own half-decade grid around the SGD
@@ -91,13 +92,13 @@ class ImageSource:
 
 
 def _predict(model, head, source: ImageSource, batch_size: int,
-             torch_device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             dev) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
     model.eval()
     scores, labels, pids = [], [], []
-    with torch.no_grad(), torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         for images, lbl, pid in source.batches(batch_size):
-            x = images.to(torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             scores.append(torch.sigmoid(head(model(x)).float()).cpu().numpy())
             labels.append(lbl.float().cpu().numpy())
             pids.append(pid.cpu().numpy().astype(np.int64))
@@ -120,11 +121,11 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
     """Fine-tune one (lr, weight decay) setting on ``train`` (a FinetuneLoader: reshuffled and re-augmented every
     epoch); keep the epoch with the best validation mean AUROC (on ``val_patients``' images only, when given)."""
     import torch
-    torch_device = torch.device("cuda" if device == "gpu" else "cpu")
+    dev = torch_device(device)
     torch.manual_seed(cfg.seed)
     model, dim = build_encoder(spec)
     head = torch.nn.Linear(dim, len(tasks))
-    model, head = model.to(torch_device).to(memory_format=torch.channels_last), head.to(torch_device)
+    model, head = model.to(dev).to(memory_format=torch.channels_last), head.to(dev)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # A final batch of one image is skipped (BatchNorm needs 2+ samples); it is elsewhere in the next epoch's order.
@@ -140,11 +141,11 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
             images, raw = batch["images"], batch["labels"]
             if images.shape[0] < 2:
                 continue
-            y = torch.from_numpy(select_targets(raw.float().cpu().numpy(), label_names, tasks, policy)).to(torch_device)
+            y = torch.from_numpy(select_targets(raw.float().cpu().numpy(), label_names, tasks, policy)).to(dev)
             mask = ~torch.isnan(y)
             if mask.any():
-                x = images.to(torch_device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+                x = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                     logits = head(model(x)).float()  # (B, T)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], y[mask])
                 opt.zero_grad(set_to_none=True)
@@ -153,7 +154,7 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
                 loss_sum += float(loss.detach()) * images.shape[0]
                 n_seen += images.shape[0]
             sched.step()  # also on all-masked batches: the schedule follows the planned steps
-        val_scores, val_raw, val_pids = _predict(model, head, val, cfg.batch_size, torch_device)
+        val_scores, val_raw, val_pids = _predict(model, head, val, cfg.batch_size, dev)
         rows = slice(None) if val_patients is None else np.isin(val_pids, val_patients)
         val_targets = select_targets(val_raw[rows], label_names, tasks, policy)
         val_auroc = evaluate(val_targets, val_scores[rows], tasks).mean_auroc
@@ -173,7 +174,7 @@ def _num(x: float) -> float | None:
 
 
 def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[str], cfg: FinetuneConfig, *,
-             grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None, policy: LabelPolicy = LabelPolicy(),
+             grid: tuple[tuple[float, ...], tuple[float, ...]] | None = None, policy: LabelPolicy,
              device: str = "cpu", transform: Transform = Transform(), train_patients: np.ndarray | None = None,
              val_patients: np.ndarray | None = None, num_threads: int = 2, loader_factory=None,
              log=print) -> tuple[dict, dict, dict]:
@@ -200,17 +201,17 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
             runs.append(train_one(spec, train, val, tasks, label_names, replace_cfg(cfg, lr=lr, weight_decay=wd),
                                   policy=policy, device=device, val_patients=val_patients, log=log))
     best = max(runs, key=lambda r: r.best_val_auroc if math.isfinite(r.best_val_auroc) else -math.inf)
-    torch_device = torch.device("cuda" if device == "gpu" else "cpu")
+    dev = torch_device(device)
     model, dim = build_encoder(spec)
     head = torch.nn.Linear(dim, len(tasks))
     model.load_state_dict(best.state["backbone"])
     head.load_state_dict(best.state["head"])
-    model, head = model.to(torch_device).to(memory_format=torch.channels_last), head.to(torch_device)
+    model, head = model.to(dev).to(memory_format=torch.channels_last), head.to(dev)
     scores, raw, pids = [], [], []
     model.eval()
-    with torch.no_grad(), torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         for images, lbl, pid in iterate_valid(loader_for("test")()):
-            x = images.to(torch_device).contiguous(memory_format=torch.channels_last)
+            x = images.to(dev).contiguous(memory_format=torch.channels_last)
             scores.append(torch.sigmoid(head(model(x)).float()).cpu().numpy())
             raw.append(lbl.float().cpu().numpy())
             pids.append(pid.cpu().numpy().astype(np.int64))

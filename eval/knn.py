@@ -12,6 +12,7 @@ from eval.features import FeatureSet
 from eval.labels import LabelPolicy, check_labelled, select_targets, split_counts
 from eval.metrics import evaluate
 from eval.protocols import add_counts, merge_ci
+from eval.devices import torch_device
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
@@ -85,7 +86,7 @@ def topk_cosine_masked(query: np.ndarray, bank: np.ndarray, k: int, bank_masks: 
     q = l2_normalise(query)
     if device == "cpu":
         return _topk_numpy(q, b, inv_norm, bank_masks, k, chunk_elements)
-    return _topk_torch(q, b, inv_norm, bank_masks, k, chunk_elements, "cuda" if device == "gpu" else "cpu")
+    return _topk_torch(q, b, inv_norm, bank_masks, k, chunk_elements, torch_device(device))
 
 
 def _topk_numpy(q, b, inv_norm, masks, k, chunk_elements) -> list[Neighbours]:
@@ -106,9 +107,8 @@ def _topk_numpy(q, b, inv_norm, masks, k, chunk_elements) -> list[Neighbours]:
     return out
 
 
-def _topk_torch(q, b, inv_norm, masks, k, chunk_elements, torch_device) -> list[Neighbours]:
+def _topk_torch(q, b, inv_norm, masks, k, chunk_elements, dev) -> list[Neighbours]:
     import torch
-    dev = torch.device(torch_device)
     rows, cols = _chunks(len(q), len(b), chunk_elements)
     bank = torch.as_tensor(b, device=dev)
     inv = torch.as_tensor(inv_norm, device=dev)
@@ -154,7 +154,7 @@ def knn_scores(bank: np.ndarray, bank_targets: np.ndarray, query: np.ndarray, *,
 
 
 def knn_protocol(train: FeatureSet, val: FeatureSet | None, test: FeatureSet, tasks: list[str], *,
-                 policy: LabelPolicy = LabelPolicy(), k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+                 policy: LabelPolicy, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                  device: str = "cpu", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, num_replicates: int = 1000,
                  seed: int = 0, source: str = "shards") -> tuple[dict, dict]:
     """Weighted kNN with the training split as the bank; test AUROC/AUPRC with patient-bootstrap CIs.

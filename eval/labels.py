@@ -82,7 +82,7 @@ def _require_policy(policy) -> LabelPolicy:
     return policy
 
 
-def apply_policy(raw: np.ndarray, policy: LabelPolicy = LabelPolicy()) -> np.ndarray:
+def apply_policy(raw: np.ndarray, policy: LabelPolicy) -> np.ndarray:
     """Targets (N, T) float32 from raw labels (N, T): 1 -> 1, 0 -> 0, NaN (blank) -> 0 or NaN by ``policy.blank``;
     -1 (uncertain) -> NaN under ``u-ignore``, 0 under ``u-zeros``, 1 under ``u-ones`` (Irvin et al. 2019)."""
     policy = _require_policy(policy)
@@ -109,7 +109,7 @@ def apply_uncertainty(raw: np.ndarray, policy: str = "u-ignore") -> np.ndarray:
 
 
 def select_targets(raw: np.ndarray, label_names: list[str], tasks: list[str],
-                   policy: LabelPolicy = LabelPolicy()) -> np.ndarray:
+                   policy: LabelPolicy) -> np.ndarray:
     """Targets (N, len(tasks)) for the named tasks, label policy applied."""
     idx = [label_names.index(t) for t in tasks]
     return apply_policy(np.asarray(raw)[:, idx], policy)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from eval.devices import DeviceError, resolve_device, torch_device
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 6000 x 6000 film; a 16-bit chest CR is ~3000 x 3500
 MAX_ASPECT = 8  # chest films are ~1 : 1.25; panoramic strips are not
@@ -112,9 +113,8 @@ class Predictor:
     """A loaded bundle on one device; ``prepare`` and ``predict`` are safe to call from several threads."""
 
     def __init__(self, bundle, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS):
-        import torch
         self.bundle, self.max_pixels = bundle, max_pixels
-        self.device = torch.device("cuda" if device == "gpu" else "cpu")
+        self.device = torch_device(device)
         self.model = bundle.model.to(self.device).eval()
         self.channels = int(bundle.meta["encoder"]["in_channels"])
 
@@ -181,9 +181,11 @@ def run(args) -> dict:
     if args.batch_size < 1 or args.workers < 1:
         raise InputError("usage", "--batch-size and --workers must be >= 1")
     bundle = load_bundle(args.bundle)
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise InputError("usage", "--device gpu requested but torch sees no CUDA GPU")
-    predictor = Predictor(bundle, args.device, args.max_pixels)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        raise InputError("usage", str(e)) from None
+    predictor = Predictor(bundle, device, args.max_pixels)
     tasks, files = bundle.tasks, iter_inputs(args.input)
     rows: dict[int, dict] = {}
     pending: list[tuple[int, object]] = []

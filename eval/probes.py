@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eval.metrics import auroc
+from eval.devices import torch_device
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 1e2
 # Up to this many feature values (N * D) a probe's L-BFGS fit runs its BLAS on one thread: each iteration is one
@@ -86,7 +87,7 @@ def _fit_torch(x: np.ndarray, y: np.ndarray, c: float, seed: int, max_iter: int,
     """The same objective as scikit-learn's (C * sum of log-losses + ||w||^2 / 2, intercept unpenalised), solved
     by full-batch L-BFGS in torch: on a GPU this keeps probes on 100k x 2048 feature sets to seconds."""
     import torch
-    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    dev = torch_device(device)
     dtype = torch.float32 if dev.type == "cuda" else torch.float64
     xt = torch.as_tensor(x, dtype=dtype, device=dev)
     yt = torch.as_tensor(y, dtype=dtype, device=dev)

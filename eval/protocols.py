@@ -40,7 +40,7 @@ def add_counts(result: dict, counts: dict[str, dict[str, int]]) -> dict:
 
 
 def linear_protocol(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks: list[str], *,
-                    policy: LabelPolicy = LabelPolicy(), c_grid=DEFAULT_C_GRID, num_replicates: int = 1000,
+                    policy: LabelPolicy, c_grid=DEFAULT_C_GRID, num_replicates: int = 1000,
                     seed: int = 0, source: str = "shards", probe: dict | None = None) -> tuple[dict, dict]:
     """Logistic-regression probe per task (C on val), test AUROC/AUPRC with patient-bootstrap CIs.
     Returns (result dict, predictions {"targets", "scores", "pids"} on the test split)."""
@@ -65,7 +65,7 @@ def linear_protocol(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks:
 
 
 def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k: int = 10, num_seeds: int = 20,
-                     policy: LabelPolicy = LabelPolicy(), c: float = 1.0, seed: int = 0, source: str = "shards",
+                     policy: LabelPolicy, c: float = 1.0, seed: int = 0, source: str = "shards",
                      probe: dict | None = None) -> dict:
     """k positives + k negatives per task (distinct patients), a probe with fixed C (no validation labels in a
     k-shot budget) on features standardised with the whole training split (its features, not its labels), scored
@@ -137,7 +137,7 @@ def val_selection(val_pids: np.ndarray, y_va: np.ndarray, fraction: float, seed:
 
 
 def fractions_linear(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks: list[str], *, fractions,
-                     num_seeds: int = 3, policy: LabelPolicy = LabelPolicy(), c_grid=DEFAULT_C_GRID,
+                     num_seeds: int = 3, policy: LabelPolicy, c_grid=DEFAULT_C_GRID,
                      num_replicates: int = 1000, seed: int = 0, source: str = "shards", probe: dict | None = None,
                      val_policy: str = "matched", val_min_per_class: int = DEFAULT_VAL_MIN_PER_CLASS) -> dict:
     """Linear probe on nested patient-level label fractions of the training split, several sampling seeds; C is

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report_cells import cell, encoder_label, settings_lines
 from eval.report_analysis import analysis_sections
+from eval.report_cells import auroc_table, cell, encoder_label, settings_lines
 
 CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
 _PROTOCOL_TITLES = {"linear": "linear probe (frozen features)", "finetune": "end-to-end fine-tuning"}
@@ -23,32 +23,6 @@ def _load(folder: Path) -> list[dict]:
         out.append(doc)
     return sorted(out, key=lambda d: (CATEGORY_ORDER.get(d.get("encoder", {}).get("category"), 9),
                                       d.get("encoder", {}).get("name", "")))
-
-
-def _auroc_table(docs: list[dict], title: str) -> list[str]:
-    tasks = list(dict.fromkeys(t for d in docs for t in d.get("task_names", d["tasks"])))
-    lines = [f"## {title}", "", "Test AUROC [95% CI, patient bootstrap]. AUPRC in report.json.", "",
-             "| Encoder | " + " | ".join(tasks) + " | Mean AUROC |", "|---" * (len(tasks) + 2) + "|"]
-    for d in docs:
-        cells = [cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
-        lines.append(f"| {encoder_label(d)} | " + " | ".join(cells)
-                     + f" | {cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
-    notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
-    return lines + [""] + settings_lines(docs) + counts_lines(docs, tasks) + (notes + [""] if notes else [])
-
-
-def counts_lines(docs: list[dict], tasks: list[str]) -> list[str]:
-    """Positive / negative images per task and split under the table's label policy (from the first result that
-    records them: every row of a table shares its shards and policy, or settings_lines says otherwise)."""
-    rows = next((d["tasks"] for d in docs if any("n_train_pos" in r for r in d.get("tasks", {}).values())), None)
-    if rows is None:
-        return []
-    cells = []
-    for t in tasks:
-        r = rows.get(t, {})
-        per_split = [f"{s} {r[f'n_{s}_pos']}/{r[f'n_{s}_neg']}" for s in ("train", "val", "test") if f"n_{s}_pos" in r]
-        cells.append(f"{t}: {', '.join(per_split)}")
-    return ["_Images positive/negative per task: " + "; ".join(cells) + "._", ""]
 
 
 def _fewshot_table(docs: list[dict]) -> list[str]:
@@ -211,9 +185,9 @@ def write_report(out: str | Path, *, overwrite: bool = False) -> list[Path]:
         lines += [f"Shards: {', '.join(shards)}", ""]
     written = [md_path, json_path]
     if results["linear"]:
-        lines += _auroc_table(results["linear"], "Linear probe (frozen features)")
+        lines += auroc_table(results["linear"], "Linear probe (frozen features)")
     if results["finetune"]:
-        lines += _auroc_table(results["finetune"], "End-to-end fine-tuning")
+        lines += auroc_table(results["finetune"], "End-to-end fine-tuning")
     if results["fewshot"]:
         lines += _fewshot_table(results["fewshot"])
     if results["fractions"]:

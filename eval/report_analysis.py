@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.report_cells import cell, encoder_label, settings_lines
+from eval.report_cells import auroc_table, cell, encoder_label, settings_lines
 
 
 def knn_section(docs: list[dict]) -> list[str]:
-    from eval.report import _auroc_table
-    lines = _auroc_table(docs, "Weighted kNN (frozen features, cosine similarity)")
+    lines = auroc_table(docs, "Weighted kNN (frozen features, cosine similarity)")
     params = sorted({(d.get("k"), d.get("temperature")) for d in docs}, key=str)
     return lines + [", ".join(f"k = {k}, T = {t}" for k, t in params) + "; training split = bank; nothing tuned.", ""]
 

@@ -1,5 +1,5 @@
-"""Cell and row-label formatting shared by eval.report and eval.report_analysis: a number with its 95% CI, an
-encoder's row label, and the label-policy / eval-view line printed under each table.
+"""Cells, row labels and the per-task AUROC table shared by eval.report and eval.report_analysis: a number with its
+95% CI, an encoder's row label, the label-policy / eval-view line and the label counts printed under each table.
 """
 from __future__ import annotations
 
@@ -46,3 +46,29 @@ def settings_lines(docs: list[dict]) -> list[str]:
         return [f"_Setting: {texts[0]}._", ""]
     return ["_Settings differ between rows (not directly comparable):_", ""] + \
         [f"- {d.get('encoder', {}).get('name', '?')}: {one(d)}" for d in docs] + [""]
+
+
+def auroc_table(docs: list[dict], title: str) -> list[str]:
+    tasks = list(dict.fromkeys(t for d in docs for t in d.get("task_names", d["tasks"])))
+    lines = [f"## {title}", "", "Test AUROC [95% CI, patient bootstrap]. AUPRC in report.json.", "",
+             "| Encoder | " + " | ".join(tasks) + " | Mean AUROC |", "|---" * (len(tasks) + 2) + "|"]
+    for d in docs:
+        cells = [cell(d["tasks"].get(t, {}).get("auroc"), d["tasks"].get(t, {}).get("auroc_ci")) for t in tasks]
+        lines.append(f"| {encoder_label(d)} | " + " | ".join(cells)
+                     + f" | {cell(d.get('mean_auroc'), d.get('mean_auroc_ci'))} |")
+    notes = [f"- {d['encoder']['name']}: {n}" for d in docs for n in d.get("notes", [])]
+    return lines + [""] + settings_lines(docs) + counts_lines(docs, tasks) + (notes + [""] if notes else [])
+
+
+def counts_lines(docs: list[dict], tasks: list[str]) -> list[str]:
+    """Positive / negative images per task and split under the table's label policy (from the first result that
+    records them: every row of a table shares its shards and policy, or settings_lines says otherwise)."""
+    rows = next((d["tasks"] for d in docs if any("n_train_pos" in r for r in d.get("tasks", {}).values())), None)
+    if rows is None:
+        return []
+    cells = []
+    for t in tasks:
+        r = rows.get(t, {})
+        per_split = [f"{s} {r[f'n_{s}_pos']}/{r[f'n_{s}_neg']}" for s in ("train", "val", "test") if f"n_{s}_pos" in r]
+        cells.append(f"{t}: {', '.join(per_split)}")
+    return ["_Images positive/negative per task: " + "; ".join(cells) + "._", ""]

@@ -155,7 +155,7 @@ def score_shift(src: Scored, tgt: Scored, mapping: dict[str, str], *, policy: La
 
 
 def transfer_protocol(train: FeatureSet, val: FeatureSet, src_test: FeatureSet, target: FeatureSet,
-                      mapping: dict[str, str], *, policy: LabelPolicy = LabelPolicy(), c_grid=DEFAULT_C_GRID,
+                      mapping: dict[str, str], *, policy: LabelPolicy, c_grid=DEFAULT_C_GRID,
                       num_replicates: int = 1000, seed: int = 0, source: str = "source", target_name: str = "target",
                       probe: dict | None = None) -> tuple[dict, dict, dict]:
     """Probes fitted on ``train`` with C chosen on ``val`` (all source), then scored unchanged on ``src_test`` and

@@ -10,6 +10,7 @@ import numpy as np
 from eval.features import EncoderError, EncoderSpec, Transform, build_encoder, eval_loader, iterate_valid
 from eval.transfer import Scored
 from ingest.schema import load_manifest
+from eval.devices import torch_device
 
 
 def load_finetuned(path: Path, spec: EncoderSpec):
@@ -36,7 +37,7 @@ def score_split(model, head, shard_root: Path, splits: list[str], columns: list[
                 transform: Transform, device: str, batch_size: int, num_threads: int) -> Scored:
     """sigmoid(head(model(x))) columns ``columns`` for every image of ``splits`` of ``shard_root``."""
     import torch
-    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    dev = torch_device(device)
     model, head = model.to(dev), head.to(dev)
     scores, raw, pids = [], [], []
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):

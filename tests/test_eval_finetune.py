@@ -83,6 +83,7 @@ def test_augment_presets_and_overrides():
 def test_a_training_set_too_small_for_a_batchnorm_step_is_noted(shards):
     from eval.features import encoder_spec
     from eval.finetune import FinetuneConfig, finetune
+    from eval.labels import LabelPolicy
     from shardgen import LABEL_NAMES
     pids = split_patient_ids(shards, "train")
     ids, counts = np.unique(pids, return_counts=True)
@@ -90,7 +91,8 @@ def test_a_training_set_too_small_for_a_batchnorm_step_is_noted(shards):
     spec = encoder_spec(init="random", arch="resnet18", seed=0)
     result, preds, _ = finetune(spec, shards, list(LABEL_NAMES), list(LABEL_NAMES),
                                 FinetuneConfig(epochs=1, batch_size=8),
-                                transform=Transform(32, 36), train_patients=single, log=lambda m: None)
+                                policy=LabelPolicy(), transform=Transform(32, 36), train_patients=single,
+                                log=lambda m: None)
     assert result["train_images"] == 1 and any("not fine-tuned" in n for n in result["notes"])
     assert preds["scores"].shape[0] == len(split_patient_ids(shards, "test"))
 

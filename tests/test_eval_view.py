@@ -89,6 +89,6 @@ def test_view_is_part_of_the_result_and_the_cache_key(tmp_path):
 
 def test_eval_view_choices_agree():
     from dali_pipes.pipelines import EVAL_VIEWS as DALI_VIEWS
-    from eval.args import EVAL_VIEWS as ARG_VIEWS
+    from eval.arg_types import EVAL_VIEWS as ARG_VIEWS
     from eval.features import EVAL_VIEWS
     assert ARG_VIEWS == EVAL_VIEWS == DALI_VIEWS
