@@ -24,6 +24,10 @@ MEDIA_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
 # CharLS (pyjpegls) decodes JPEG-LS ~3x faster than libjpeg on a 2048x2500 12-bit radiograph (bench ingest);
 # left alone, pydicom may pick libjpeg. Other syntaxes use pydicom's own choice.
 PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+# JPEG (ISO 10918) transfer syntaxes: their frames get ingest.jpeg_check's strict checks, because pylibjpeg, like
+# every libjpeg, decodes a frame cut short (end marker appended) into a film without a word.
+JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                           "1.2.840.10008.1.2.4.70"})
 
 
 class DicomReject(ValueError):
@@ -180,6 +184,8 @@ def pixels_of(ds) -> np.ndarray:
     if decoder is not None and not decoder.is_available:
         raise DicomReject(f"no decoder installed for {syntax.name} (install pylibjpeg, pylibjpeg-libjpeg, "
                           "pylibjpeg-openjpeg, pylibjpeg-rle)")
+    if str(syntax) in JPEG_SYNTAXES:
+        _check_jpeg_frame(ds)
     plugin = PREFERRED_PLUGINS.get(str(syntax), "")
     if decoder is None or plugin not in decoder.available_plugins:
         plugin = ""
@@ -191,6 +197,20 @@ def pixels_of(ds) -> np.ndarray:
     if raw.ndim != 2:
         raise DicomReject(f"DICOM pixel array of shape {raw.shape}; a single 2-D frame expected")
     return raw
+
+
+def _check_jpeg_frame(ds) -> None:
+    """DicomReject when the first frame's JPEG codestream is cut short or claims more pixels than it holds."""
+    from pydicom.encaps import generate_frames
+
+    from ingest.jpeg_check import check_codestream
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_int(ds, "NumberOfFrames", 1)))
+    except Exception:  # noqa: BLE001 - a broken encapsulation: the decoder reports it with its own reason
+        return
+    problem = check_codestream(frame)
+    if problem is not None:
+        raise DicomReject(f"cannot decode DICOM pixel data ({problem})")
 
 
 def decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
