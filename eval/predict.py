@@ -45,19 +45,33 @@ def sniff(data: bytes) -> str:
 
 
 def _dimensions(data: bytes, kind: str) -> tuple[int, int]:
-    """(width, height) from the header alone, before any pixel is decoded (decompression bombs)."""
+    """(width, height) from the header alone, before any pixel is decoded (decompression bombs). A DICOM must
+    also pass ingest's acceptance rule (`radiograph_verdict`: Modality and image content), as in a build."""
     from PIL import Image
+    if kind == "dicom":
+        return _dicom_dimensions(data)
     try:
-        if kind == "dicom":
-            import pydicom
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-            return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
         with Image.open(io.BytesIO(data)) as im:
             return int(im.width), int(im.height)
     except Image.DecompressionBombError:  # Pillow's own header check (twice its MAX_IMAGE_PIXELS)
         raise InputError("too_large", "image too large (over Pillow's decompression-bomb pixel limit)") from None
     except Exception as e:  # noqa: BLE001 - any header parser failure means the same thing to the user
         raise InputError("undecodable", f"unreadable {kind} header ({type(e).__name__})") from None
+
+
+def _dicom_dimensions(data: bytes) -> tuple[int, int]:
+    from ingest.dicom import DicomReject, read_header
+    from ingest.dicom_filters import DicomPolicy, radiograph_verdict
+    try:
+        h = read_header(io.BytesIO(data))
+    except DicomReject as e:
+        raise InputError("undecodable", str(e)) from None
+    verdict = radiograph_verdict(h, DicomPolicy())
+    if verdict.status == "filtered":  # not a chest radiograph (modality, SOP class)
+        raise InputError("unsupported", verdict.reason)
+    if verdict.status != "ok":
+        raise InputError("undecodable", verdict.reason)
+    return h.columns, h.rows
 
 
 def decode_gray(data: bytes, *, shard_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ingest.dicom_filters import POLICY_OPTIONS, add_policy_options, policy_from_args
-from ingest.manifest import FILTERED_NAME, PATIENTS_NAME, summary_table, write_outputs
+from ingest.manifest import FILTERED_NAME, PATIENTS_NAME, reason_lines, summary_table, write_outputs
 from ingest.plan import Plan, make_plan
 from ingest.pseudonym import (PrivacyError, check_outside, default_private_log, default_salt_file,
                               load_or_create_salt, pseudonymise, write_private_log)
@@ -389,11 +389,15 @@ def _finish(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter], 
         made = " (created now: keep it, it maps patients to pseudonyms)" if privacy.salt_created else ""
         print(f"pseudonym salt: {privacy.salt_file}{made}\nraw paths of rejected / filtered inputs (private, not "
               f"for sharing): {privacy.log}")
+    for line in reason_lines(a.out, rejects, filtered):  # last on stdout: why inputs were left out, and where
+        print(line)
     if manifest["counts"]["written"] == 0:
-        print(f"ingest build-shards: no sample written from {a.root} (see {a.out / REJECTS_NAME})", file=sys.stderr)
+        lists = ((REJECTS_NAME, rejects), (FILTERED_NAME, filtered))
+        where = " and ".join(str(a.out / name) for name, rows in lists if rows)
+        print(f"ingest build-shards: no sample written from {a.root} (reasons in {where or 'no file: no input'})",
+              file=sys.stderr)
         return 1
     if raw:
-        print(f"{len(raw):,} inputs rejected: see {a.out / REJECTS_NAME}", file=sys.stderr)
         if a.strict:
             print(f"ingest build-shards: --strict and {len(raw)} rejects", file=sys.stderr)
             return 1

@@ -18,12 +18,16 @@ SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 # The only tags the scan reads; identifiers are hashed by the source before they are stored.
 HEADER_TAGS = ("SOPClassUID", "Modality", "PatientID", "StudyInstanceUID", "ViewPosition", "ViewCodeSequence",
                "PatientSex", "PatientAge", "BodyPartExamined", "BurnedInAnnotation", "NumberOfFrames",
-               "PhotometricInterpretation", "Rows", "Columns", "BitsStored", "PixelData")
+               "PhotometricInterpretation", "SamplesPerPixel", "Rows", "Columns", "BitsStored", "PixelData")
 DEFER_BYTES = 1024  # values above this (the pixel data) are never loaded by a header read
 MEDIA_DIRECTORY_SOP = "1.2.840.10008.1.3.10"
 # CharLS (pyjpegls) decodes JPEG-LS ~3x faster than libjpeg on a 2048x2500 12-bit radiograph (bench ingest);
 # left alone, pydicom may pick libjpeg. Other syntaxes use pydicom's own choice.
 PREFERRED_PLUGINS = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+# JPEG (ISO 10918) transfer syntaxes: their frames get ingest.jpeg_check's strict checks, because pylibjpeg, like
+# every libjpeg, decodes a frame cut short (end marker appended) into a film without a word.
+JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                           "1.2.840.10008.1.2.4.70"})
 
 
 class DicomReject(ValueError):
@@ -46,6 +50,7 @@ class DicomHeader:
     burned_in: str
     frames: int
     photometric: str
+    samples_per_pixel: int  # 0 when absent
     rows: int
     columns: int
     bits_stored: int
@@ -114,7 +119,8 @@ def _view_code(ds) -> tuple[str, str] | None:
 
 
 def read_header(path) -> DicomHeader:
-    """The HEADER_TAGS of one file without loading pixel data; raises DicomReject for a non-DICOM."""
+    """The HEADER_TAGS of one file (a path or a binary file object) without loading pixel data; raises
+    DicomReject for a non-DICOM."""
     ds, forced = _dcmread(path, specific_tags=list(HEADER_TAGS), defer_size=DEFER_BYTES)
     media_sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
     if len(ds) == 0 and media_sop != MEDIA_DIRECTORY_SOP:  # a DICOMDIR holds none of the tags read here
@@ -127,7 +133,8 @@ def read_header(path) -> DicomHeader:
             study_uid=_str(ds, "StudyInstanceUID"), view_position=_str(ds, "ViewPosition"), view_code=_view_code(ds),
             sex=_str(ds, "PatientSex"), age=_str(ds, "PatientAge"), body_part=_str(ds, "BodyPartExamined").upper(),
             burned_in=_str(ds, "BurnedInAnnotation").upper(), frames=_int(ds, "NumberOfFrames", 1),
-            photometric=_str(ds, "PhotometricInterpretation"), rows=_int(ds, "Rows", 0),
+            photometric=_str(ds, "PhotometricInterpretation"), samples_per_pixel=_int(ds, "SamplesPerPixel", 0),
+            rows=_int(ds, "Rows", 0),
             columns=_int(ds, "Columns", 0), bits_stored=_int(ds, "BitsStored", 0),
             has_pixels="PixelData" in ds, forced=forced)
     except Exception as e:  # a garbled value deep in the header
@@ -177,6 +184,8 @@ def pixels_of(ds) -> np.ndarray:
     if decoder is not None and not decoder.is_available:
         raise DicomReject(f"no decoder installed for {syntax.name} (install pylibjpeg, pylibjpeg-libjpeg, "
                           "pylibjpeg-openjpeg, pylibjpeg-rle)")
+    if str(syntax) in JPEG_SYNTAXES:
+        _check_jpeg_frame(ds)
     plugin = PREFERRED_PLUGINS.get(str(syntax), "")
     if decoder is None or plugin not in decoder.available_plugins:
         plugin = ""
@@ -188,6 +197,20 @@ def pixels_of(ds) -> np.ndarray:
     if raw.ndim != 2:
         raise DicomReject(f"DICOM pixel array of shape {raw.shape}; a single 2-D frame expected")
     return raw
+
+
+def _check_jpeg_frame(ds) -> None:
+    """DicomReject when the first frame's JPEG codestream is cut short or claims more pixels than it holds."""
+    from pydicom.encaps import generate_frames
+
+    from ingest.jpeg_check import check_codestream
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_int(ds, "NumberOfFrames", 1)))
+    except Exception:  # noqa: BLE001 - a broken encapsulation: the decoder reports it with its own reason
+        return
+    problem = check_codestream(frame)
+    if problem is not None:
+        raise DicomReject(f"cannot decode DICOM pixel data ({problem})")
 
 
 def decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:

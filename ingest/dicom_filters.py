@@ -1,6 +1,6 @@
 """Which DICOM objects become chest radiograph samples, decided from the header alone, always with a reason:
-modality, SOP class family, burned-in annotation, multi-frame, body part, view (ViewPosition, else the
-ViewCodeSequence code) and the patient key. Shared by `build-shards --source dicom` and `ingest scan`."""
+Modality and image content (`radiograph_verdict`, also applied by `eval predict` and `serve`), then burned-in
+annotation, body part, view and the patient key. Shared by `build-shards --source dicom` and `ingest scan`."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,9 @@ DEFAULT_MODALITIES = ("CR", "DX")
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 FRAMES_CHOICES = ("reject", "first")
 PATIENT_FROM_CHOICES = ("study", "file")
-# SOP class families that hold no radiograph (UID prefixes, matched on whole components).
-NON_RADIOGRAPH_SOP = {
-    "1.2.840.10008.5.1.4.1.1.7": "secondary capture",
+# SOP class families that hold no image (UID prefixes, matched on whole components). Secondary Capture is not one:
+# public CR exports (RSNA Pneumonia, SIIM-ACR) wrap real radiographs in it, so Modality and the pixels decide.
+NON_IMAGE_SOP = {
     "1.2.840.10008.5.1.4.1.1.88": "structured report / key object selection",
     "1.2.840.10008.5.1.4.1.1.481": "radiotherapy object",
     "1.2.840.10008.5.1.4.1.1.66": "segmentation / registration / raw data",
@@ -33,13 +33,27 @@ VIEW_CODES = {
     "49370004": "LAT", "G-A104": "LAT",                             # lateral
 }
 VIEW_SCHEMES = ("SCT", "SRT", "SNM3", "99SDM", "DCM")
-POLICY_OPTIONS = ("modalities", "body_parts", "allow_burned_in", "frames", "patient_from")  # argparse dests
+# --sop-classes: "images" (default: every SOP class but the NON_IMAGE_SOP families), "all", or a comma list of
+# exact UIDs and these names.
+SOP_CLASS_NAMES = {
+    "CR": ("1.2.840.10008.5.1.4.1.1.1",),                                               # CR Image Storage
+    "DX": ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"),  # DX for presentation / processing
+    "SC": ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+           "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4"),              # secondary capture (all kinds)
+}
+DEFAULT_SOP_CLASSES = "images"
+# A radiograph's shape: smaller images are icons or thumbnails, longer strips are not films (a chest film is ~1:1.25).
+MIN_SIDE_PX = 16
+MAX_ASPECT = 8
+POLICY_OPTIONS = ("modalities", "sop_classes", "body_parts", "allow_burned_in", "frames",
+                  "patient_from")  # argparse dests
 
 
 @dataclass(frozen=True)
 class DicomPolicy:
     """The header filters of the dicom source (the CLI options --modalities, --body-parts, ...)."""
     modalities: frozenset[str] | None = frozenset(DEFAULT_MODALITIES)   # None: every modality
+    sop_classes: frozenset[str] | str = DEFAULT_SOP_CLASSES   # "images" | "all" | exact UIDs
     body_parts: frozenset[str] | None = None    # None: keep all, flag those that are not chest
     allow_burned_in: bool = False
     frames: str = "reject"                      # multi-frame: reject | first
@@ -65,9 +79,41 @@ def parse_list_option(text: str, option: str) -> frozenset[str] | None:
 
 
 def sop_family(uid: str) -> str | None:
-    for prefix, name in NON_RADIOGRAPH_SOP.items():
+    """The name of the non-image family ``uid`` belongs to, or None."""
+    for prefix, name in NON_IMAGE_SOP.items():
         if uid == prefix or uid.startswith(prefix + "."):
             return name
+    return None
+
+
+def parse_sop_classes(text: str) -> frozenset[str] | str:
+    """'images' | 'all' | 'CR,DX,1.2.3' -> the accepted UIDs; ValueError with a one-line reason."""
+    t = text.strip()
+    if t.lower() in ("images", "all"):
+        return t.lower()
+    uids = set()
+    for item in (v.strip() for v in t.split(",")):
+        if item.upper() in SOP_CLASS_NAMES:
+            uids.update(SOP_CLASS_NAMES[item.upper()])
+        elif item and all(part.isdigit() for part in item.split(".")):
+            uids.add(item)
+        elif item:
+            raise ValueError(f"--sop-classes {text!r}: {item!r} is neither a UID nor one of "
+                             f"{', '.join(SOP_CLASS_NAMES)}")
+    if not uids:
+        raise ValueError(f"--sop-classes {text!r}: give images, all, or a comma list")
+    return frozenset(uids)
+
+
+def _sop_verdict(h: DicomHeader, policy: DicomPolicy) -> Verdict | None:
+    if policy.sop_classes == "all":
+        return None
+    if policy.sop_classes == "images":
+        family = sop_family(h.sop_class)
+        return None if family is None else Verdict("filtered", f"SOP class {h.sop_class} is a {family}, not a "
+                                                               "radiograph")
+    if h.sop_class not in policy.sop_classes:
+        return Verdict("filtered", f"SOP class {h.sop_class or '(missing)'} not selected by --sop-classes")
     return None
 
 
@@ -83,11 +129,13 @@ def view_of(h: DicomHeader) -> tuple[str, str]:
     return "UNKNOWN", "none"
 
 
-def judge(h: DicomHeader, policy: DicomPolicy) -> Verdict:
-    """ok, filtered (a policy choice: listed in filtered.tsv) or rejected (unusable or unsafe: rejects.tsv)."""
-    family = sop_family(h.sop_class)
-    if family is not None:
-        return Verdict("filtered", f"SOP class {h.sop_class} is a {family}, not a radiograph")
+def radiograph_verdict(h: DicomHeader, policy: DicomPolicy) -> Verdict:
+    """Is this object a radiograph we can use? Judged by Modality and the image's content (one grayscale 2-D
+    frame of a film's size and shape, MONOCHROME1/2), never by SOP class alone (--sop-classes only narrows).
+    The one acceptance rule of ingest (via `judge`), `eval predict` and `serve`."""
+    sop = _sop_verdict(h, policy)
+    if sop is not None:
+        return sop
     if not h.sop_class and not h.has_pixels:
         return Verdict("rejected", "DICOM without SOP class and without pixel data (not an image object)")
     if not h.has_pixels:
@@ -95,17 +143,32 @@ def judge(h: DicomHeader, policy: DicomPolicy) -> Verdict:
     if policy.modalities is not None and h.modality not in policy.modalities:
         return Verdict("filtered", f"modality {h.modality or '(missing)'} not selected by --modalities "
                                    f"{','.join(sorted(policy.modalities))}")
-    if h.burned_in == "YES" and not policy.allow_burned_in:
-        return Verdict("rejected", "BurnedInAnnotation is YES (text in the pixels may identify the patient; "
-                                   "--allow-burned-in to keep)")
     if h.photometric not in SUPPORTED_PHOTOMETRIC:
         return Verdict("rejected", f"unsupported photometric interpretation {h.photometric or '(missing)'!r} "
                                    f"(supported: {', '.join(SUPPORTED_PHOTOMETRIC)})")
+    if h.samples_per_pixel not in (0, 1):  # 0: tag absent (MONOCHROME implies one sample)
+        return Verdict("rejected", f"{h.samples_per_pixel} samples per pixel; a grayscale image has 1")
+    if min(h.rows, h.columns) < MIN_SIDE_PX or max(h.rows, h.columns) > MAX_ASPECT * min(h.rows, h.columns):
+        return Verdict("rejected", f"image of {h.columns} x {h.rows} pixels is not a radiograph's size or shape "
+                                   f"(at least {MIN_SIDE_PX} px a side, at most {MAX_ASPECT}:1)")
     flags = {}
     if h.frames > 1:
         if policy.frames != "first":
             return Verdict("rejected", f"multi-frame DICOM ({h.frames} frames); --frames first keeps the first")
         flags["multiframe_first_of"] = h.frames
+    return Verdict("ok", flags=flags)
+
+
+def judge(h: DicomHeader, policy: DicomPolicy) -> Verdict:
+    """ok, filtered (a policy choice: listed in filtered.tsv) or rejected (unusable or unsafe: rejects.tsv):
+    `radiograph_verdict`, then what only a dataset build checks (burned-in text, body part)."""
+    verdict = radiograph_verdict(h, policy)
+    if verdict.status != "ok":
+        return verdict
+    flags = verdict.flags
+    if h.burned_in == "YES" and not policy.allow_burned_in:
+        return Verdict("rejected", "BurnedInAnnotation is YES (text in the pixels may identify the patient; "
+                                   "--allow-burned-in to keep)")
     if h.body_part and h.body_part not in CHEST_BODY_PARTS:
         if policy.body_parts is not None and h.body_part not in policy.body_parts:
             return Verdict("filtered", f"BodyPartExamined {h.body_part} not selected by --body-parts "
@@ -134,6 +197,10 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     """The dicom filter options, shared by build-shards and scan."""
     p.add_argument("--modalities", default=",".join(DEFAULT_MODALITIES),
                    help="dicom: comma list of Modality values to keep, or all")
+    p.add_argument("--sop-classes", default=DEFAULT_SOP_CLASSES,
+                   help="dicom: SOP classes to keep: images (every class that can hold an image, Secondary "
+                        "Capture included: Modality and the pixels decide), all, or a comma list of UIDs and "
+                        f"the names {', '.join(SOP_CLASS_NAMES)} (e.g. CR,DX leaves out secondary captures)")
     p.add_argument("--body-parts", default="any", help="dicom: any (keep all, flag non-chest BodyPartExamined) or "
                                                       "a comma list to keep (others filtered; an empty tag is kept)")
     p.add_argument("--allow-burned-in", action="store_true", help="dicom: keep BurnedInAnnotation=YES (flagged)")
@@ -147,4 +214,5 @@ def policy_from_args(a: argparse.Namespace) -> DicomPolicy:
     """ValueError with a one-line reason for a bad list option."""
     modalities = parse_list_option(a.modalities, "--modalities")
     body_parts = None if a.body_parts.strip().lower() == "any" else parse_list_option(a.body_parts, "--body-parts")
-    return DicomPolicy(modalities, body_parts, a.allow_burned_in, a.frames, a.patient_from)
+    return DicomPolicy(modalities, parse_sop_classes(a.sop_classes), body_parts, a.allow_burned_in, a.frames,
+                       a.patient_from)

@@ -95,9 +95,21 @@ def summary_table(manifest: dict, file=None) -> None:
     c = manifest["counts"]
     print(f"inputs {c['inputs']:,} = written {c['written']:,} + rejected {c['rejected']:,}"
           f" + filtered {c['filtered']:,}", file=file)
-    reasons: dict[str, int] = {}
-    for r in manifest["rejects"]:
-        reason = r["reason"].split(" (")[0]
-        reasons[reason] = reasons.get(reason, 0) + 1
-    for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:10]:
-        print(f"  rejected {n:,}: {reason}", file=file)
+
+
+def reason_lines(out: Path, rejects: list[dict], filtered: list[dict], top: int = 10) -> list[str]:
+    """The closing lines of a build: counts per reject and filter reason (grouped at ' ('), each group followed
+    by the file that lists them one by one."""
+    lines = []
+    for kind, rows, name in (("rejected", rejects, REJECTS_NAME), ("filtered", filtered, FILTERED_NAME)):
+        reasons: dict[str, int] = {}
+        for r in rows:
+            reason = r["reason"].split(" (")[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+        ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        lines += [f"  {kind} {n:,}: {reason}" for reason, n in ranked[:top]]
+        if len(ranked) > top:
+            lines.append(f"  {kind} {sum(n for _, n in ranked[top:]):,}: {len(ranked) - top} other reasons")
+        if rows:
+            lines.append(f"{len(rows):,} {kind}, listed with their reasons in {out / name}")
+    return lines

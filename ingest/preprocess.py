@@ -98,25 +98,43 @@ def to_gray_u8(im: Image.Image) -> tuple[Image.Image, list[str], dict]:
 
 def decode_pillow(data: bytes, size: int,
                   draft: bool = True) -> tuple[Image.Image, int, int, int, str, list[str], dict, int]:
-    """(gray image, original w, h, bit depth, photometric, steps, flags, DCT reduction factor 1/2/4/8)."""
-    reduction = 1
+    """(gray image, original w, h, bit depth, photometric, steps, flags, DCT reduction factor 1/2/4/8). Strict:
+    a JPEG cut short (even with an end marker appended) or claiming more pixels than its data holds is refused
+    (ingest.jpeg_check); Pillow itself refuses truncated PNG / JPEG data while LOAD_TRUNCATED_IMAGES is off."""
+    from ingest.jpeg_check import CUT_SHORT, needs_probe, parse, scan_cut_short, structure_problem
+    reduction, layout, request = 1, None, None
     try:
         im = Image.open(io.BytesIO(data))
         width, height, mode, fmt = im.width, im.height, im.mode, im.format
         steps = [f"decode:{(fmt or '?').lower()}"]
+        if fmt == "JPEG":
+            layout = parse(data)
+            problem = structure_problem(layout) if layout is not None else None
+            if problem is not None:  # before any pixel is decoded (a forged header may claim gigapixels)
+                raise ImageReject(problem)
         if draft and fmt == "JPEG" and size > 0 and mode in ("L", "RGB"):
             want = target_size(width, height, size * DRAFT_MIN_REDUCTION)
             if want[0] < width:
+                request = (mode, want)
                 im.draft(mode, want)  # libjpeg DCT scaling by 1/2, 1/4 or 1/8
                 if im.size != (width, height):
                     reduction = 2 ** round(math.log2(width / im.size[0]))
                     steps.append(f"jpeg_draft:1/{reduction}")
         im.load()
+        if layout is not None and layout.ends_early:  # decoded only where LOAD_TRUNCATED_IMAGES was turned on
+            raise ImageReject("truncated JPEG: the data ends before the end-of-image marker")
+        if layout is not None and layout.scans:
+            last_row = np.asarray(im.crop((0, im.height - 1, im.width, im.height)))[0]
+            if needs_probe(layout, last_row[None]) and scan_cut_short(data, layout, np.asarray(im),
+                                                                      lambda d: _decode_as(d, request)):
+                raise ImageReject(CUT_SHORT)
     except UnidentifiedImageError:
         raise ImageReject("not an image (Pillow cannot identify the format)") from None
     except Image.DecompressionBombError as e:
         raise ImageReject(f"image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageReject):
+            raise
         raise ImageReject("truncated or corrupt image "
                           f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     if im.mode == "I" and fmt == "PNG":
@@ -126,6 +144,14 @@ def decode_pillow(data: bytes, size: int,
     photometric = _PHOTOMETRIC.get(mode.split(";")[0], "MONOCHROME2" if mode.startswith("I") else mode)
     gray, more_steps, flags = to_gray_u8(im)
     return gray, width, height, bit_depth, photometric, steps + more_steps, flags, reduction
+
+
+def _decode_as(data: bytes, request: tuple | None) -> np.ndarray:
+    """Decode ``data`` with the same draft request (so at the same scale) as the image it is compared with."""
+    with Image.open(io.BytesIO(data)) as im:
+        if request is not None:
+            im.draft(*request)
+        return np.asarray(im)
 
 
 def process_bytes(data: bytes, kind: str, size: int, quality: int, draft: bool = True) -> Processed:

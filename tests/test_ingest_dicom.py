@@ -109,7 +109,7 @@ def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path, capsy
     real_ids = (str(real.PatientID), str(real.StudyInstanceUID), str(real.SOPInstanceUID))
     for k, v in {**IDENTIFIERS, "PatientName": "Roe^Richard", "PatientID": "MRN-777"}.items():
         setattr(real, k, v)
-    real.save_as(root / "Roe_Richard_SC.dcm")  # as published: a CR wrapped as secondary capture -> filtered
+    real.save_as(root / "Roe_Richard_SC.dcm")  # as published: a CR wrapped as secondary capture -> kept
     real.SOPClassUID = real.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
     real.save_as(root / "Roe_Richard_CR.dcm")
     make_dicom(root / "rgb-ACC998877.dcm", np.zeros((8, 8, 3), np.uint8), photometric="RGB", bits_stored=8,
@@ -140,9 +140,8 @@ def test_dicom_tree_pseudonymises_and_leaks_nothing(shared_data, tmp_path, capsy
     assert (out / "rejects.tsv").read_text().splitlines()[0] == "input_id\tsha256\treason"
     filtered = dict(line.split("\t") for line in (out / "filtered.tsv").read_text().splitlines()[1:])
     assert filtered[fid("ct-Wiggum.dcm")] == "modality CT not selected by --modalities CR,DX"
-    assert filtered[fid("Roe_Richard_SC.dcm")].endswith("is a secondary capture, not a radiograph")
-    assert m.data["counts"] == {"inputs": 9, "written": 3, "rejected": 4, "filtered": 2}
-    assert m.data["patient_key"] == {"rule": "PatientID", "counts": {"PatientID": 4}}  # incl. cut
+    assert m.data["counts"] == {"inputs": 9, "written": 4, "rejected": 4, "filtered": 1}
+    assert m.data["patient_key"] == {"rule": "PatientID", "counts": {"PatientID": 5}}  # incl. cut
     # The private log, outside OUT, maps every reject and filtered input back to its raw path.
     private = {line.split("\t")[0]: line.split("\t")[4] for line in log.read_text().splitlines()[1:]}
     assert private[fid("cut-Flanders.dcm")] == "cut-Flanders.dcm" and private[fid("ct-Wiggum.dcm")] == "ct-Wiggum.dcm"
@@ -323,3 +322,52 @@ def test_folder_source_leaks_no_path_or_csv_identifier(tmp_path):
             assert not leaked, f"{p.relative_to(tmp_path)} contains {leaked}"
     private = (tmp_path / "paths.tsv").read_text()
     assert "../outside_Flanders.png" in private and "normal/broken_Quimby.png" not in private  # last run's log
+
+
+def test_secondary_capture_radiographs_are_ingested_and_sop_classes_narrows(shared_data, tmp_path, capsys):
+    """The real CR films exported as Secondary Capture (as RSNA / SIIM publish them) are written; --sop-classes
+    CR,DX leaves them out, and the closing lines count the reason and name filtered.tsv, the file holding it."""
+    import shutil
+    root = tmp_path / "export"
+    root.mkdir()
+    for p in sorted((shared_data / "formats").glob("*.dcm")):
+        shutil.copy(p, root / p.name)
+    args = ["--source", "dicom", "--root", str(root), "--workers", "0", "--no-progress", "--patient-from", "file",
+            "--salt-file", str(tmp_path / "k"), "--private-log", str(tmp_path / "log")]
+    assert build.main([*args, "--out", str(tmp_path / "all")]) == 0
+    assert load_manifest(tmp_path / "all").data["counts"] == {"inputs": 2, "written": 2, "rejected": 0, "filtered": 0}
+    capsys.readouterr()
+    assert build.main([*args, "--out", str(tmp_path / "narrow"), "--sop-classes", "CR,DX"]) == 1
+    out, err = capsys.readouterr()
+    tail = out.rstrip("\n").splitlines()[-2:]
+    assert tail == ["  filtered 2: SOP class 1.2.840.10008.5.1.4.1.1.7 not selected by --sop-classes",
+                    f"2 filtered, listed with their reasons in {tmp_path / 'narrow' / 'filtered.tsv'}"]
+    assert f"reasons in {tmp_path / 'narrow' / 'filtered.tsv'}" in err and "rejects.tsv" not in err
+    assert len((tmp_path / "narrow" / "filtered.tsv").read_text().splitlines()) == 3
+    assert build.main([*args, "--out", str(tmp_path / "bad"), "--sop-classes", "CR,chest"]) == 2
+    assert "'chest' is neither a UID" in capsys.readouterr().err
+
+
+def test_predict_applies_the_ingest_acceptance_rule(shared_data):
+    """eval predict (and serve, which calls it) accepts and refuses DICOMs by the same `radiograph_verdict` as
+    a build: the real Secondary Capture CR is decoded, the same film relabelled CT or cut to a thumbnail is not,
+    with ingest's own reason."""
+    import pydicom
+
+    from eval.predict import InputError, decode_gray
+    from ingest.dicom import read_header
+    from ingest.dicom_filters import DicomPolicy, judge
+    data = (shared_data / "formats" / "monochrome1.dcm").read_bytes()
+    assert decode_gray(data, shard_size=64, quality=90).shape == (64, 64)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for change, kind in ((dict(Modality="CT"), "unsupported"), (dict(Rows=8), "undecodable"),
+                         (dict(SamplesPerPixel=3), "undecodable")):
+        for k, v in change.items():
+            setattr(ds, k, v)
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        ingest_reason = judge(read_header(io.BytesIO(buf.getvalue())), DicomPolicy()).reason
+        with pytest.raises(InputError) as e:
+            decode_gray(buf.getvalue(), shard_size=64, quality=90)
+        assert (e.value.kind, str(e.value)) == (kind, ingest_reason) and ingest_reason
+        ds = pydicom.dcmread(io.BytesIO(data))

@@ -194,3 +194,30 @@ def test_cli_guards(bundle, capsys):
     assert "at least 16" in capsys.readouterr().err
     assert main(["--bundle", str(bundle.parent / "nope")]) == 2
     assert "not a bundle" in capsys.readouterr().err
+
+
+def test_predict_and_serve_refuse_corrupt_films_like_ingest(shared_data, bundle, client, tmp_path):
+    """Real films cut short (end marker appended or not) or with forged headers: `eval predict` lists each as an
+    error with ingest's reason, serve answers 422 with the same one-line reason; the originals are scored."""
+    import csv
+
+    from eval.__main__ import main as eval_main
+    from test_corrupt_films import corrupt_films
+    films = corrupt_films(shared_data)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, (data, _) in films.items():
+        (inputs / name).write_bytes(data)
+    out = tmp_path / "preds.csv"
+    assert eval_main(["predict", "--bundle", str(bundle), "--input", str(inputs), "--out", str(out),
+                      "--no-progress"]) == 0
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out))}
+    for name, (data, reason) in films.items():
+        r = _post(client, data, name=name)
+        if reason is None:
+            assert rows[name]["status"] == "ok" and r.status_code == 200, (name, rows[name], r.text)
+            continue
+        assert rows[name]["status"] == "error" and reason in rows[name]["reason"], (name, rows[name])
+        assert r.status_code == 422, (name, r.status_code, r.text)
+        error = r.json()["error"]
+        assert reason in error and "\n" not in error and "findings" not in r.json(), (name, error)
