@@ -16,6 +16,7 @@ from eval.args import UsageError, build_parser, parse_grid
 from eval.features import (EncoderError, EncoderSpec, Transform, default_device, encoder_hash, encoder_spec,
                            extract_features)
 from eval.labels import LabelPolicy, TaskError, resolve_tasks
+from ingest.errors import one_line
 from ingest.schema import ShardFormatError, load_manifest
 
 
@@ -129,7 +130,8 @@ def run_linear(args) -> None:
         result.update(_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
         _save_predictions(args.out / "linear" / f"{spec.name}.npz", preds, tasks)
-        save_linear_heads(args.out / "linear" / f"{spec.name}.heads.pt", preds["probe"], tasks, preds["val_targets"])
+        save_linear_heads(args.out / "linear" / f"{spec.name}.heads.pt", preds["probe"], tasks, preds["val_targets"],
+                          preds["val_pids"])
         _write_json(args.out / "linear" / f"{spec.name}.json", result)
         _log(f"linear {spec.name}: mean AUROC {_fmt(result['mean_auroc'])} 95% CI {_fmt_ci(result['mean_auroc_ci'])}")
 
@@ -349,6 +351,6 @@ def main(argv: list[str]) -> int:
         RUNNERS[command](args)
     except (UsageError, TaskError, EncoderError, ShardFormatError, FileNotFoundError, FileExistsError,
             ImportError) as e:
-        print(f"eval {command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"eval {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
