@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.harness import capture_env, default_out_dir
 from bench.report import headline, markdown, plot
+from ingest.errors import one_line
 
 STAGES = ("ingest", "data", "model", "e2e", "loss")
 STAGE_MODULES = {s: f"bench.{s}_bench" for s in STAGES}
@@ -87,7 +88,7 @@ def run_stage(stage: str, argv: list[str], log: Path, *, in_process: bool, timeo
             rc = e.code if isinstance(e.code, int) else 2
         except Exception as e:  # a broken stage must not take the others down
             rc = None
-            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rec["error"] = one_line(e, with_type=True)
         log.write_text(buf.getvalue())
     else:
         try:

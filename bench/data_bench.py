@@ -18,6 +18,7 @@ import torch
 
 from bench.harness import BenchReport, GpuSampler, default_out_dir
 from dali_pipes import CXR_MEAN, CXR_STD, AugmentConfig, build_pretrain_loader
+from ingest.errors import one_line
 from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, ShardFormatError, load_manifest
 from ingest.shards import write_shard
 
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (ShardFormatError, ValueError, RuntimeError) as e:  # bad shards / sizes: one line, no traceback
-        print(f"bench data: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"bench data: {one_line(e)}", file=sys.stderr)
         return 2
     out = default_out_dir(report.env) if args.out == "default" else args.out
     report.finish(out, columns=["loader", "workers_or_threads", "augment", "image_size", "batch_size",

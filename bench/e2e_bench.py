@@ -15,6 +15,7 @@ import torch
 
 from bench.harness import BenchReport, GpuSampler, default_out_dir
 from bench.model_bench import build_step, hours_for_epochs, measure
+from ingest.errors import one_line
 from trainer.augment_section import augment_config
 from trainer.config import ConfigError, load_config
 from trainer.data import build_loader
@@ -148,7 +149,7 @@ def main(argv: list[str]) -> int:
                               per_rank_batch=args.batch, rank=0, world_size=1, seed=0, device=device, dtype=dtype,
                               build_ahead=args.build_ahead == "on")
     except (ValueError, RuntimeError, OSError) as e:
-        print(f"bench e2e: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"bench e2e: {one_line(e)}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     step = build_step(cfg, device, compile_mode="default" if compiled else None, channels_last=channels_last,

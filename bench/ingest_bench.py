@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from bench.harness import BenchReport, default_out_dir, time_fn
+from ingest.errors import one_line
 
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -151,7 +152,7 @@ def bench_dicom(report: BenchReport, count: int, repeats: int) -> None:
                 ds.save_as(buf)
                 datas.append(buf.getvalue())
         except (RuntimeError, ImportError) as e:
-            report.notes.append(f"dicom {name}: skipped, no encoder to make the input ({str(e).splitlines()[0]})")
+            report.notes.append(f"dicom {name}: skipped, no encoder to make the input ({one_line(e)})")
             continue
         t = time_fn(lambda: [process_bytes(d, "dicom", 256, 95) for d in datas], warmup=1, repeats=repeats,
                     sync=False)

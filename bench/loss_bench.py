@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from bench.harness import BenchReport, GpuSampler, capture_env, default_out_dir, time_fn
+from ingest.errors import one_line
 
 GPU_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_SIZES = [64, 128, 256]
@@ -108,7 +109,7 @@ def _measure(impl: str, n_views: int, args, device, dtype) -> dict:
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
-        row.update(status="OOM", error=str(err).splitlines()[0][:200])
+        row.update(status="OOM", error=one_line(err, limit_chars=200))
         return row
     finally:
         z.grad = None

@@ -33,6 +33,7 @@ def _run_parsed(command: str, runner, argv: list[str]) -> int:
     from eval.devices import DeviceError
     from eval.features import EncoderError
     from eval.labels import TaskError
+    from ingest.errors import one_line
     from ingest.schema import ShardFormatError
     try:
         args = build_parser(command).parse_args(argv[1:])
@@ -43,7 +44,7 @@ def _run_parsed(command: str, runner, argv: list[str]) -> int:
         runner(args)
     except (UsageError, TaskError, EncoderError, DeviceError, ShardFormatError, FileNotFoundError, FileExistsError,
             ImportError) as e:
-        print(f"eval {command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"eval {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUNDLE_FORMAT = "cxr-ssl-bundle/1"
+from ingest.errors import one_line
+BUNDLE_FORMAT = "cxr-ssl-bundle/2"  # /2: thresholds[task].validated
 HEADS_FORMAT = "cxr-ssl-linear-heads/1"
 MODEL_FILE, META_FILE, CARD_FILE = "model.pt", "bundle.json", "README.md"
 VIEWS = ("center", "full")
@@ -22,9 +23,11 @@ class BundleError(ValueError):
     """A bundle folder that is missing, incomplete or does not match its own description (one-line message)."""
 
 
-def save_linear_heads(path: Path, probe, tasks: list[str], val_targets: np.ndarray | None) -> None:
+def save_linear_heads(path: Path, probe, tasks: list[str], val_targets: np.ndarray | None,
+                      val_pids: np.ndarray | None = None) -> None:
     """``eval linear``'s probes as plain tensors: weight (T, D) (NaN rows = task not trained), bias (T,), the
-    training-feature standardisation (D,), and the chosen probes' validation scores with their targets."""
+    training-feature standardisation (D,), and the chosen probes' validation scores with their targets and patient
+    ids (export's patient-bootstrap CI of the validation AUROC)."""
     dim = int(probe.feature_mean.shape[0])
     weight = torch.full((len(tasks), dim), float("nan"), dtype=torch.float64)
     bias = torch.full((len(tasks),), float("nan"), dtype=torch.float64)
@@ -38,6 +41,8 @@ def save_linear_heads(path: Path, probe, tasks: list[str], val_targets: np.ndarr
     if probe.val_scores is not None and val_targets is not None:
         doc["val_scores"] = torch.from_numpy(np.asarray(probe.val_scores, dtype=np.float64))
         doc["val_targets"] = torch.from_numpy(np.asarray(val_targets, dtype=np.float64))
+        if val_pids is not None:
+            doc["val_pids"] = [str(p) for p in val_pids]
     tmp = path.with_name(path.name + ".tmp")
     torch.save(doc, tmp)
     tmp.replace(path)
@@ -90,8 +95,13 @@ class Bundle:
         return list(self.meta["tasks"])
 
     @property
-    def thresholds(self) -> np.ndarray:  # (T,)
-        return np.array([self.meta["thresholds"][t]["threshold"] for t in self.tasks], dtype=np.float64)
+    def thresholds(self) -> np.ndarray:  # (T,); NaN where the task is not validated (no flag is ever raised)
+        return np.array([np.nan if self.meta["thresholds"][t]["threshold"] is None
+                         else self.meta["thresholds"][t]["threshold"] for t in self.tasks], dtype=np.float64)
+
+    @property
+    def validated(self) -> np.ndarray:  # (T,) bool: the task's validation AUROC CI lies above 0.5
+        return np.array([bool(self.meta["thresholds"][t]["validated"]) for t in self.tasks], dtype=bool)
 
 
 def build_model(arch: str, in_channels: int, backbone_state: dict, heads: ProbeHeads,
@@ -101,7 +111,7 @@ def build_model(arch: str, in_channels: int, backbone_state: dict, heads: ProbeH
     try:
         backbone.load_state_dict(backbone_state, strict=True)
     except RuntimeError as e:
-        raise BundleError(f"backbone weights do not fit {arch} ({str(e).splitlines()[0][:160]})") from None
+        raise BundleError(f"backbone weights do not fit {arch} ({one_line(e, limit_chars=160)})") from None
     adapter = None
     if input_adapter == "imagenet":
         from eval.imagenet_input import ImageNetInput
@@ -135,21 +145,68 @@ def load_bundle(folder: str | Path) -> Bundle:
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{folder / META_FILE}: unreadable ({str(e).splitlines()[0]})") from None
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{folder}: bundle format {meta.get('format')!r}, this code reads {BUNDLE_FORMAT}")
+        raise BundleError(f"{folder / META_FILE}: unreadable ({one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise BundleError(f"{folder}: bundle format {found!r}, this code reads {BUNDLE_FORMAT} "
+                          "(export it again with `python -m eval export`)")
+    check_meta(meta, folder / META_FILE)
     if meta.get("model_sha256") != _sha256(folder / MODEL_FILE):
         raise BundleError(f"{folder / MODEL_FILE}: sha256 differs from the one in {META_FILE} (modified or corrupt)")
     try:
         doc = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise BundleError(f"{folder / MODEL_FILE}: unreadable ({type(e).__name__})") from None
-    heads = ProbeHeads(doc["head_weight"], doc["head_bias"], doc["feature_mean"], doc["feature_std"])
+        reason = one_line(e, limit_chars=120, with_type=True)
+        raise BundleError(f"{folder / MODEL_FILE}: unreadable ({reason})") from None
+    missing = [k for k in MODEL_KEYS if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise BundleError(f"{folder / MODEL_FILE}: missing {', '.join(missing)}")
+    try:
+        heads = ProbeHeads(doc["head_weight"], doc["head_bias"], doc["feature_mean"], doc["feature_std"])
+    except (AttributeError, TypeError) as e:
+        raise BundleError(f"{folder / MODEL_FILE}: heads are not tensors ({one_line(e)})") from None
     arch = meta["encoder"]
     model = build_model(arch["arch"], int(arch["in_channels"]), doc["backbone"], heads, arch["input_adapter"])
     if heads.weight.shape[0] != len(meta["tasks"]):
         raise BundleError(f"{folder}: {heads.weight.shape[0]} heads for {len(meta['tasks'])} tasks")
     return Bundle(folder, meta, model)
+
+
+MODEL_KEYS = ("backbone", "head_weight", "head_bias", "feature_mean", "feature_std")
+# What predict and serve read from bundle.json: dotted path ("*" = every task) -> the JSON types it may hold.
+_NUM, _INT, _STR = (int, float), (int,), (str,)
+META_KEYS = {"protocol": _STR, "threshold_rule": _STR, "encoder.name": _STR, "encoder.arch": _STR,
+             "encoder.in_channels": _INT, "encoder.input_adapter": _STR, "view.mode": _STR, "view.image_size": _INT,
+             "normalisation.mean": _NUM, "normalisation.std": _NUM, "ingest.size": _INT, "ingest.quality": _INT,
+             "metrics.*.test_auroc": _NUM + (type(None),), "metrics.*.test_auroc_ci": (list, type(None)),
+             "thresholds.*.threshold": _NUM + (type(None),), "thresholds.*.validated": (bool,)}
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """BundleError naming the first missing or mistyped key of bundle.json, before anything reads it."""
+    tasks = meta.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise BundleError(f"{path}: 'tasks' must be a non-empty list of names")
+    keys = dict(META_KEYS)
+    if isinstance(meta.get("view"), dict) and meta["view"].get("mode") == "center":
+        keys["view.resize_size"] = _INT
+    for dotted, types in keys.items():
+        for task in tasks if "*" in dotted else [None]:
+            node, where = meta, []
+            for part in dotted.split("."):
+                where.append(task if part == "*" else part)
+                if not isinstance(node, dict) or where[-1] not in node:
+                    raise BundleError(f"{path}: missing key '{'.'.join(where)}'")
+                node = node[where[-1]]
+            if not isinstance(node, types) or (isinstance(node, bool) and bool not in types):
+                raise BundleError(f"{path}: key '{'.'.join(where)}' holds {type(node).__name__} "
+                                  f"({' or '.join(k.__name__ for k in types)} expected)")
+    if meta["view"]["mode"] not in VIEWS:
+        raise BundleError(f"{path}: view.mode {meta['view']['mode']!r} is not one of {', '.join(VIEWS)}")
+    for t in tasks:
+        th = meta["thresholds"][t]
+        if th["validated"] and th["threshold"] is None:
+            raise BundleError(f"{path}: thresholds.{t}: a validated task needs a threshold")
 
 
 def _sha256(path: Path) -> str:

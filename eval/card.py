@@ -36,7 +36,8 @@ def model_card(meta: dict) -> str:
     for t in meta["tasks"]:
         m, th = meta["metrics"][t], meta["thresholds"][t]
         lines.append(f"| {t} | {_f(m['test_auroc'])} | {_ci(m['test_auroc_ci'])} | {_f(m['val_auroc'])} | "
-                     f"{_f(th['threshold'], 4)} | {_f(th.get('test_sensitivity'))} | "
+                     f"{_f(th['threshold'], 4) if th.get('validated') else 'not validated'} | "
+                     f"{_f(th.get('test_sensitivity'))} | "
                      f"{_f(th.get('test_specificity'))} |")
     notes = [f"- {t}: {meta['thresholds'][t]['note']}" for t in meta["tasks"] if meta["thresholds"][t].get("note")]
     lines += ["", f"Mean test AUROC {_f(meta.get('mean_test_auroc'))}, 95% CI {_ci(meta.get('mean_test_auroc_ci'))} "

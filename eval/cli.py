@@ -33,7 +33,8 @@ def run_linear(args) -> None:
         result.update(run_context(args, spec, tasks))
         (args.out / "linear").mkdir(parents=True, exist_ok=True)
         save_predictions(args.out / "linear" / f"{spec.name}.npz", preds, tasks)
-        save_linear_heads(args.out / "linear" / f"{spec.name}.heads.pt", preds["probe"], tasks, preds["val_targets"])
+        save_linear_heads(args.out / "linear" / f"{spec.name}.heads.pt", preds["probe"], tasks, preds["val_targets"],
+                          preds["val_pids"])
         write_json(args.out / "linear" / f"{spec.name}.json", result)
         log(f"linear {spec.name}: mean AUROC {fmt(result['mean_auroc'])} 95% CI {fmt_ci(result['mean_auroc_ci'])}")
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from eval.bundle import BUNDLE_FORMAT, VIEWS, BundleError
+from ingest.errors import one_line
 
 THRESHOLD_RULES = ("youden", "sensitivity")
+VAL_REPLICATES = 1000
 
 
 class ExportError(ValueError):
@@ -23,7 +25,9 @@ class ExportError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval export", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="eval folder written by `python -m eval linear|finetune`")
-    p.add_argument("--encoder", required=True, metavar="NAME", help="encoder name as in OUT/<protocol>/NAME.json")
+    p.add_argument("--encoder", required=True, metavar="NAME",
+                   help="encoder name as in OUT/<protocol>/NAME.json, or the run folder (runs/NAME) or encoder.pt "
+                        "it was named after")
     p.add_argument("--protocol", required=True, choices=("linear", "finetune"))
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--sensitivity", type=float, default=None, metavar="S",
@@ -55,7 +59,28 @@ def choose_threshold(targets: np.ndarray, scores: np.ndarray, sensitivity: float
             "val_specificity": float(1 - fpr[i]), "note": ""}
 
 
-def _at(targets: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+def val_auroc_ci(targets: np.ndarray, scores: np.ndarray, pids: np.ndarray | None, tasks: list[str]) -> dict:
+    """{task: (val AUROC, [lo, hi] 95% bootstrap CI or [None, None])} on the validation split: patients resampled
+    where their ids were stored, images otherwise."""
+    from eval.bootstrap import bootstrap_ci
+    from eval.metrics import auroc
+    pids = np.arange(len(targets)) if pids is None else np.asarray(pids)
+    ci = bootstrap_ci(targets, scores, pids, tasks, num_replicates=VAL_REPLICATES, seed=0)["tasks"]
+    out = {}
+    for j, t in enumerate(tasks):
+        point = auroc(targets[:, j], scores[:, j])
+        out[t] = (point if np.isfinite(point) else None, ci.get(t, {}).get("auroc_ci", [None, None]))
+    return out
+
+
+def is_validated(ci: list) -> bool:
+    """A probe counts as validated when its whole validation AUROC CI lies above chance (0.5)."""
+    return ci is not None and ci[0] is not None and ci[0] > 0.5
+
+
+def _at(targets: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
+    if threshold is None:
+        return {"test_sensitivity": None, "test_specificity": None}
     keep = ~np.isnan(targets) & ~np.isnan(scores)
     y, flag = targets[keep] > 0.5, scores[keep] >= threshold
     sens = float((flag & y).sum() / y.sum()) if y.any() else None
@@ -104,16 +129,29 @@ def _view(result: dict) -> dict:
 
 
 def _linear_parts(folder: Path, name: str, tasks: list[str]):
-    import torch
     path = folder / f"{name}.heads.pt"
     if not path.is_file():
         raise ExportError(f"{path}: no stored probe weights; re-run `python -m eval linear` (it now writes them)")
-    heads = torch.load(path, map_location="cpu", weights_only=True)
+    heads = _load(path, ("tasks", "weight", "bias", "feature_mean", "feature_std"))
     if list(heads["tasks"]) != tasks:
         raise ExportError(f"{path}: tasks {heads['tasks']} differ from the result's {tasks}")
     if "val_scores" not in heads:
         raise ExportError(f"{path}: no validation scores stored; thresholds need them")
-    return heads, heads["val_scores"].numpy(), heads["val_targets"].numpy()
+    pids = heads.get("val_pids")  # absent in heads written before they were stored: images are resampled
+    return heads, heads["val_scores"].numpy(), heads["val_targets"].numpy(), None if pids is None else np.asarray(pids)
+
+
+def _load(path: Path, keys: tuple[str, ...]) -> dict:
+    """A torch file written by `eval linear|finetune` (weights only), with ``keys``; ExportError otherwise."""
+    import torch
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated, empty or foreign file is the same user error
+        raise ExportError(f"{path}: unreadable ({one_line(e, limit_chars=120, with_type=True)})") from None
+    missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise ExportError(f"{path}: missing {', '.join(missing)}")
+    return doc
 
 
 def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], device: str):
@@ -125,7 +163,7 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     path = folder / f"{name}.pt"
     if not path.is_file():
         raise ExportError(f"{path}: no fine-tuned weights; run `python -m eval finetune` first")
-    doc = torch.load(path, map_location="cpu", weights_only=True)
+    doc = _load(path, ("head", "arch", "in_channels", "backbone"))
     dim = doc["head"]["weight"].shape[1]
     heads = {"weight": doc["head"]["weight"].double(), "bias": doc["head"]["bias"].double(),
              "feature_mean": torch.zeros(dim, dtype=torch.float64), "feature_std": torch.ones(dim, dtype=torch.float64)}
@@ -143,7 +181,7 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     with torch.no_grad():
         scores = torch.sigmoid(model.heads(torch.from_numpy(fs.features))).double().numpy()
     targets = select_targets(fs.labels, fs.label_names, tasks, LabelPolicy(**_policy(result)))
-    return heads, doc["backbone"], adapter, scores, targets
+    return heads, doc["backbone"], adapter, scores, targets, np.asarray(fs.pids)
 
 
 def export(args) -> Path:
@@ -151,7 +189,8 @@ def export(args) -> Path:
     from eval.card import model_card
     from eval.features import _sha256_file
     folder = args.out / args.protocol
-    rpath = folder / f"{args.encoder}.json"
+    name = result_name(folder, args.encoder)
+    rpath = folder / f"{name}.json"
     if not rpath.is_file():
         raise ExportError(f"{rpath}: no result; run `python -m eval {args.protocol} --out {args.out}` "
                           f"for '{args.encoder}' first")
@@ -159,30 +198,40 @@ def export(args) -> Path:
         raise ExportError(f"{args.bundle}: exists; pass --overwrite to replace it")
     if args.sensitivity is not None and not 0 < args.sensitivity <= 1:
         raise ExportError(f"--sensitivity {args.sensitivity}: must lie in (0, 1]")
-    result = json.loads(rpath.read_text())
+    try:
+        result = json.loads(rpath.read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{rpath}: unreadable result ({one_line(err)})") from None
     tasks = list(result["task_names"])
     e = result["encoder"]
     if args.protocol == "linear":
         backbone, adapter = _encoder(result)
-        heads, val_scores, val_targets = _linear_parts(folder, args.encoder, tasks)
+        heads, val_scores, val_targets, val_pids = _linear_parts(folder, name, tasks)
     else:
-        heads, backbone, adapter, val_scores, val_targets = _finetune_parts(folder, args.encoder, result, tasks,
-                                                                            args.device)
+        heads, backbone, adapter, val_scores, val_targets, val_pids = _finetune_parts(
+            folder, name, result, tasks, args.device)
     trained = [j for j, t in enumerate(tasks) if bool(np.isfinite(heads["weight"][j].numpy()).all())]
     if not trained:
         raise ExportError(f"{rpath}: no task has a trained head")
     keep = [tasks[j] for j in trained]
-    with np.load(folder / f"{args.encoder}.npz") as z:
+    with np.load(folder / f"{name}.npz") as z:
         test_targets, test_scores = z["targets"], z["scores"]
+    val = val_auroc_ci(val_targets[:, trained], val_scores[:, trained], val_pids, keep)
     thresholds, metrics = {}, {}
     for j in trained:
         t = tasks[j]
-        thr = choose_threshold(val_targets[:, j], val_scores[:, j], args.sensitivity)
+        point, ci = val[t]
+        if is_validated(ci):
+            thr = {**choose_threshold(val_targets[:, j], val_scores[:, j], args.sensitivity), "validated": True}
+        else:  # a chance-level ROC curve has no meaningful operating point: no threshold, no flag
+            thr = {"threshold": None, "rule": _rule_name(args.sensitivity), "validated": False,
+                   "note": f"not validated: {_chance_text(point, ci)}; no threshold, findings marked not validated"}
+            warn(f"{t}: {thr['note']}")
         thresholds[t] = {**thr, **_at(test_targets[:, j], test_scores[:, j], thr["threshold"])}
         row = result["tasks"].get(t, {})
         metrics[t] = {"test_auroc": row.get("auroc"), "test_auroc_ci": row.get("auroc_ci"),
                       "test_auprc": row.get("auprc"), "val_auroc": (result.get("val_auroc") or {}).get(t),
-                      "test_positives": row.get("n_pos"), "test_negatives": row.get("n_neg")}
+                      "val_auroc_ci": ci, "test_positives": row.get("n_pos"), "test_negatives": row.get("n_neg")}
     shards = Path(result["shards"])
     manifest = shards / "manifest.json"
     ingest_opts = json.loads(manifest.read_text()).get("options", {}) if manifest.is_file() else {}
@@ -208,15 +257,56 @@ def export(args) -> Path:
     return args.bundle
 
 
+def result_name(folder: Path, encoder: str) -> str:
+    """The result name for ``--encoder``: a name as given when OUT/<protocol>/NAME.json exists; else a run folder or
+    encoder file is turned into the name `eval` gave it (the run folder's name), or matched by its path."""
+    path = Path(encoder)
+    if (folder / f"{encoder}.json").is_file() or not (len(path.parts) > 1 or path.exists()):
+        return encoder  # a plain name: export reports a missing result under that name
+    file = path if path.suffix == ".pt" and not path.is_dir() else path / "encoder.pt"
+    guess = file.parent.name if file.name == "encoder.pt" else file.stem
+    if (folder / f"{guess}.json").is_file():
+        return guess
+    for rpath in sorted(folder.glob("*.json")):  # evaluated under another --name: match the encoder's path
+        try:
+            recorded = json.loads(rpath.read_text()).get("encoder", {}).get("path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded and Path(recorded).resolve() == file.resolve():
+            return rpath.stem
+    return guess
+
+
+def warn(message: str) -> None:
+    print(f"eval export: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _chance_text(point: float | None, ci: list) -> str:
+    if ci[0] is None or ci[1] is None:
+        return f"validation AUROC {_f(point)} has no CI (the validation labels hold one class)"
+    where = "lies below 0.5 (worse than chance)" if ci[1] < 0.5 else "includes 0.5 (chance level)"
+    return f"validation AUROC {_f(point)}, 95% CI [{_f(ci[0])}, {_f(ci[1])}] {where}"
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _rule_name(sensitivity: float | None) -> str:
+    return "youden" if sensitivity is None else f"sensitivity>={sensitivity:g}"
+
+
 def _normalisation() -> dict:
     import dali_pipes
     return {"input": "8-bit gray / 255", "mean": float(dali_pipes.CXR_MEAN), "std": float(dali_pipes.CXR_STD)}
 
 
 def _rule_text(sensitivity: float | None) -> str:
+    unvalidated = "; none for a task whose validation AUROC 95% CI does not lie above 0.5 (not validated)"
     if sensitivity is None:
-        return "Youden's J on the validation split: the threshold maximising sensitivity + specificity - 1"
-    return f"the highest threshold whose validation sensitivity is >= {sensitivity:g}"
+        return ("Youden's J on the validation split: the threshold maximising sensitivity + specificity - 1"
+                + unvalidated)
+    return f"the highest threshold whose validation sensitivity is >= {sensitivity:g}" + unvalidated
 
 
 def main(argv: list[str]) -> int:
@@ -227,7 +317,7 @@ def main(argv: list[str]) -> int:
     try:
         path = export(args)
     except (ExportError, BundleError, FileNotFoundError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = one_line(e)
         print(f"eval export: error: {'missing field ' + msg if isinstance(e, KeyError) else msg}", file=sys.stderr)
         return 2
     print(f"eval export: bundle -> {path}", file=sys.stderr)

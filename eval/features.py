@@ -12,8 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from ingest.schema import MANIFEST_NAME, load_manifest
 from eval.devices import dali_device_id, torch_device
+from ingest.errors import one_line
+from ingest.schema import MANIFEST_NAME, load_manifest
 
 CACHE_VERSION = 1
 CATEGORY = {"checkpoint": "SSL", "random": "Scratch", "imagenet": "ImageNet"}
@@ -43,7 +44,7 @@ def _read_encoder_meta(path: Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise EncoderError(f"{path}: not a readable encoder checkpoint "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+                           f"({one_line(e, limit_chars=120, with_type=True)})") from e
     if not isinstance(obj, dict) or "state_dict" not in obj or "arch" not in obj:
         raise EncoderError(f"{path}: not an encoder.pt (expected keys arch, in_channels, state_dict)")
     return obj
@@ -102,7 +103,7 @@ def build_encoder(spec: EncoderSpec):
         try:
             model, meta = checkpoint.load_encoder(spec.path, map_location="cpu")
         except ValueError as e:
-            raise EncoderError(str(e).splitlines()[0]) from e
+            raise EncoderError(one_line(e)) from e
         dim = int(meta.get("feature_dim") or _probe_dim(model, spec.in_channels))
     elif spec.kind == "random":
         with torch.random.fork_rng(devices=[]):
@@ -114,7 +115,7 @@ def build_encoder(spec: EncoderSpec):
             model, dim = models.build_backbone(spec.arch, spec.in_channels, "imagenet")
         except Exception as e:  # noqa: BLE001 - offline download failures surface as many exception types
             raise EncoderError(f"ImageNet weights for {spec.arch} could not be loaded offline: "
-                               f"{str(e).splitlines()[0][:160]}") from e
+                               f"{one_line(e, limit_chars=160)}") from e
         from eval.imagenet_input import ImageNetInput
         model = torch.nn.Sequential(ImageNetInput(spec.in_channels), model)
     return model.eval(), int(dim)

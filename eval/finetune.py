@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dali_pipes.augment import AugmentConfig
+from eval.devices import torch_device
 from eval.features import EncoderSpec, Transform, build_encoder, eval_loader, iterate_valid
 from eval.labels import LabelPolicy, select_targets, split_counts
 from eval.metrics import evaluate
-from eval.devices import torch_device
 
 # 7 learning rates x 4 weight decays, the size of Azizi et al.'s (2021) fine-tuning sweep. Their exact values
 # (supplementary material) could not be checked offline, so this is our own half-decade grid around the SGD

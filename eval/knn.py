@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from eval.bootstrap import bootstrap_ci
+from eval.devices import torch_device
 from eval.features import FeatureSet
 from eval.labels import LabelPolicy, check_labelled, select_targets, split_counts
 from eval.metrics import evaluate
 from eval.protocols import add_counts, merge_ci
-from eval.devices import torch_device
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from eval.devices import DeviceError, resolve_device, torch_device
+from ingest.errors import one_line
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 6000 x 6000 film; a 16-bit chest CR is ~3000 x 3500
 MAX_ASPECT = 8  # chest films are ~1 : 1.25; panoramic strips are not
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+NOT_VALIDATED = "not validated"  # the flag of a task exported without a threshold (eval.export.is_validated)
 
 
 class InputError(ValueError):
@@ -195,12 +198,15 @@ def run(args) -> dict:
     if args.batch_size < 1 or args.workers < 1:
         raise InputError("usage", "--batch-size and --workers must be >= 1")
     bundle = load_bundle(args.bundle)
+    files = iter_inputs(args.input)
+    if not files:
+        raise InputError("usage", f"{', '.join(map(str, args.input))}: no files to predict (hidden files are skipped)")
     try:
         device = resolve_device(args.device)
     except DeviceError as e:
         raise InputError("usage", str(e)) from None
     predictor = Predictor(bundle, device, args.max_pixels)
-    tasks, files = bundle.tasks, iter_inputs(args.input)
+    tasks, validated = bundle.tasks, bundle.validated
     rows: dict[int, dict] = {}
     pending: list[tuple[int, object]] = []
     start = time.perf_counter()
@@ -210,7 +216,8 @@ def run(args) -> dict:
             out = predictor.predict(torch.stack([x for _, x in pending]))
             for (i, _), p, f in zip(pending, out.probs, out.flags):
                 rows[i].update({f"p_{t}": f"{p[j]:.6f}" for j, t in enumerate(tasks)})
-                rows[i].update({f"flag_{t}": int(f[j]) for j, t in enumerate(tasks)})
+                # No threshold exists for a task whose validation AUROC is at chance: say so instead of 0.
+                rows[i].update({f"flag_{t}": int(f[j]) if validated[j] else NOT_VALIDATED for j, t in enumerate(tasks)})
             pending.clear()
     def load(path: Path):
         try:
@@ -254,10 +261,14 @@ def main(argv: list[str]) -> int:
     try:
         summary = run(args)
     except (InputError, BundleError) as e:
-        print(f"eval predict: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"eval predict: error: {one_line(e)}", file=sys.stderr)
         return 2
     for path, reason in summary["errors"]:
         print(f"eval predict: unreadable: {path}: {reason}", file=sys.stderr)
+    if summary["predicted"] == 0:
+        print(f"eval predict: error: none of the {summary['unreadable']} input(s) could be read (reasons listed "
+              f"in {args.out})", file=sys.stderr)
+        return 2
     rate = summary["predicted"] / summary["seconds"] if summary["seconds"] > 0 else float("nan")
     print(f"eval predict: {summary['predicted']} predicted, {summary['unreadable']} unreadable -> {args.out} "
           f"({rate:.1f} images/s)", file=sys.stderr)

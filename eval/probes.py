@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eval.metrics import auroc
 from eval.devices import torch_device
+from eval.metrics import auroc
 
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 1e2
 # Up to this many feature values (N * D) a probe's L-BFGS fit runs its BLAS on one thread: each iteration is one

@@ -61,7 +61,7 @@ def linear_protocol(train: FeatureSet, val: FeatureSet, test: FeatureSet, tasks:
                                 for s, f in (("train", train), ("val", val), ("test", test))})
     # "probe" (weights, standardisation, val scores) feeds `eval export`; "val_targets" for its thresholds.
     return result, {"targets": y_te, "scores": fitted.test_scores, "pids": test.pids, "probe": fitted,
-                    "val_targets": y_va}
+                    "val_targets": y_va, "val_pids": val.pids}
 
 
 def fewshot_protocol(train: FeatureSet, test: FeatureSet, tasks: list[str], *, k: int = 10, num_seeds: int = 20,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.devices import torch_device
 from eval.features import EncoderError, EncoderSpec, Transform, build_encoder, eval_loader, iterate_valid
 from eval.transfer import Scored
 from ingest.schema import load_manifest
-from eval.devices import torch_device
 
 
 def load_finetuned(path: Path, spec: EncoderSpec):

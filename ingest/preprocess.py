@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ingest.errors import one_line
 RESAMPLE = Image.BICUBIC  # antialiased in Pillow (support scales with the factor); ~25% faster than LANCZOS
 DRAFT_MIN_REDUCTION = 2  # draft (DCT-scaled) decoding only while the image stays >= 2x the target: no worse
 _BIT_DEPTH = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8, "I;16": 16,
@@ -136,7 +137,7 @@ def decode_pillow(data: bytes, size: int,
         if isinstance(e, ImageReject):
             raise
         raise ImageReject("truncated or corrupt image "
-                          f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+                          f"({one_line(e)})") from None
     if im.mode == "I" and fmt == "PNG":
         bit_depth = 16
     else:

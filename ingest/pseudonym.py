@@ -65,9 +65,14 @@ def load_or_create_salt(path: Path) -> tuple[bytes, bool]:
     if mode & 0o077:
         raise PrivacyError(f"{path}: --salt-file is readable by others (mode {mode:o}); chmod 600 it")
     try:
-        salt = path.read_text().strip().encode()
+        raw = path.read_bytes()
     except OSError as e:
         raise PrivacyError(f"{path}: cannot read --salt-file ({e.strerror})") from None
+    try:
+        salt = raw.decode("utf-8").strip().encode()
+    except UnicodeDecodeError as e:
+        raise PrivacyError(f"{path}: --salt-file is not text (byte {e.start} is not UTF-8); it holds one line, "
+                           "e.g. the 64 hex characters ingest writes when the file does not exist") from None
     if len(salt) < 16:
         raise PrivacyError(f"{path}: --salt-file holds {len(salt)} characters; at least 16 needed")
     return salt, created

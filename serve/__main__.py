@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from ingest.errors import one_line
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MIN_TOKEN_CHARS = 16
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         check(args)
         app, _ = build(args)
     except (ServeError, BundleError, ShardFormatError, ValueError) as e:
-        print(f"serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"serve: error: {one_line(e)}", file=sys.stderr)
         return 2
     import uvicorn
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -148,8 +148,11 @@ def _predict_one(predictor, data: bytes, k: int, neighbours) -> dict:
     findings = []
     for j, t in enumerate(bundle.tasks):
         m, th = bundle.meta["metrics"][t], bundle.meta["thresholds"][t]
+        # A task without validation above chance has no threshold: no reading either way (None), "validated" false.
         findings.append({"name": t, "probability": float(out.probs[0, j]), "threshold": th["threshold"],
-                         "above_threshold": bool(out.flags[0, j]), "test_auroc": m["test_auroc"],
+                         "validated": th["validated"],
+                         "above_threshold": bool(out.flags[0, j]) if th["validated"] else None,
+                         "test_auroc": m["test_auroc"],
                          "test_auroc_ci": m["test_auroc_ci"], "test_sensitivity": th.get("test_sensitivity"),
                          "test_specificity": th.get("test_specificity")})
     result = {"notice": NOTICE, "findings": findings, "image": png_url(shown),

@@ -14,12 +14,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ingest.errors import one_line
 CKPT_DIR = "ckpt"
 _STEP_RE = re.compile(r"^step-(\d{6,})\.pt$")
 
 
 def ckpt_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step-{step:06d}.pt"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a ``step-000500.pt`` file name; None for any other name."""
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -68,7 +75,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: checkpoint not found") from None
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        reason = one_line(e, limit_chars=120, with_type=True)  # a zero-byte file: EOFError with no message
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def to_plain(obj):
@@ -164,5 +172,5 @@ def load_encoder(path: str | Path, map_location="cpu") -> tuple[nn.Module, dict]
         model.load_state_dict(doc["state_dict"], strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match {doc['arch']} with {doc['in_channels']} channel(s) "
-                         f"({str(e).splitlines()[0]})") from None
+                         f"({one_line(e)})") from None
     return model.to(map_location) if map_location else model, {k: v for k, v in doc.items() if k != "state_dict"}

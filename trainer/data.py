@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ingest.errors import one_line
 from trainer.methods import method_class
 
 
@@ -74,7 +75,7 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int,
     try:
         from dali_pipes import build_pretrain_loader
     except ImportError as e:
-        raise RuntimeError(f"data.source=shards needs dali_pipes.build_pretrain_loader ({e})") from None
+        raise RuntimeError(f"data.source=shards needs dali_pipes.build_pretrain_loader ({one_line(e)})") from None
     dali_device = data_cfg.device
     if dali_device == "auto":
         dali_device = "gpu" if device.type == "cuda" else "cpu"

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ingest.errors import one_line
 # Weighted kNN of Wu et al. 2018, as in the solo-learn / lightly online monitors: cosine similarity, weights
 # exp(sim / 0.07).
 KNN_TEMPERATURE = 0.07
@@ -56,7 +57,7 @@ def load_monitor_set(shards: str, split: str, *, max_images: int, image_size: in
         if manifest.num_samples(split) == 0:
             raise MonitorUnavailable(f"{shards}: split '{split}' has no samples")
     except (ShardFormatError, OSError) as e:
-        raise MonitorUnavailable(str(e).splitlines()[0]) from None
+        raise MonitorUnavailable(one_line(e)) from None
     loader = build_eval_loader(shards, split, batch_size=batch_size, device=dali_device, image_size=image_size,
                                resize_size=int(round(image_size * 8 / 7)), channels=channels, dtype=dtype,
                                num_threads=num_threads, device_id=device.index if dali_device == "gpu" else None)

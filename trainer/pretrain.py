@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ingest.errors import one_line
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
 from trainer import resume
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # e.g. run.device=cuda without a GPU
         if "CUDA" not in str(e):
             raise
-        print(f"pretrain: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        print(f"pretrain: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:
         dist_utils.teardown()
@@ -97,7 +98,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
                               per_rank_batch=per_rank_batch, rank=info.rank, world_size=world_size,
                               seed=cfg.run.seed, device=device, dtype=input_dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
+        raise Stop(EXIT_BAD_INPUT, one_line(e)) from None
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
@@ -294,7 +295,7 @@ def _build_model(cfg: Config, info: dist_utils.DistInfo, method: Method, precisi
     try:
         model = method.build_model(cfg.model, world_size=world_size)
     except (FileNotFoundError, ValueError) as e:
-        raise Stop(EXIT_BAD_INPUT, str(e).splitlines()[0]) from None
+        raise Stop(EXIT_BAD_INPUT, one_line(e)) from None
     if _global_bn(cfg, world_size):
         model = convert_global_bn(model, device.type)
     model = model.to(device)

@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.errors import one_line
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
 from trainer.config import Config, changed_keys, to_dict
@@ -25,21 +26,19 @@ class Position:
 
 def restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, raw_model, step_fn, loader,
             steps_per_epoch: int) -> Position:
-    """Weights, optimiser, scaler, position, this rank's RNG and loader state from ``resume_path`` (None: fresh)."""
+    """Weights, optimiser, scaler, position, this rank's RNG and loader state from ``resume_path`` (None: fresh), or
+    from the newest earlier checkpoint where that one cannot be read (``load_newest_readable``)."""
     loader.set_epoch(0)
     if resume_path is None:
         return Position()
-    try:
-        state = ckpt.load_checkpoint(resume_path, map_location="cpu")  # load_state_dict copies to the device
-    except ValueError as e:
-        raise ResumeError(str(e)) from None
+    resume_path, state = load_newest_readable(resume_path, cfg, info)
     check_same_config(state.get("config", {}), cfg, resume_path, info)
     try:
         raw_model.load_state_dict(state["model"])
         step_fn.optimizer.load_state_dict(state["optimizer"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise ResumeError(f"{resume_path}: does not match this run's model/optimiser "
-                          f"({str(e).splitlines()[0][:200]}); use another run.out") from None
+                          f"({one_line(e, limit_chars=200)}); use another run.out") from None
     if step_fn.scaler is not None and state.get("scaler"):
         step_fn.scaler.load_state_dict(state["scaler"])
     pos = Position(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
@@ -50,7 +49,7 @@ def restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, ra
         try:
             loader.load_state_dict(ranks[info.rank]["loader"])
         except ValueError as e:
-            raise ResumeError(f"{resume_path}: {str(e).splitlines()[0]}") from None
+            raise ResumeError(f"{resume_path}: {one_line(e)}") from None
         if pos.batch_in_epoch >= steps_per_epoch:  # saved right after an epoch's last batch
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
             loader.set_epoch(pos.epoch)
@@ -63,6 +62,54 @@ def restore(resume_path: Path | None, cfg: Config, info: dist_utils.DistInfo, ra
     if info.is_main:
         print(f"resumed from {resume_path} at step {pos.step}", flush=True)
     return pos
+
+
+TRAINING_KEYS = ("model", "optimizer", "step", "epoch", "batch_in_epoch")
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """The state saved by the trainer at ``path``; ValueError (one line naming the file) when it cannot be read or
+    lacks what a resume needs."""
+    state = ckpt.load_checkpoint(path, map_location="cpu")  # load_state_dict copies to the device
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a training checkpoint (top level is {type(state).__name__})")
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def load_newest_readable(resume_path: Path, cfg: Config, info: dist_utils.DistInfo) -> tuple[Path, dict]:
+    """(path, state) of ``resume_path``; under run.resume=auto|force a checkpoint that cannot be read (truncated by
+    a full disk or an interrupted copy) is skipped, with the file and the reason printed, for the newest earlier
+    one that can. A skipped file is renamed ``*.unreadable`` (kept, but no longer counted by ``keep_last``, which
+    would otherwise delete the good checkpoints around it). An explicit run.resume=PATH is never replaced."""
+    candidates = [Path(resume_path)]
+    if cfg.run.resume in ("auto", "force"):
+        # By step, not by membership: another rank may already have renamed an unreadable resume_path aside.
+        step = ckpt.checkpoint_step(candidates[0])
+        if step is not None:
+            candidates += [p for p in reversed(ckpt.list_checkpoints(cfg.run.out)) if ckpt.checkpoint_step(p) < step]
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            state = read_training_checkpoint(path)
+        except (ValueError, OSError) as e:
+            skipped.append((path, one_line(e)))
+            continue
+        if info.is_main:
+            for bad, reason in skipped:
+                kept = bad.with_name(bad.name + ".unreadable")
+                try:
+                    bad.rename(kept)
+                except OSError:
+                    kept = bad
+                print(f"resume: skipped {reason}; kept as {kept.name}", flush=True)
+        return path, state
+    if len(candidates) == 1:
+        raise ResumeError(skipped[0][1])
+    raise ResumeError(f"{Path(cfg.run.out) / ckpt.CKPT_DIR}: none of the {len(candidates)} checkpoints is readable "
+                      f"(newest: {skipped[0][1]}); use run.resume=none run.overwrite=true to start again")
 
 
 def check_same_config(saved: dict, cfg: Config, resume_path: Path, info: dist_utils.DistInfo) -> None:

@@ -9,6 +9,8 @@ import re
 import time
 from pathlib import Path
 
+from ingest.errors import one_line
+
 STATE_FILE = "mlflow.json"  # RUN/mlflow.json: {"tracking_uri", "run_id"} so a resumed run finds its MLflow run
 _PARAMS_PER_CALL = 100      # MLflow's limit on params per log_batch
 _BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. /]")  # MLflow metric names allow these; anything else becomes "_"
@@ -68,7 +70,7 @@ class MlflowTracker:
         except TrackingError:
             raise
         except Exception as e:  # an unreachable server, a bad URI, a refused experiment: before step 1, one line
-            raise TrackingError(f"run.mlflow_uri={uri}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+            raise TrackingError(f"run.mlflow_uri={uri}: {one_line(e, limit_chars=300, with_type=True)}") from None
 
     def _previous_run(self, uri: str):
         """The MLflow run this run folder logged to before, or None (first start, or no tracking before)."""
@@ -92,7 +94,7 @@ class MlflowTracker:
             self._failing = False
         except Exception as e:
             if not self._failing:
-                print(f"warning: mlflow: step {step} not logged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                print(f"warning: mlflow: step {step} not logged ({one_line(e, limit_chars=200, with_type=True)}); "
                       f"training goes on, metrics.jsonl has every row", flush=True)
             self._failing = True
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ingest.errors import one_line
 from ingest.records import LabelValue, parse_label
 from ingest.sources import SourceError
 
@@ -33,7 +34,7 @@ def read_labels_csv(csv_path: Path) -> tuple[tuple[str, ...], list[CsvRow]]:
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise SourceError(f"{csv_path}: unreadable CSV ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise SourceError(f"{csv_path}: unreadable CSV ({one_line(e, with_type=True)})") from None
     if "path" not in df.columns:
         raise SourceError(f"{csv_path}: labels CSV needs a 'path' column (has {list(df.columns)})")
     class_mode = "label" in df.columns

@@ -27,16 +27,19 @@ function render(r) {
     const tr = document.createElement("tr");
     tr.dataset.name = f.name;
     if (f.above_threshold) tr.className = "above";
+    if (!f.validated) tr.className = "unvalidated";
     cell(tr, f.name);
     cell(tr, fmt(f.probability));
-    cell(tr, fmt(f.threshold));
-    cell(tr, f.above_threshold ? "above threshold" : "below threshold", "reading");
+    cell(tr, f.validated ? fmt(f.threshold) : "none");
+    // No threshold exists for a probe whose validation AUROC is at chance: no reading, say why.
+    cell(tr, !f.validated ? "not validated" : f.above_threshold ? "above threshold" : "below threshold", "reading");
     const ci = f.test_auroc_ci && f.test_auroc_ci[0] !== null ? " [" + fmt(f.test_auroc_ci[0]) + ", " + fmt(f.test_auroc_ci[1]) + "]" : "";
     cell(tr, fmt(f.test_auroc) + ci);
     tr.addEventListener("click", () => showSaliency(f.name));
     body.appendChild(tr);
   }
-  const top = r.findings.reduce((a, b) => (b.probability - b.threshold > a.probability - a.threshold ? b : a));
+  const margin = (f) => (f.validated ? f.probability - f.threshold : -Infinity);
+  const top = r.findings.reduce((a, b) => (margin(b) > margin(a) ? b : a));
   showSaliency(top.name);
   $("rule").textContent = "Threshold rule: " + r.threshold_rule + ". Click a finding to see its saliency map.";
   const nb = $("neighbours");
