@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# Mean / std of pixel intensity / 255 over the 2,002 real 8-bit CXRs in ../shared/data/pneumonia-mini
-# (computed once with PIL; 0.4982 / 0.2511). Used per channel when the gray image is replicated to 3 channels.
+# Mean / std of pixel intensity / 255 over 2,002 real 8-bit CXRs of a public pneumonia set (computed once with PIL).
+# Used per channel when the gray image is replicated to 3 channels.
 CXR_MEAN = 0.4982
 CXR_STD = 0.2511
 

@@ -31,6 +31,47 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+@dataclass(frozen=True)
+class PretrainOptions:
+    """Everything the pretraining loader needs besides the shard folder and split; the defaults live here only.
+    ``views``: 'all', 'frontal' (drops LAT) or 'PA,AP,...' (``ingest.schema.parse_views``)."""
+    batch_size: int                      # per rank
+    device: str = "cpu"                  # DALI device: "cpu" or "gpu"
+    augment: AugmentConfig | str = "simclr-cxr"
+    micle: bool = False                  # same-patient pairs instead of two views of one image
+    views: str | frozenset[str] = "frontal"
+    image_size: int = 224
+    channels: int = 1
+    dtype: torch.dtype = torch.float32
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    num_threads: int = 2
+    device_id: int | None = None         # None: torch's current CUDA device when device="gpu"
+    prefetch: int = 2
+    shuffle_buffer: int = 4096
+    build_ahead: bool = True             # build the next epoch's pipeline in the background from mid-epoch
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything the evaluation loader needs besides the shard folder and split; the defaults live here only.
+    ``view``: "center" (resize shorter side to resize_size, centre crop) or "full" (whole film squashed to
+    image_size; see ``pipelines.eval_view``)."""
+    batch_size: int                      # per rank
+    device: str = "cpu"
+    image_size: int = 224
+    resize_size: int = 256
+    channels: int = 1
+    dtype: torch.dtype = torch.float32
+    rank: int = 0
+    world_size: int = 1
+    num_threads: int = 2
+    device_id: int | None = None
+    prefetch: int = 2
+    view: str = "center"
+
+
 @dataclass
 class _EpochPipe:
     """One epoch's pipeline (and MICLe source), with the first batch's DALI outputs when it was run ahead."""
@@ -61,10 +102,12 @@ class PretrainLoader:
     not at the epoch's start: on a CPU-bound run the build's CPU time would otherwise land on the boundary step.
     """
 
-    def __init__(self, shard_root, split: str, *, batch_size: int, device: str, augment: AugmentConfig | str,
-                 micle: bool, views: str | frozenset[str], image_size: int, channels: int, dtype: torch.dtype,
-                 rank: int, world_size: int, seed: int, num_threads: int, device_id: int | None, prefetch: int,
-                 shuffle_buffer: int, build_ahead: bool = True):
+    def __init__(self, shard_root, split: str, options: PretrainOptions):
+        self.options = o = options
+        batch_size, device, augment, micle, views = o.batch_size, o.device, o.augment, o.micle, o.views
+        image_size, channels, dtype, rank, world_size = o.image_size, o.channels, o.dtype, o.rank, o.world_size
+        seed, num_threads, device_id, prefetch = o.seed, o.num_threads, o.device_id, o.prefetch
+        shuffle_buffer, build_ahead = o.shuffle_buffer, o.build_ahead
         _check_rank(rank, world_size, batch_size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -259,9 +302,12 @@ class EvalLoader:
     ranks counts each sample exactly once.
     """
 
-    def __init__(self, shard_root, split: str, *, batch_size: int, device: str, image_size: int, resize_size: int,
-                 channels: int, dtype: torch.dtype, rank: int, world_size: int, num_threads: int,
-                 device_id: int | None, prefetch: int = 2, view: str = "center"):
+    def __init__(self, shard_root, split: str, options: EvalOptions):
+        self.options = o = options
+        batch_size, device, image_size, resize_size, channels = (o.batch_size, o.device, o.image_size, o.resize_size,
+                                                                 o.channels)
+        dtype, rank, world_size, num_threads, device_id = o.dtype, o.rank, o.world_size, o.num_threads, o.device_id
+        prefetch, view = o.prefetch, o.view
         _check_rank(rank, world_size, batch_size)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -305,26 +351,13 @@ class EvalLoader:
                    "valid": valid.to(self.torch_device)}
 
 
-def build_pretrain_loader(shard_root, split: str = "train", *, batch_size: int, device: str = "cpu",
-                          augment: AugmentConfig | str = "simclr-cxr", micle: bool = False, views: str = "frontal",
-                          image_size: int = 224, channels: int = 1, dtype: torch.dtype = torch.float32, rank: int = 0,
-                          world_size: int = 1, seed: int = 0, num_threads: int = 2, device_id: int | None = None,
-                          prefetch: int = 2, shuffle_buffer: int = 4096, build_ahead: bool = True) -> PretrainLoader:
+def build_pretrain_loader(shard_root, split: str = "train", **options) -> PretrainLoader:
     """Two-view pretraining loader (SimCLR, or MICLe pairs with ``micle=True``); drop-last, reseeded per epoch.
-    ``views``: 'all', 'frontal' (drops LAT) or 'PA,AP,...' (``ingest.schema.parse_views``)."""
-    return PretrainLoader(shard_root, split, batch_size=batch_size, device=device, augment=augment, micle=micle,
-                          views=views, image_size=image_size, channels=channels, dtype=dtype, rank=rank,
-                          world_size=world_size, seed=seed, num_threads=num_threads, device_id=device_id,
-                          prefetch=prefetch, shuffle_buffer=shuffle_buffer, build_ahead=build_ahead)
+    ``options``: the fields of ``PretrainOptions``."""
+    return PretrainLoader(shard_root, split, PretrainOptions(**options))
 
 
-def build_eval_loader(shard_root, split: str, *, batch_size: int, device: str = "cpu", image_size: int = 224,
-                      resize_size: int = 256, channels: int = 1, dtype: torch.dtype = torch.float32, rank: int = 0,
-                      world_size: int = 1, num_threads: int = 2, device_id: int | None = None,
-                      prefetch: int = 2, view: str = "center") -> EvalLoader:
+def build_eval_loader(shard_root, split: str, **options) -> EvalLoader:
     """Deterministic single-view loader with labels, pids and a ``valid`` mask; no shuffle, every sample once.
-    ``view``: "center" (resize shorter side to resize_size, centre crop) or "full" (whole film squashed to
-    image_size; see ``pipelines.eval_view``)."""
-    return EvalLoader(shard_root, split, batch_size=batch_size, device=device, image_size=image_size,
-                      resize_size=resize_size, channels=channels, dtype=dtype, rank=rank, world_size=world_size,
-                      num_threads=num_threads, device_id=device_id, prefetch=prefetch, view=view)
+    ``options``: the fields of ``EvalOptions``."""
+    return EvalLoader(shard_root, split, EvalOptions(**options))

@@ -1,4 +1,4 @@
-"""DALI graph definitions (pretrain, MICLe, eval) and the hand-off of DALI outputs into torch-owned memory."""
+"""DALI graphs (pretrain, MICLe, eval, labelled fine-tuning) and the hand-off of DALI outputs into torch memory."""
 from __future__ import annotations
 
 import collections
@@ -45,8 +45,8 @@ def _decode(jpg, device: str):
     Hardware decoder and single-channel JPEGs: DALI's decoder goes through nvImageCodec, whose hardware plugin
     (NVIDIA/nvImageCodec ``extensions/nvjpeg/hw_decoder.cpp``) lists ``NVIMGCODEC_SAMPLING_GRAY`` among its
     supported chroma subsamplings next to 4:4:4/4:2:2/4:2:0/4:4:0, then asks ``nvjpegDecodeBatchedSupportedEx``
-    per image; the nvJPEG docs give hardware acceleration for *baseline* JPEG on A100/H100. So our baseline 8-bit
-    gray shards are eligible for the A100/H100 JPEG engines. Not measured (no GPU on the CI box).
+    per image; the nvJPEG docs give hardware acceleration for *baseline* JPEG on A100/H100. ingest writes baseline
+    8-bit gray JPEGs, so shards are eligible for the A100/H100 JPEG engines.
     """
     from nvidia.dali import fn, types
     if device == "gpu":
@@ -113,6 +113,17 @@ def eval_graph(*, paths, index_paths, rank, world_size, image_size, resize_size,
     if channels == 3:
         x = replicate_channels(x, device)
     return normalize(x, channels=channels, dali_dtype=dali_dtype, device=device), lbl, pid
+
+
+def labelled_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype, device):
+    """Fine-tuning: one augmented view (the pretraining augmentation graph) of each image from an external source
+    of (jpg bytes, labels, pid), with its labels and patient id."""
+    from nvidia.dali import fn, types
+    jpg, lbl, pid = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                       dtype=[types.UINT8, types.FLOAT, types.INT64], ndim=[1, 1, 1])
+    images = augment_view(_decode(jpg, device), cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype,
+                          device=device)
+    return images, lbl, pid
 
 
 def define_pipeline(graph_fn, *, batch_size, num_threads, device_id, seed, prefetch, checkpoint=None, **graph_kw):

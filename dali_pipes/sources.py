@@ -1,16 +1,15 @@
-"""Random access into shards by the DALI ``.idx`` offsets, patient grouping, and the MICLe pair source
+"""Random access into shards by the shard table's offsets, patient grouping, and the MICLe pair source
 (a stateless callable of DALI's BatchInfo, so checkpointing restores it exactly; no tar parsing at run time).
 """
 from __future__ import annotations
 
-import json
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ingest.schema import Manifest, ShardFormatError, read_dali_index
+from dali_pipes.shard_table import ShardTable, map_tar
+from ingest.schema import Manifest, ShardFormatError
 
 
 @dataclass
@@ -28,31 +27,15 @@ class ImageTable:
 
 
 def build_image_table(manifest: Manifest, split: str, *, views: frozenset[str]) -> ImageTable:
-    """Scan each shard's ``.pid`` and ``.json`` once (random reads by index offset) to group images by patient;
+    """Read each shard's ``.pid`` and ``.json`` once (by the shard table's offsets) to group images by patient;
     an image is usable when its view is in ``views`` (``ingest.schema.parse_views``)."""
     shards = manifest.shards(split)
     if not shards:
         raise ShardFormatError(f"{manifest.root / split}: split '{split}' has no shards")
-    rows: list[tuple[int, int, int, int, bool]] = []
-    for si, sh in enumerate(shards):
-        index = read_dali_index(sh.index_path)
-        if len(index) != sh.num_samples:
-            raise ShardFormatError(f"{sh.index_path}: {len(index)} samples indexed, manifest says {sh.num_samples}")
-        with open(sh.path, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if sh.num_bytes else b""
-            for entry in index:
-                if "jpg" not in entry or "pid" not in entry or "json" not in entry:
-                    raise ShardFormatError(f"{sh.index_path}: a sample lacks jpg/json/pid ({sorted(entry)})")
-                (po, ps), (jo, js) = entry["pid"], entry["json"]
-                if ps != 8:
-                    raise ShardFormatError(f"{sh.path}: .pid at offset {po} has {ps} bytes, expected 8 (int64)")
-                pid = int.from_bytes(data[po : po + 8], "little", signed=True)
-                view = json.loads(data[jo : jo + js]).get("view", "UNKNOWN")
-                usable = view in views
-                rows.append((si, entry["jpg"][0], entry["jpg"][1], pid, usable))
-    arr = np.array([r[:4] for r in rows], dtype=np.int64).reshape(-1, 4)
-    return ImageTable([s.path for s in shards], arr[:, 0].astype(np.int32), arr[:, 1], arr[:, 2], arr[:, 3],
-                      np.array([r[4] for r in rows], dtype=bool))
+    table = ShardTable.load(shards, need=("jpg", "json", "pid"))
+    jpg = table.locations("jpg")
+    usable = np.array([v in views for v in table.views()], dtype=bool)
+    return ImageTable(table.tar_paths, table.shard, jpg[:, 0], jpg[:, 1], table.pids(), usable)
 
 
 def _epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
@@ -112,12 +95,11 @@ class MicleSource:
         return float(np.mean(anchors != partners)) if len(anchors) else 0.0
 
     def _shard_bytes(self, s: int) -> np.ndarray:
-        """The whole tar as a read-only uint8 view of an mmap: a JPEG is then a slice (no syscall, no copy here;
-        external_source copies it once into DALI's buffer)."""
+        """The whole tar mapped once (``map_tar``): a JPEG is a slice, which external_source copies once into
+        DALI's buffer."""
         arr = self._maps.get(s)
         if arr is None:
-            with open(self.table.shard_paths[s], "rb") as f:
-                arr = self._maps[s] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            arr = self._maps[s] = map_tar(self.table.shard_paths[s])
         return arr
 
     def _jpegs(self, images: np.ndarray) -> list[np.ndarray]:

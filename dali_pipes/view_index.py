@@ -6,15 +6,13 @@ The cache lives in ``OUT/views-cache/SPLIT/``, outside the split folders that ``
 from __future__ import annotations
 
 import hashlib
-import json
-import mmap
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.schema import (DALI_INDEX_VERSION, VIEWS, VIEWS_CACHE_DIR, Manifest, ShardFormatError, ShardInfo,
-                           read_dali_index, views_label)
+from dali_pipes.shard_table import ShardTable, index_text
+from ingest.schema import DALI_INDEX_VERSION, VIEWS, VIEWS_CACHE_DIR, Manifest, ShardFormatError, ShardInfo, views_label
 
 USER_CACHE_ENV = "CXR_SSL_CACHE"  # where filtered indexes go when the shard folder is read-only
 
@@ -37,25 +35,6 @@ class ViewSelection:
     @property
     def num_removed(self) -> int:
         return self.num_total - self.num_selected
-
-
-def sample_views(shard: ShardInfo) -> list[str]:
-    """The ``view`` of every sample of ``shard`` in index order, read from each ``.json`` by its index offset."""
-    index = read_dali_index(shard.index_path)
-    if len(index) != shard.num_samples:
-        raise ShardFormatError(f"{shard.index_path}: {len(index)} samples indexed, manifest says {shard.num_samples}")
-    views = []
-    with open(shard.path, "rb") as f:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if shard.num_bytes else b""
-        for entry in index:
-            if "json" not in entry:
-                raise ShardFormatError(f"{shard.index_path}: a sample has no .json ({sorted(entry)})")
-            off, size = entry["json"]
-            try:
-                views.append(json.loads(data[off : off + size]).get("view", "UNKNOWN"))
-            except ValueError as e:
-                raise ShardFormatError(f"{shard.path}: unreadable .json at offset {off} ({e})") from None
-    return views
 
 
 def _cache_key(shard: ShardInfo, label: str) -> str:
@@ -104,14 +83,14 @@ def _filtered_index(shard: ShardInfo, views: frozenset[str], label: str, removed
         count = _indexed_count(folder / name)
         if count is not None:
             return ReaderShard(shard.path, folder / name, count)
-    lines = shard.index_path.read_text().splitlines()[1 : 1 + shard.num_samples]
+    table = ShardTable.load([shard], need=("json",))
     keep = []
-    for line, view in zip(lines, sample_views(shard)):
+    for sample, view in zip(table.samples, table.views()):
         if view in views:
-            keep.append(line)
+            keep.append(sample)
         else:
             removed[view] = removed.get(view, 0) + 1
-    text = f"{DALI_INDEX_VERSION} {len(keep)}\n" + "".join(line + "\n" for line in keep)
+    text = index_text(keep)
     errors = []
     for folder in _cache_dirs(shard):
         try:

@@ -132,7 +132,7 @@ def _fractions_finetune(args, spec: EncoderSpec, tasks: list[str]) -> dict:
     from eval.labels import select_targets
     from eval.protocols import val_policy_json, val_selection
     from eval.sampling import fraction_subsets, split_patient_ids
-    from eval.train_loader import build_labelled_index
+    from dali_pipes.labelled import build_labelled_index
     label_names = load_manifest(args.shards).label_names
     policy = policy_of(args)
     train_pids = split_patient_ids(args.shards, "train")

@@ -148,7 +148,7 @@ def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[st
 
 def run_neighbours(args) -> None:
     from eval.neighbours import neighbour_table, pick_queries, plot_neighbours
-    from eval.shard_samples import SplitSamples
+    from dali_pipes.shard_samples import SplitSamples
     specs, tasks = prepare(args)
     folder = args.out / "neighbours"
     guard_outputs([folder / f"{s.name}.png" for s in specs], args.overwrite)
@@ -181,7 +181,7 @@ def _map_sources(args) -> list[tuple[Path, str]]:
 
 def run_map(args) -> None:
     from eval.embedmap import FIELDS, colour_values, embed_2d, plot_map
-    from eval.shard_samples import SplitSamples
+    from dali_pipes.shard_samples import SplitSamples
     specs, _ = prepare(args)
     folder = args.out / "map"
     stem = f"{args.split}-{args.method}-{_slug(args.color_by)}"

@@ -1,5 +1,5 @@
 """End-to-end fine-tuning: encoder + linear head per task, masked BCE, SGD (momentum 0.9) with cosine decay, batches
-reshuffled every epoch and augmented by the dali_pipes graph on the device (eval.train_loader), the checkpoint with
+reshuffled every epoch and augmented on the device (dali_pipes.labelled), the checkpoint with
 the best validation mean AUROC kept, and an optional lr x weight-decay grid (shaped like Azizi et al.'s 7 x 4).
 """
 from __future__ import annotations
@@ -184,7 +184,7 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
     Returns (result dict, test predictions {"targets", "scores", "pids"}, best weights {"backbone", "head"} on CPU)."""
     import torch
 
-    from eval.train_loader import FinetuneLoader, build_labelled_index
+    from dali_pipes.labelled import FinetuneLoader, build_labelled_index
     make = loader_factory or eval_loader
 
     def loader_for(split):

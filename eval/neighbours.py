@@ -7,9 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
+from dali_pipes.shard_samples import SplitSamples
 from eval.features import FeatureSet
 from eval.knn import topk_cosine
-from eval.shard_samples import SplitSamples, caption_labels
+
+
+def caption_labels(meta: dict, names: list[str] | None = None, limit: int = 3) -> str:
+    """Short label text for a tile: positive findings ('u:' prefix for uncertain), or 'no positive label'."""
+    labels = meta.get("labels") or {}
+    names = names or list(labels)
+    pos = [n for n in names if labels.get(n) == 1]
+    unc = [f"u:{n}" for n in names if labels.get(n) == -1]
+    shown = pos + unc
+    text = ", ".join(shown[:limit]) + (f" +{len(shown) - limit}" if len(shown) > limit else "")
+    return text or "no positive label"
 
 
 def pick_queries(num_test: int, num_queries: int, seed: int) -> np.ndarray:

@@ -79,7 +79,7 @@ def test_cache_is_reused_and_a_changed_tar_is_rederived(tmp_path, monkeypatch):
     root = _shards(tmp_path / "s", VIEW_LIST)
     first = vi.select_views(load_manifest(root), "train", FRONTAL_VIEWS)
     with monkeypatch.context() as m:  # served from the cache: no tar is scanned again
-        m.setattr(vi, "sample_views", lambda shard: pytest.fail(f"rescanned {shard.path}"))
+        m.setattr(vi.ShardTable, "load", classmethod(lambda cls, shards, **kw: pytest.fail(f"rescanned {shards}")))
         again = vi.select_views(load_manifest(root), "train", FRONTAL_VIEWS)
     assert again == vi.ViewSelection(first.shards, 4, 9, {})
     tar = first.shards[0].tar

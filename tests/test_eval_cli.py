@@ -14,7 +14,7 @@ import pytest
 from eval.__main__ import main as eval_main
 from eval.features import Transform, encoder_spec, extract_features, feature_cache_key
 from eval.sampling import split_patient_ids
-from eval.train_loader import build_labelled_index
+from dali_pipes.labelled import build_labelled_index
 
 FAST = ["--arch", "resnet18", "--image-size", "32", "--resize-size", "36", "--batch-size", "16", "--bootstrap", "200"]
 

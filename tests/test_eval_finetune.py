@@ -1,4 +1,4 @@
-"""eval.train_loader: fine-tuning batches cover the chosen patients' images exactly once per epoch, in an order
+"""dali_pipes.labelled: fine-tuning batches cover the chosen patients' images exactly once per epoch, in an order
 reshuffled every epoch (reproducible per (seed, epoch)), with each image's own labels, through the dali_pipes
 augmentation graph; and eval.finetune's augmentation presets."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from eval.features import Transform, eval_loader, iterate_valid
 from eval.finetune import FINETUNE_AUGMENT, augment_config
 from eval.sampling import split_patient_ids
-from eval.train_loader import FinetuneLoader, build_labelled_index, epoch_order
+from dali_pipes.labelled import FinetuneLoader, build_labelled_index, epoch_order
 
 # Deterministic settings (resize + centre crop, no flip / jitter / blur): a training image then equals its eval view.
 NO_AUG = augment_config("moco-cxr", rotation_deg=0.0, hflip_prob=0.0)

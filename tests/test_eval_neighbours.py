@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from eval.__main__ import main as eval_main
-from eval.shard_samples import SplitSamples, caption_labels
+from dali_pipes.shard_samples import SplitSamples
+from eval.neighbours import caption_labels
 from ingest.schema import load_manifest
 from ingest.shards import iter_shard
 

@@ -73,21 +73,19 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int,
                                device=device, rank=rank, world_size=world_size, seed=seed,
                                num_patients=data_cfg.synthetic_patients)
     try:
-        from dali_pipes import build_pretrain_loader
+        from dali_pipes import PretrainLoader, PretrainOptions
     except ImportError as e:
-        raise RuntimeError(f"data.source=shards needs dali_pipes.build_pretrain_loader ({one_line(e)})") from None
+        raise RuntimeError(f"data.source=shards needs dali_pipes.PretrainLoader ({one_line(e)})") from None
     dali_device = data_cfg.device
     if dali_device == "auto":
         dali_device = "gpu" if device.type == "cuda" else "cpu"
-    kwargs = dict(batch_size=per_rank_batch, device=dali_device, augment=augment,
-                  micle=method_class(loss_cfg.method).micle_pairs, views=data_cfg.views,
-                  image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype, rank=rank,
-                  world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
-                  device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch,
-                  build_ahead=build_ahead)
-    if data_cfg.shuffle_buffer:
-        kwargs["shuffle_buffer"] = data_cfg.shuffle_buffer
-    loader = build_pretrain_loader(data_cfg.shards, data_cfg.split, **kwargs)
+    options = PretrainOptions(
+        batch_size=per_rank_batch, device=dali_device, augment=augment, micle=method_class(loss_cfg.method).micle_pairs,
+        views=data_cfg.views, image_size=data_cfg.image_size, channels=model_cfg.in_channels, dtype=dtype, rank=rank,
+        world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
+        device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch,
+        shuffle_buffer=data_cfg.shuffle_buffer or PretrainOptions.shuffle_buffer, build_ahead=build_ahead)
+    loader = PretrainLoader(data_cfg.shards, data_cfg.split, options)
     if rank == 0:
         print(f"data path: {loader.data_path} | views={loader.views_label}: {loader.num_usable:,} of "
               f"{loader.num_samples:,} images in {data_cfg.split} | {len(loader)} steps per epoch", flush=True)

@@ -1,15 +1,18 @@
 """Fine-tuning batches: every epoch a fresh seeded permutation of the chosen patients' images (a full shuffle, not a
-buffer), read by the shards' DALI index offsets and augmented by the dali_pipes graph on the device (cpu or gpu).
+buffer), read by the shard table's offsets and augmented by the dali_pipes graph on the device (cpu or gpu).
 """
 from __future__ import annotations
 
 import math
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from dali_pipes import pipelines as P
+from dali_pipes.augment import resolve_augment
+from dali_pipes.shard_table import ShardTable, map_tar
 from ingest.schema import ShardFormatError, load_manifest
 
 
@@ -33,39 +36,26 @@ class LabelledIndex:
             rows = np.flatnonzero(self.shard == s)
             if not len(rows):
                 continue
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                for r in rows.tolist():
-                    off, size = self.lbl[r]
-                    out[r] = np.frombuffer(data[off : off + size], dtype="<f4")
+            data = map_tar(path)
+            for r in rows.tolist():
+                off, size = self.lbl[r]
+                out[r] = data[off : off + size].view("<f4")
+            del data
         return out
 
 
 def build_labelled_index(shard_root, split: str, patient_ids: np.ndarray | None = None) -> LabelledIndex:
-    """Scan the DALI ``.idx`` files and each ``.pid`` (8 bytes) of ``split``; keep the samples of ``patient_ids``
-    (all when None). No image is decoded: a 0.1% label fraction of a large split costs one index pass."""
-    from ingest.schema import read_dali_index
+    """The shard table of ``split`` and each ``.pid`` (8 bytes); keep the samples of ``patient_ids`` (all when None).
+    No image is decoded: a 0.1% label fraction of a large split costs one index pass."""
     manifest = load_manifest(shard_root)
-    shards = [s for s in manifest.shards(split) if s.num_samples > 0]
-    keep = None if patient_ids is None else np.asarray(patient_ids, dtype=np.int64)
-    rows: list[tuple[int, int, int, int, int, int]] = []
-    for si, sh in enumerate(shards):
-        index = read_dali_index(sh.index_path)
-        with open(sh.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            for entry in index:
-                if "jpg" not in entry or "lbl" not in entry or "pid" not in entry:
-                    raise ShardFormatError(f"{sh.index_path}: a sample lacks jpg/lbl/pid ({sorted(entry)})")
-                po, ps = entry["pid"]
-                if ps != 8:
-                    raise ShardFormatError(f"{sh.path}: .pid at offset {po} has {ps} bytes, expected 8 (int64)")
-                pid = int.from_bytes(data[po : po + 8], "little", signed=True)
-                rows.append((si, *entry["jpg"], *entry["lbl"], pid))
-    arr = np.array(rows, dtype=np.int64).reshape(-1, 6)
-    if keep is not None:
-        arr = arr[np.isin(arr[:, 5], keep)]
-    if len(arr) == 0:
+    table = ShardTable.load([s for s in manifest.shards(split) if s.num_samples > 0], need=("jpg", "lbl", "pid"))
+    pid = table.pids()
+    rows = np.arange(len(table)) if patient_ids is None else np.flatnonzero(
+        np.isin(pid, np.asarray(patient_ids, dtype=np.int64)))
+    if len(rows) == 0:
         raise ShardFormatError(f"{Path(shard_root) / split}: no training images for the selected patients")
-    return LabelledIndex([s.path for s in shards], arr[:, 0].astype(np.int32), arr[:, 1:3], arr[:, 3:5], arr[:, 5],
-                         len(manifest.label_names))
+    return LabelledIndex(table.tar_paths, table.shard[rows], table.locations("jpg")[rows], table.locations("lbl")[rows],
+                         pid[rows], len(manifest.label_names))
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -86,8 +76,7 @@ class LabelledSource:
     def _bytes(self, s: int) -> np.ndarray:
         arr = self._maps.get(s)
         if arr is None:
-            with open(self.index.shard_paths[s], "rb") as f:
-                arr = self._maps[s] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+            arr = self._maps[s] = map_tar(self.index.shard_paths[s])
         return arr
 
     def __call__(self, batch_info):
@@ -105,29 +94,12 @@ class LabelledSource:
         return jpgs, lbls, ix.pid[rows].reshape(-1, 1)
 
 
-def _graph(*, source, cfg, image_size, channels, dali_dtype, device):
-    from nvidia.dali import fn, types
-
-    from dali_pipes import pipelines as P
-    from dali_pipes.augment import augment_view
-    jpg, lbl, pid = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
-                                       dtype=[types.UINT8, types.FLOAT, types.INT64], ndim=[1, 1, 1])
-    # The eval loader's decode (nvJPEG on gpu), then the shared pretraining augmentation graph, one view.
-    images = P._decode(jpg, device)
-    return (augment_view(images, cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device),
-            lbl, pid)
-
-
 class FinetuneLoader:
     """Iterate one epoch -> ``{"images": (B, C, H, W) channels-last, "labels": (B, L) raw, "pids": (B,)}`` on the
     device. ``set_epoch(e)`` reseeds both the order and the augmentation; the pipeline is rebuilt per epoch."""
 
     def __init__(self, index: LabelledIndex, *, batch_size: int, cfg, image_size: int, channels: int, device: str,
                  seed: int = 0, num_threads: int = 2):
-        import torch
-
-        from dali_pipes import pipelines as P
-        from dali_pipes.augment import resolve_augment
         self.index, self.batch_size, self.image_size, self.channels = index, batch_size, image_size, channels
         self.cfg = resolve_augment(cfg, channels)
         self.device, self.seed, self.num_threads, self.epoch = device, seed, num_threads, 0
@@ -141,16 +113,11 @@ class FinetuneLoader:
         self.epoch = int(epoch)
 
     def __iter__(self):
-        import torch
-
-        from dali_pipes import pipelines as P
         source = LabelledSource(self.index, batch_size=self.batch_size, seed=self.seed, epoch=self.epoch)
-        pipe = P.build_pipeline(_graph, batch_size=self.batch_size, num_threads=self.num_threads,
-                                device_id=self._device_id,
-                                seed=P.seed_for(self.seed, self.epoch, 0x46544E45), prefetch=2, source=source,
-                                cfg=self.cfg,
-                                image_size=self.image_size, channels=self.channels, dali_dtype=self._dali_dtype,
-                                device=self.device)
+        pipe = P.build_pipeline(P.labelled_graph, batch_size=self.batch_size, num_threads=self.num_threads,
+                                device_id=self._device_id, seed=P.seed_for(self.seed, self.epoch, 0x46544E45),
+                                prefetch=2, source=source, cfg=self.cfg, image_size=self.image_size,
+                                channels=self.channels, dali_dtype=self._dali_dtype, device=self.device)
         for _ in range(source.num_batches):
             images, labels, pids = pipe.run()
             yield {"images": P.images_to_torch(images, torch.float32, self.torch_device),
