@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ingest.pixels import map_to_u8, range_to_u8  # noqa: F401  (range_to_u8 kept importable from here)
 from ingest.pseudonym import pseudonymise  # noqa: F401  (kept importable from here for callers and tests)
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
@@ -142,26 +143,22 @@ def _first(value):
         return float(value)
 
 
-def _window_to_u8(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 windowing with output range 0..255."""
+def _window_to_u8(x, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing with output range 0..255, through ingest.pixels (a table over the stored
+    values, or float64 stripes): bounded memory, the same bytes as the formula over the whole film."""
     if function == "SIGMOID":
-        y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        def fn(v):
+            return np.clip(np.rint(255.0 / (1.0 + np.exp(-4.0 * (v - center) / width))), 0, 255).astype(np.uint8)
     elif function == "LINEAR_EXACT":
-        y = ((x - center) / width + 0.5) * 255.0
+        def fn(v):
+            return np.clip(np.rint(((v - center) / width + 0.5) * 255.0), 0, 255).astype(np.uint8)
     else:  # LINEAR
         if width < 1:
             raise DicomReject(f"window width {width} < 1")
-        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
 
-
-def range_to_u8(x: np.ndarray) -> np.ndarray:
-    """Linear map of the image's real [min, max] to 0..255 (a constant image becomes 0)."""
-    x = x.astype(np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    if hi <= lo:
-        return np.zeros(x.shape, np.uint8)
-    return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        def fn(v):
+            return np.clip(np.rint(((v - (center - 0.5)) / (width - 1) + 0.5) * 255.0), 0, 255).astype(np.uint8)
+    return map_to_u8(x, fn)
 
 
 def pixels_of(ds) -> np.ndarray:
@@ -209,12 +206,13 @@ def decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
         steps.append("modality_lut")
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         lut_max = float(np.max(ds.VOILUTSequence[0].LUTData)) or 1.0
-        y = apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float64)
-        out = np.clip(np.rint(y * (255.0 / lut_max)), 0, 255).astype(np.uint8)
+        scale = 255.0 / lut_max
+        out = map_to_u8(apply_voi_lut(x, ds, index=0, prefer_lut=True),
+                        lambda v: np.clip(np.rint(v * scale), 0, 255).astype(np.uint8))
         steps.append("voi_lut[0]")
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        out = _window_to_u8(x.astype(np.float64), _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
+        out = _window_to_u8(x, _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
         steps.append(f"voi_window[0]:{fn.lower()}")
     elif x.dtype == np.uint8:
         out = x  # already 8-bit with no transform: keep the stored values
