@@ -1,4 +1,4 @@
-"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, serve, all. Each subcommand lives in its own module."""
+"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all. Each subcommand lives in its own module."""
 from __future__ import annotations
 
 import importlib

@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(proc)
     row = summarise(report, records, wall_s, rss)
     statuses = sorted({str(r["status"]) for r in records if not r["ok"]})
-    report.notes.append(f"{args.clients} clients x {args.uploads} uploads on {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} after), server "
+    report.notes.append(f"{args.clients} clients x {args.uploads} uploads on {os.cpu_count()} CPUs (load average "
+                        f"{os.getloadavg()[0]:.1f} after), server "
                         f"{' '.join(extra) or 'defaults'}; wall {wall_s:.1f} s" +
                         (f"; error statuses {', '.join(statuses)}" if statuses else ""))
     goal = (row["errors"] == 0 and row["peak_rss_mb"] < GOAL_PEAK_RSS_MB)
