@@ -19,7 +19,7 @@ import numpy as np
 from eval.devices import DeviceError, resolve_device, torch_device
 from ingest.errors import one_line
 
-DEFAULT_MAX_PIXELS = 40_000_000  # a 6000 x 6000 film; a 16-bit chest CR is ~3000 x 3500
+DEFAULT_MAX_PIXELS = 40_000_000  # 8-bit pixels: a 6000 x 6000 film; a 16-bit pixel counts twice (~3000 x 3500 CR)
 MAX_ASPECT = 8  # chest films are ~1 : 1.25; panoramic strips are not
 JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 NOT_VALIDATED = "not validated"  # the flag of a task exported without a threshold (eval.export.is_validated)
@@ -47,22 +47,26 @@ def sniff(data: bytes) -> str:
     raise InputError("unsupported", "not a JPEG, PNG or DICOM file (content checked, not the extension)")
 
 
-def _dimensions(data: bytes, kind: str) -> tuple[int, int]:
-    """(width, height) from the header alone, before any pixel is decoded (decompression bombs). A DICOM must
-    also pass ingest's acceptance rule (`radiograph_verdict`: Modality and image content), as in a build."""
+def _dimensions(data: bytes, kind: str) -> tuple[int, int, int]:
+    """(width, height, bytes per decoded sample) from the header alone, before any pixel is decoded (decompression
+    bombs). A DICOM must also pass ingest's acceptance rule (`radiograph_verdict`: Modality and image content), as in
+    a build."""
     from PIL import Image
     if kind == "dicom":
         return _dicom_dimensions(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return int(im.width), int(im.height)
+            # 16-bit PNGs open as I;16 (or I in older Pillow): two bytes a pixel either way.
+            sample_bytes = 2 if im.mode.startswith("I;16") or (im.mode == "I" and kind == "png") else \
+                4 if im.mode in ("I", "F") else 1
+            return int(im.width), int(im.height), sample_bytes
     except Image.DecompressionBombError:  # Pillow's own header check (twice its MAX_IMAGE_PIXELS)
         raise InputError("too_large", "image too large (over Pillow's decompression-bomb pixel limit)") from None
     except Exception as e:  # noqa: BLE001 - any header parser failure means the same thing to the user
         raise InputError("undecodable", f"unreadable {kind} header ({type(e).__name__})") from None
 
 
-def _dicom_dimensions(data: bytes) -> tuple[int, int]:
+def _dicom_dimensions(data: bytes) -> tuple[int, int, int]:
     from ingest.dicom import DicomReject, read_header
     from ingest.dicom_filters import DicomPolicy, radiograph_verdict
     try:
@@ -74,7 +78,7 @@ def _dicom_dimensions(data: bytes) -> tuple[int, int]:
         raise InputError("unsupported", verdict.reason)
     if verdict.status != "ok":
         raise InputError("undecodable", verdict.reason)
-    return h.columns, h.rows
+    return h.columns, h.rows, max(1, -(-(h.bits_stored or 8) // 8))  # 12-bit samples decode to 2 bytes
 
 
 def decode_gray(data: bytes, *, shard_size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -83,10 +87,12 @@ def decode_gray(data: bytes, *, shard_size: int, quality: int, max_pixels: int =
 
     from ingest.preprocess import ImageReject, process_bytes
     kind = sniff(data)
-    width, height = _dimensions(data, kind)
-    if width * height > max_pixels:
-        raise InputError("too_large", f"image of {width} x {height} pixels exceeds the limit of "
-                                      f"{max_pixels / 1e6:g} megapixels")
+    width, height, sample_bytes = _dimensions(data, kind)
+    # The limit is on decoded bytes: max_pixels 8-bit pixels, half as many 16-bit ones.
+    if width * height * sample_bytes > max_pixels:
+        raise InputError("too_large", f"image of {width} x {height} {8 * sample_bytes}-bit pixels exceeds the "
+                                      f"limit of {max_pixels / 1e6:g} megapixels at 8 bits "
+                                      f"({max_pixels / sample_bytes / 1e6:g} at {8 * sample_bytes} bits)")
     if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
         # Resizing the shorter side of a 1 x 20000 strip to shard size would allocate gigabytes.
         raise InputError("undecodable", f"image of {width} x {height} pixels is not a radiograph's shape")
@@ -178,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse larger images (decompression bombs)")
+                   help="refuse larger images (decompression bombs): N 8-bit pixels, N / 2 16-bit ones")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ingest.errors import one_line
+from ingest.pixels import map_to_u8, range_to_u8  # noqa: F401  (range_to_u8 kept importable from here)
 from ingest.pseudonym import pseudonymise  # noqa: F401  (kept importable from here for callers and tests)
 
 SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
@@ -58,11 +60,6 @@ class DicomHeader:
     forced: bool           # read without the 128-byte preamble / DICM prefix
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
 def _dcmread(src, **kw):
     """dcmread, retried with force=True for files without preamble / DICM prefix; (dataset, forced)."""
     import pydicom
@@ -75,11 +72,11 @@ def _dcmread(src, **kw):
         if hasattr(src, "seek"):
             src.seek(0)
     except Exception as e:  # truncated or garbled headers raise a variety of errors
-        raise DicomReject(f"unreadable DICOM header ({type(e).__name__}: {_first_line(e)})") from None
+        raise DicomReject(f"unreadable DICOM header ({type(e).__name__}: {one_line(e)[:200]})") from None
     try:
         ds = pydicom.dcmread(src, force=True, **kw)
     except Exception as e:
-        raise DicomReject(f"not a DICOM file (no DICM prefix; forced read failed: {_first_line(e)})") from None
+        raise DicomReject(f"not a DICOM file (no DICM prefix; forced read failed: {one_line(e)[:200]})") from None
     if "Rows" not in ds or "Columns" not in ds:
         raise DicomReject("not a DICOM file (no DICM prefix and no image object in a forced read)")
     _set_transfer_syntax(ds)
@@ -138,7 +135,7 @@ def read_header(path) -> DicomHeader:
             columns=_int(ds, "Columns", 0), bits_stored=_int(ds, "BitsStored", 0),
             has_pixels="PixelData" in ds, forced=forced)
     except Exception as e:  # a garbled value deep in the header
-        raise DicomReject(f"unreadable DICOM header ({type(e).__name__}: {_first_line(e)})") from None
+        raise DicomReject(f"unreadable DICOM header ({type(e).__name__}: {one_line(e)[:200]})") from None
 
 
 def _first(value):
@@ -149,26 +146,22 @@ def _first(value):
         return float(value)
 
 
-def _window_to_u8(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 windowing with output range 0..255."""
+def _window_to_u8(x, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing with output range 0..255, through ingest.pixels (a table over the stored
+    values, or float64 stripes): bounded memory, the same bytes as the formula over the whole film."""
     if function == "SIGMOID":
-        y = 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        def fn(v):
+            return np.clip(np.rint(255.0 / (1.0 + np.exp(-4.0 * (v - center) / width))), 0, 255).astype(np.uint8)
     elif function == "LINEAR_EXACT":
-        y = ((x - center) / width + 0.5) * 255.0
+        def fn(v):
+            return np.clip(np.rint(((v - center) / width + 0.5) * 255.0), 0, 255).astype(np.uint8)
     else:  # LINEAR
         if width < 1:
             raise DicomReject(f"window width {width} < 1")
-        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
 
-
-def range_to_u8(x: np.ndarray) -> np.ndarray:
-    """Linear map of the image's real [min, max] to 0..255 (a constant image becomes 0)."""
-    x = x.astype(np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    if hi <= lo:
-        return np.zeros(x.shape, np.uint8)
-    return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        def fn(v):
+            return np.clip(np.rint(((v - (center - 0.5)) / (width - 1) + 0.5) * 255.0), 0, 255).astype(np.uint8)
+    return map_to_u8(x, fn)
 
 
 def pixels_of(ds) -> np.ndarray:
@@ -193,7 +186,7 @@ def pixels_of(ds) -> np.ndarray:
         from pydicom.pixels import pixel_array
         raw = pixel_array(ds, index=0 if _int(ds, "NumberOfFrames", 1) > 1 else None, decoding_plugin=plugin)
     except Exception as e:  # truncated pixel data, corrupt codestream, ...
-        raise DicomReject(f"cannot decode DICOM pixel data ({type(e).__name__}: {_first_line(e)})") from None
+        raise DicomReject(f"cannot decode DICOM pixel data ({type(e).__name__}: {one_line(e)[:200]})") from None
     if raw.ndim != 2:
         raise DicomReject(f"DICOM pixel array of shape {raw.shape}; a single 2-D frame expected")
     return raw
@@ -232,12 +225,13 @@ def decode_dicom(data: bytes) -> tuple[np.ndarray, dict]:
         steps.append("modality_lut")
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         lut_max = float(np.max(ds.VOILUTSequence[0].LUTData)) or 1.0
-        y = apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float64)
-        out = np.clip(np.rint(y * (255.0 / lut_max)), 0, 255).astype(np.uint8)
+        scale = 255.0 / lut_max
+        out = map_to_u8(apply_voi_lut(x, ds, index=0, prefer_lut=True),
+                        lambda v: np.clip(np.rint(v * scale), 0, 255).astype(np.uint8))
         steps.append("voi_lut[0]")
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        out = _window_to_u8(x.astype(np.float64), _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
+        out = _window_to_u8(x, _first(ds.WindowCenter), _first(ds.WindowWidth), fn)
         steps.append(f"voi_window[0]:{fn.lower()}")
     elif x.dtype == np.uint8:
         out = x  # already 8-bit with no transform: keep the stored values

@@ -30,7 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"access token (>= {MIN_TOKEN_CHARS} chars; or env SERVE_TOKEN), checked on every request")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--max-upload-mb", type=float, default=32.0)
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (decompression bombs)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000,
+                   help="refuse larger images (decompression bombs): N 8-bit pixels, N / 2 16-bit ones")
+    p.add_argument("--max-concurrent-decodes", type=int, default=0, metavar="N",
+                   help="decode at most N uploads at once (default 0 = the CPUs available)")
+    p.add_argument("--max-queued", type=int, default=32, metavar="N",
+                   help="uploads waiting for a decode slot before new ones get 503 (default 32)")
+    p.add_argument("--max-wait-s", type=float, default=30.0,
+                   help="longest wait for a decode slot before 503 + Retry-After (default 30)")
     return p
 
 
@@ -44,6 +51,8 @@ def check(args) -> None:
         raise ServeError(f"--port {args.port}: not a port number")
     if args.k < 1 or args.neighbours_max < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1:
         raise ServeError("--k, --neighbours-max, --max-upload-mb and --max-pixels must be positive")
+    if args.max_concurrent_decodes < 0 or args.max_queued < 0 or args.max_wait_s <= 0:
+        raise ServeError("--max-concurrent-decodes and --max-queued must be >= 0 and --max-wait-s > 0")
 
 
 def build(args):
@@ -61,7 +70,9 @@ def build(args):
         from serve.neighbours import NeighbourIndex
         index = NeighbourIndex.build(predictor, args.neighbours, max_images=args.neighbours_max,
                                      log=lambda m: print(f"serve: {m}", file=sys.stderr))
-    config = ServeConfig(token=args.token, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), k=args.k)
+    config = ServeConfig(token=args.token, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), k=args.k,
+                         max_decodes=args.max_concurrent_decodes, max_queued=args.max_queued,
+                         max_wait_s=args.max_wait_s)
     return create_app(predictor, config, index), predictor
 
 

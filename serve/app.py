@@ -1,11 +1,14 @@
 """The FastAPI application: one static page, `POST /api/predict` (multipart field `file`), `GET /api/health`.
 Uploads are read into memory under a size cap and parsed there (never spooled to disk); a token, when set, is
-checked on every request; every bad upload is a 4xx with a one-line reason.
+checked on every request; every bad upload is a 4xx with a one-line reason. Decodes are capped (serve.gate): a
+request waits in a bounded queue for a slot, else gets 503 with Retry-After.
 """
 
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
+
+from serve.gate import DEFAULT_MAX_QUEUED, DEFAULT_MAX_WAIT_S, Busy, DecodeGate, default_max_decodes, trim_heap
 
 STATIC = Path(__file__).resolve().parent / "static"
 NOTICE = ("Research software, not a medical device: these are a model's scores on one image, not a diagnosis. "
@@ -23,6 +26,9 @@ class ServeConfig:
     token: str | None = None
     max_upload_bytes: int = 32 << 20
     k: int = 6
+    max_decodes: int = 0          # decodes at once; 0 = the CPUs this process may use
+    max_queued: int = DEFAULT_MAX_QUEUED      # uploads waiting for a decode slot (their bytes are held)
+    max_wait_s: float = DEFAULT_MAX_WAIT_S    # longest wait for a slot before 503
 
 
 class UploadError(ValueError):
@@ -87,6 +93,8 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), neighbours=None):
     from eval.predict import InputError
     app = FastAPI(title="cxr-ssl serve", docs_url=None, redoc_url=None, openapi_url=None)
     bundle = predictor.bundle
+    gate = DecodeGate(config.max_decodes or default_max_decodes(), config.max_queued, config.max_wait_s)
+    app.state.gate = gate
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -123,13 +131,24 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), neighbours=None):
             declared = int(request.headers.get("content-length") or 0)
             if declared > config.max_upload_bytes:
                 raise UploadError(413, f"upload of {declared} bytes exceeds the limit of {config.max_upload_bytes}")
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > config.max_upload_bytes:
-                    raise UploadError(413, f"upload exceeds the limit of {config.max_upload_bytes} bytes")
-            data = parse_multipart_file(bytes(body), request.headers.get("content-type", ""))
-            return await run_in_threadpool(_predict_one, predictor, data, config.k, neighbours)
+            gate.enter_queue()
+            try:
+                body = bytearray()
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > config.max_upload_bytes:
+                        raise UploadError(413, f"upload exceeds the limit of {config.max_upload_bytes} bytes")
+                data = parse_multipart_file(bytes(body), request.headers.get("content-type", ""))
+                del body
+                await gate.acquire()
+            finally:
+                gate.leave_queue()
+            try:
+                return await run_in_threadpool(_predict_trimmed, predictor, data, config.k, neighbours)
+            finally:
+                gate.release()
+        except Busy as e:
+            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after_s)})
         except UploadError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except InputError as e:
@@ -137,6 +156,13 @@ def create_app(predictor, config: ServeConfig = ServeConfig(), neighbours=None):
         except Exception:  # noqa: BLE001 - a defect here must not echo upload contents (or a header) back
             return JSONResponse({"error": "internal error while reading the image"}, status_code=500)
     return app
+
+
+def _predict_trimmed(predictor, data: bytes, k: int, neighbours) -> dict:
+    try:
+        return _predict_one(predictor, data, k, neighbours)
+    finally:
+        trim_heap()
 
 
 def _predict_one(predictor, data: bytes, k: int, neighbours) -> dict:

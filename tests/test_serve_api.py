@@ -226,3 +226,53 @@ def test_predict_and_serve_refuse_corrupt_films_like_ingest(shared_data, bundle,
         assert r.status_code == 422, (name, r.status_code, r.text)
         error = r.json()["error"]
         assert reason in error and "\n" not in error and "findings" not in r.json(), (name, error)
+
+
+def test_decode_cap_answers_503_with_retry_after(predictor):
+    """With the only decode slot held, a request waits at most max_wait_s, then gets 503 + Retry-After and a
+    one-line JSON error; with the queue full it is refused at once; after the release it is answered."""
+    from fastapi.testclient import TestClient
+
+    from serve.app import ServeConfig, create_app
+    app = create_app(predictor, ServeConfig(max_decodes=1, max_queued=1, max_wait_s=0.3))
+    client, gate = TestClient(app), app.state.gate
+    assert gate.try_acquire()
+    try:
+        r = client.post("/api/predict", files={"file": ("x.png", _png(), "image/png")})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert "no decode slot" in r.json()["error"] and "\n" not in r.json()["error"]
+        gate.queued = gate.max_queued  # the queue is full: refused before the upload is read
+        r = client.post("/api/predict", files={"file": ("x.png", _png(), "image/png")})
+        assert r.status_code == 503 and "queued" in r.json()["error"] and r.headers["retry-after"]
+        gate.queued = 0
+    finally:
+        gate.release()
+    r = client.post("/api/predict", files={"file": ("x.png", _png(), "image/png")})
+    assert r.status_code == 200 and gate.queued == 0 and gate.try_acquire()
+    gate.release()
+
+
+def test_sixteen_bit_pixel_counts_twice_against_the_limit():
+    from eval.predict import InputError, decode_gray
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((300, 400), np.uint16)).save(buf, format="PNG")
+    data = buf.getvalue()
+    assert decode_gray(data, shard_size=64, quality=90, max_pixels=240_000).shape == (64, 85)
+    with pytest.raises(InputError, match="16-bit pixels exceeds .* at 16 bits") as e:
+        decode_gray(data, shard_size=64, quality=90, max_pixels=239_999)
+    assert e.value.kind == "too_large"
+
+
+def test_bench_serve_smoke(bundle, tmp_path):
+    """`python -m bench serve` end to end with a few uploads: every answer 200, RSS figures and a JSON written."""
+    import json
+
+    from bench.__main__ import main as bench_main
+    out = tmp_path / "serve.json"
+    assert bench_main(["serve", "--bundle", str(bundle), "--clients", "2", "--uploads", "3", "--settle-s", "0.2",
+                       "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    total = doc["rows"][-1]
+    assert total["kind"] == "all" and total["requests"] == 6 and total["errors"] == 0
+    assert {r["kind"] for r in doc["rows"][:-1]} == {"jpeg8", "png16", "dicom"}
+    assert 0 < total["rss_start_mb"] <= total["peak_rss_mb"] and total["p95_ms"] >= total["p50_ms"] > 0
