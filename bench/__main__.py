@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "model": ("bench.model_bench", "ResNet train step: eager/compile x fp32/bf16 x NCHW/channels-last"),
     "e2e": ("bench.e2e_bench", "real shards through DALI into the train step: pipeline efficiency, data-wait %"),
     "loss": ("bench.loss_bench", "fused Triton NT-Xent vs reference PyTorch loss, time and peak memory"),
+    "scale": ("bench.scale_bench", "cost against size up to 377k images: plan, indexes, reader start-up, kNN"),
     "all": ("bench.all_bench", "every stage on this machine, JSON + Markdown + plot under bench/results/<gpu>/"),
 }
 
