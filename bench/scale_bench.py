@@ -147,9 +147,12 @@ def measure_ingest(p: dict) -> dict:
     """`ingest build-shards` (build.run itself) with only the pixel stage replaced: each planned record still
     becomes its worker task (build.sample_task), and each split one segment per SHARD_SAMPLES records, so
     build._finish writes the manifest, patient table, rejects and filtered lists of a full-size run."""
+    import importlib
     from ingest import build
     from ingest.schema import SHARD_PATTERN
+    from ingest.sources import SOURCES
     from ingest.state import Segment
+    importlib.import_module(SOURCES[p["source"]])  # imported before timing: the largest size runs only once
     base = _rss_mib()
     times: dict[str, list[float]] = {}
     rss: dict[str, float] = {}
@@ -224,6 +227,7 @@ def measure_reader(p: dict) -> dict:
     """build_pretrain_loader on the CPU (device_id None) until the first batch: manifest and index checks, then
     the DALI webdataset pipeline's build and first run."""
     import torch
+    from nvidia.dali import fn, pipeline_def, types  # noqa: F401  (imported before timing, as in a trainer)
     from dali_pipes import build_pretrain_loader
     base = _rss_mib()
     times: dict[str, list[float]] = {"loader init (manifest, indexes)": [], "pipeline build + first batch": [],
