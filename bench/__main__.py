@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "e2e": ("bench.e2e_bench", "real shards through DALI into the train step: pipeline efficiency, data-wait %"),
     "loss": ("bench.loss_bench", "fused Triton NT-Xent vs reference PyTorch loss, time and peak memory"),
     "serve": ("bench.serve_bench", "python -m serve under 16 concurrent uploaders: p50 / p95, errors, peak RSS"),
+    "scale": ("bench.scale_bench", "cost against size up to 377k images: plan, indexes, reader start-up, kNN"),
     "all": ("bench.all_bench", "every stage on this machine, JSON + Markdown + plot under bench/results/<gpu>/"),
 }
 
