@@ -1,4 +1,4 @@
-"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all. Each subcommand lives in its own module."""
+"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all, render. Each subcommand lives in its own module."""
 from __future__ import annotations
 
 import importlib
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "e2e": ("bench.e2e_bench", "real shards through DALI into the train step: pipeline efficiency, data-wait %"),
     "loss": ("bench.loss_bench", "fused Triton NT-Xent vs reference PyTorch loss, time and peak memory"),
     "all": ("bench.all_bench", "every stage on this machine, JSON + Markdown + plot under bench/results/<gpu>/"),
+    "render": ("bench.gpu_results", "re-render a GPU check's DIR/summary.md from DIR/results.jsonl"),
 }
 
 

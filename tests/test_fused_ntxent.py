@@ -39,6 +39,7 @@ def _exact_fp32_matmuls():
     torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 def test_interpreter_runs_kernel_tests():
     pytest.importorskip("triton")
