@@ -72,7 +72,8 @@ def render(records: list[dict], env: dict | None = None, unreadable: int = 0) ->
         lines.append("| | (no figures recorded) | | | | |")
     steps = [r for r in records if r.get("kind") == "step"]
     if steps:
-        lines += ["", "## Steps", "", "| stage | step | status | seconds | cap s | detail |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Steps", "", "| stage | step | status | seconds | cap s | detail |",
+                  "|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(_cell(r.get(k)) for k in ("stage", "step", "status", "seconds", "cap_s", "detail"))
                   + " |" for r in steps]
     tests = [r for r in records if r.get("kind") == "test"]

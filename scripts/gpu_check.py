@@ -70,9 +70,9 @@ OUT_FILES = (RESULTS_NAME, ENV_NAME, JUNIT_NAME, SUMMARY_NAME, LOGS_NAME)
 # Sizes: the on a GPU; --smoke runs the same code at CPU-sized shapes (a test of the code, not a figure).
 SIZES = {
     "gpu": {"loss_views": (4096, 16384, 65536), "loss_repeats": 10, "archs": (("resnet50", 224, 256),
-            ("resnet18", 224, 256)), "model_repeats": 10, "model_warmup": 3, "synth_images": 32, "synth_px": 1024,
+            ("resnet18", 224, 256)), "model_repeats": 10, "model_warmup": 3, "synth_images": 16, "synth_px": 1024,
             "shard_px": (256, 1024), "replicas": {256: 4096, 1024: 1024}, "dali_batch": 256, "dali_batches": 20,
-            "e2e_steps": 30, "e2e_warmup": 10},
+            "e2e_steps": 20, "e2e_warmup": 5},
     "smoke": {"loss_views": (64, 128), "loss_repeats": 2, "archs": (("resnet18", 32, 4),), "model_repeats": 2,
               "model_warmup": 1, "synth_images": 4, "synth_px": 64, "shard_px": (32, 64), "replicas": {32: 32, 64: 32},
               "dali_batch": 8, "dali_batches": 2, "e2e_steps": 2, "e2e_warmup": 1},
@@ -616,8 +616,9 @@ def run_stage(stage: str, out: Path, wheels: Path, only: list[str] | None, smoke
 
 def run_child(stage: str, step: str, out: Path, wheels: Path, smoke: bool) -> int:
     sizes = SIZES["smoke" if smoke else "gpu"]
-    rec = Recorder(out, stage, step)
+    out.mkdir(parents=True, exist_ok=True)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(out, stage, step)
     if step == "install":
         step_install(rec, out, sizes, wheels)
     else:

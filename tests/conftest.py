@@ -55,7 +55,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     skips = {}
     if not _has_cuda():
-        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (CI has none: run on a lent GPU)")
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (CI has none: run on a lent "
+                                               "GPU)")
     if not _has_dali():
         skips["dali"] = pytest.mark.skip(reason="needs NVIDIA DALI (nvidia.dali is not importable here)")
     broken = triton_interpreter_broken()
