@@ -41,13 +41,13 @@ class Step:
 # the 15 device minutes after the machine's start and the carried parts.
 STAGES = {
     "A": (285, (
-        Step("env", 15, "GPU, driver, torch / Triton / torchvision / DALI versions -> env.json"),
+        Step("env", 20, "GPU, driver, torch / Triton / torchvision / DALI versions -> env.json"),
         Step("loss", 75, "fused NT-Xent (self-check on) vs eager and compiled PyTorch at 4,096 / 16,384 / 65,536 "
                          "views, D=128, bf16: fwd+bwd ms (median of 10, CUDA events), peak memory, OOM as such"),
         Step("model", 120, "trainer's SimCLR step (method + NT-Xent + LARS, global BN off, 1 GPU) on device-resident "
                            "synthetic tensors, 224 px, batch 256, channels-last, bf16: ResNet-50 compiled / eager, "
                            "ResNet-18 eager / compiled: images/s, steps/s, views/s"),
-        Step("tests", 70, f"GPU-marked tests without DALI, {PER_TEST_TIMEOUT_S} s per test, JUnit as they go"),
+        Step("tests", 65, f"GPU-marked tests without DALI, {PER_TEST_TIMEOUT_S} s per test, JUnit as they go"),
     )),
     "B": (240, (
         Step("install", 30, "carried wheels: sha256 of each part, unpack, the manifest's one pip install"),
@@ -276,7 +276,8 @@ def step_model(rec: Recorder, out: Path, sizes: dict) -> None:
             cfg = load_config(None, ["data.source=synthetic", f"model.arch={arch}", "model.in_channels=1",
                                      "loss.method=simclr", "optim.name=lars", "loss.impl=auto", "model.sync_bn=off",
                                      f"data.batch_size={batch}", f"data.image_size={px}"])
-            cond = (f"{arch} {px} px, batch {batch} (x2 views), 1 channel, channels-last, {precision} autocast, "
+            amp = f"{precision} autocast" if precision != "fp32" else "fp32"
+            cond = (f"{arch} {px} px, batch {batch} (x2 views), 1 channel, channels-last, {amp}, "
                     f"{mode}, SimCLR + NT-Xent + LARS, 1 {device.type}, synthetic tensors on the device")
             step = held = None
             try:
