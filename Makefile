@@ -24,10 +24,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
-# On a lent H100 / H200: GPU-marked tests, real fused kernels, bench all --quick (<= 8 min) -> bench/results/<gpu>/.
-# `python scripts/gpu_check.py --dry-run` lists the steps and the wheels they need beyond torch and triton.
-gpu-check: $(STAMP)
-	$(BIN)/python scripts/gpu_check.py
+# On a lent H100 / H200, with that machine's own python3 (no venv, no install): stage A needs only torch, Triton,
+# torchvision, numpy and pytest; stage B needs the DALI wheels made by `scripts/gpu_wheels.sh .gpu-wheels` and
+# carried in parts (README: "GPU check"). `make gpu-check GPU_STAGE=B`; `--dry-run` prints the plan without a GPU.
+GPU_STAGE ?= A
+GPU_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+gpu-check:
+	python3 scripts/gpu_check.py --stage $(GPU_STAGE) --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,4 +1,5 @@
-"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all. Each subcommand lives in its own module."""
+"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all, render. Each subcommand lives in its own
+module."""
 from __future__ import annotations
 
 import importlib
@@ -14,6 +15,7 @@ SUBCOMMANDS = {
     "serve": ("bench.serve_bench", "python -m serve under 16 concurrent uploaders: p50 / p95, errors, peak RSS"),
     "scale": ("bench.scale_bench", "cost against size up to 377k images: plan, indexes, reader start-up, kNN"),
     "all": ("bench.all_bench", "every stage on this machine, JSON + Markdown + plot under bench/results/<gpu>/"),
+    "render": ("bench.gpu_results", "re-render a GPU check's DIR/summary.md from DIR/results.jsonl"),
 }
 
 

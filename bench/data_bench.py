@@ -20,7 +20,7 @@ from bench.harness import BenchReport, GpuSampler, default_out_dir
 from dali_pipes import CXR_MEAN, CXR_STD, AugmentConfig, build_pretrain_loader
 from ingest.errors import one_line
 from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, SHARD_PATTERN, ShardFormatError, load_manifest
-from ingest.shards import write_shard
+from ingest.shards import iter_shard, write_shard
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -57,6 +57,33 @@ def write_bench_shards(out: Path, *, num_images: int, size_px: int, samples_per_
         shards.append({"name": ws.name, "num_samples": ws.num_samples, "sha256": ws.sha256, "num_bytes": ws.num_bytes})
     manifest = {"format_version": FORMAT_VERSION, "datasets": ["bench"], "label_names": ["x"],
                 "num_patients": (num_images + 1) // 2, "rejects": [],
+                "splits": {"train": {"num_samples": len(samples), "shards": shards}}}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+def replicate_shards(src: Path, out: Path, *, num_samples: int, samples_per_shard: int = 256) -> Path:
+    """A train split of ``num_samples`` repeating the train samples of an ingest shard folder byte for byte (each
+    copy its own key and patient id, so SimCLR sees one positive pair per image): enough batches for a throughput
+    run from a few phantoms that are slow to generate."""
+    base = [s for shard in load_manifest(src).shards("train") for s in iter_shard(shard.path)]
+    if not base:
+        raise ValueError(f"{src}: no train samples to replicate")
+    samples = []
+    for i in range(num_samples):
+        s = base[i % len(base)]
+        meta = json.loads(s["json"])
+        meta["patient_id"] = f"rep{i}"
+        samples.append({"__key__": f"rep-p{i:07d}-s001-v1", "jpg": s["jpg"], "json": json.dumps(meta).encode(),
+                        "lbl": s["lbl"], "pid": struct.pack("<q", i)})
+    shards = []
+    for k in range(0, len(samples), samples_per_shard):
+        ws = write_shard(out / "train" / SHARD_PATTERN.format(index=k // samples_per_shard),
+                         samples[k:k + samples_per_shard])
+        shards.append({"name": ws.name, "num_samples": ws.num_samples, "sha256": ws.sha256, "num_bytes": ws.num_bytes})
+    label_names = json.loads((src / MANIFEST_NAME).read_text()).get("label_names", [])
+    manifest = {"format_version": FORMAT_VERSION, "datasets": ["replicated"], "label_names": label_names,
+                "num_patients": num_samples, "rejects": [],
                 "splits": {"train": {"num_samples": len(samples), "shards": shards}}}
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     return out
@@ -128,7 +155,7 @@ def _cpu_s(worker_pids) -> float:
     return live + _proc_cpu_s(os.getpid(), reaped_children=True)
 
 
-def _measure(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int, batch_size: int, device) -> dict:
+def measure_loader(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int, batch_size: int, device) -> dict:
     t0 = time.perf_counter()
     it = make_iter()
     next(it)  # DALI: pipeline build + shuffle-buffer fill (later epochs: built ahead); DataLoader: worker start
@@ -150,7 +177,7 @@ def _measure(make_iter, worker_pids, *, warmup_batches: int, timed_batches: int,
             "first_batch_s": first_batch_s}
 
 
-def _cycle(loader):
+def cycle(loader):
     while True:
         yield from loader
 
@@ -181,7 +208,7 @@ def view_filter_rows(report: BenchReport, tmp: Path, args, *, devices: list[str]
         for _ in range(2):
             for kind, (root, views) in kinds.items():
                 loader = dali_loader(root, args, device=device, threads=threads, micle=False, views=views)
-                r = _measure(lambda: _cycle(loader), lambda: [], device=loader.torch_device,
+                r = measure_loader(lambda: cycle(loader), lambda: [], device=loader.torch_device,
                              batch_size=loader.batch_size, **common)
                 loader.close()
                 if kind not in best or r["samples_per_s"] > best[kind]["samples_per_s"]:
@@ -225,7 +252,7 @@ def run(args) -> BenchReport:
                 loader = dali_loader(root, args, device=device, threads=threads, micle=micle)
                 batch = loader.batch_size
                 with GpuSampler() as gpu:
-                    r = _measure(lambda: _cycle(loader), lambda: [], device=loader.torch_device, batch_size=batch,
+                    r = measure_loader(lambda: cycle(loader), lambda: [], device=loader.torch_device, batch_size=batch,
                                  **common)
                 loader.close()  # no pipeline built ahead may run on during the next row
                 name = f"dali-{device}" + ("-micle" if micle else "")
@@ -243,7 +270,7 @@ def run(args) -> BenchReport:
             holder["it"] = iter(_cycle_dl(base, holder))
             return holder["it"]
 
-        r = _measure(make_iter, lambda: [w.pid for w in getattr(holder.get("dl_it"), "_workers", [])],
+        r = measure_loader(make_iter, lambda: [w.pid for w in getattr(holder.get("dl_it"), "_workers", [])],
                      device=torch.device("cpu"), batch_size=args.batch_size, **common)
         report.add(loader="torchvision+webdataset", workers_or_threads=threads, batch_size=args.batch_size,
                    **row_base, **r)

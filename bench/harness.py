@@ -113,12 +113,26 @@ class Timing:
         return {"median_s": self.median_s, "p90_s": self.p90_s, "repeats": len(self.seconds)}
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5, sync: bool = True) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (CUDA-synchronised on each side)."""
+def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5, sync: bool = True,
+            cuda_events: bool = False) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (CUDA-synchronised on each side). With
+    ``cuda_events`` and a CUDA device, each run is timed by CUDA events recorded around it on the current stream."""
     for _ in range(warmup):
         fn()
     if sync:
         _sync()
+    if cuda_events:
+        import torch
+        if torch.cuda.is_available():
+            out = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) / 1000)
+            return Timing(out)
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()

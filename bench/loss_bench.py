@@ -74,7 +74,7 @@ def _dots(impl: str, dtype, device) -> str:
     return "tf32" if device.type == "cuda" and fp32_dot_precision() == "tf32" else "fp32"
 
 
-def _measure(impl: str, n_views: int, args, device, dtype) -> dict:
+def measure_impl(impl: str, n_views: int, args, device, dtype) -> dict:
     """Time forward + backward of one implementation at N views; OOM becomes a row, not a crash.
 
     With ``--world W`` this is one rank's share: its N / W rows against all N gathered columns.
@@ -105,7 +105,7 @@ def _measure(impl: str, n_views: int, args, device, dtype) -> dict:
         if cuda:
             torch.cuda.synchronize()
             row["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        timing = time_fn(step, warmup=args.warmup, repeats=args.repeats)
+        timing = time_fn(step, warmup=args.warmup, repeats=args.repeats, cuda_events=cuda)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
         if not _is_oom(err):
             raise
@@ -215,7 +215,7 @@ def _run(report, impls: list[str], sizes: list[int], args, device, dtype) -> Non
         report.notes.append(f"ResNet-50 bf16 step: {ms_per_image:.4f} ms/image at batch {args.resnet50_batch}")
     with GpuSampler() as sampler:
         for n_views in sizes:
-            rows = [report.add(**_measure(impl, n_views, args, device, dtype)) for impl in impls]
+            rows = [report.add(**measure_impl(impl, n_views, args, device, dtype)) for impl in impls]
             torch_ms = [r["median_ms"] for r in rows if r["impl"] != "fused" and r["status"] == "ok"]
             for r in rows:
                 if r["impl"] == "fused" and r["status"] == "ok":

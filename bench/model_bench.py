@@ -61,7 +61,8 @@ def measure(step: TrainStep, batch: dict, *, warmup: int, repeats: int, device: 
     float(loss)
     first_s = time.perf_counter() - t0
     with GpuSampler() as sampler:
-        timing = time_fn(lambda: step(batch, 0.1), warmup=max(0, warmup - 1), repeats=repeats)
+        timing = time_fn(lambda: step(batch, 0.1), warmup=max(0, warmup - 1), repeats=repeats,
+                         cuda_events=device.type == "cuda")
     n = batch["view1"].shape[0]
     row = {"step_ms": 1000 * timing.median_s, "step_ms_p90": 1000 * timing.p90_s,
            "views_per_s": 2 * n / timing.median_s, "images_per_s": n / timing.median_s, "first_step_s": first_s,

@@ -82,6 +82,7 @@ def _dark_films(rng: np.random.Generator) -> list[np.ndarray]:
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_brightness_contrast_matches_formula():
     images = _dark_films(np.random.default_rng(1))
     got = _run_brightness_contrast(images, 1.25, 0.6, device="gpu").astype(float)[..., 0]  # the GPU default path

@@ -117,6 +117,7 @@ def test_resume_and_set_epoch_drop_a_pipeline_built_for_another_epoch(shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_slow_consumer_reads_the_batch_dali_produced(shards):
     """A copy queued behind long GPU work must still read this batch's pixels, however far DALI runs ahead and
     recycles memory: a slow consumer's batches equal a fast one's, with the same seed."""
@@ -136,6 +137,7 @@ def test_gpu_slow_consumer_reads_the_batch_dali_produced(shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_handoff_ring_holds_dali_buffers_until_the_copies_ran(shards):
     pipe = _pipe(shards, device="gpu")
     h = P.Handoff(torch.device("cuda", torch.cuda.current_device()))

@@ -405,6 +405,7 @@ def test_gpu_requested_without_gpu_is_a_clear_error(unique_shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 @pytest.mark.parametrize("micle", [False, True])
 def test_gpu_pretrain_on_device_channels_last(multi_shards, micle):
     loader = _pretrain(multi_shards, device="gpu", micle=micle, dtype=torch.bfloat16, channels=3, batch_size=3)
@@ -415,6 +416,7 @@ def test_gpu_pretrain_on_device_channels_last(multi_shards, micle):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_eval_matches_cpu(unique_shards):
     kw = dict(batch_size=4, image_size=S, resize_size=40, num_threads=1)
     cpu = list(dp.build_eval_loader(unique_shards, "val", device="cpu", **kw))
@@ -426,6 +428,7 @@ def test_gpu_eval_matches_cpu(unique_shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_same_seed_same_batches(unique_shards):
     a, b = list(_pretrain(unique_shards, device="gpu", seed=2)), list(_pretrain(unique_shards, device="gpu", seed=2))
     assert _same(a, b)

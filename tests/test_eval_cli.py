@@ -285,6 +285,7 @@ def test_real_cxr_linear_probe_on_random_features_carries_signal(shared_data, tm
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_features_match_cpu(shards):
     spec = encoder_spec(init="random", arch="resnet18", seed=0)
     t = Transform(32, 36)
@@ -298,6 +299,7 @@ def test_gpu_features_match_cpu(shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_linear_and_finetune_cli(shards, tmp_path, capsys):
     out = tmp_path / "eval"
     common = ["--shards", shards, "--out", out, "--init", "random", "--device", "gpu", *FAST]

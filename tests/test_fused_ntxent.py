@@ -39,6 +39,7 @@ def _exact_fp32_matmuls():
     torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter run")
 def test_interpreter_runs_kernel_tests():
     pytest.importorskip("triton")
@@ -312,6 +313,7 @@ def test_kernel_trainer_contrastive_loss_fused_matches_reference(positives, dtyp
         assert _rel(g, w) <= TOL[dtype], f"{name}: {_rel(g, w):.2e} ({dtype}, {positives})"
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.skipif(INTERPRETING, reason="torchrun children set TRITON_INTERPRET themselves")
 def test_fused_loss_through_trainer_gather_on_two_ranks():
     """Issue: each rank's own rows vs all ranks' gathered embeddings, gradients reaching every rank's embeddings,
@@ -423,6 +425,7 @@ def test_module_imports_and_reference_runs_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.triton_interpreter
 def test_bench_loss_cli_smoke(tmp_path):
     """`python -m bench loss` on the CPU: the interpreter's fused rows agree in shape with the reference rows."""
     pytest.importorskip("triton")

@@ -45,6 +45,7 @@ def test_fused_loss_matches_reference_in_training(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_dali_gpu_loader_run(tmp_path, tiny_shards):
     run = tmp_path / "run"
     assert main([DEBUG, "run.device=cuda", "run.deterministic=false", f"data.shards={tiny_shards}",
