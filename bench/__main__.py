@@ -1,5 +1,5 @@
-"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, all, render. Each subcommand lives in its own
-module."""
+"""`python -m bench <subcommand>`: ingest, data, model, e2e, loss, serve, scale, all, render. Each subcommand lives
+in its own module."""
 from __future__ import annotations
 
 import importlib
