@@ -5,6 +5,7 @@ Everything downstream (dali_pipes, trainer, eval, bench) reads shards through th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,13 @@ def views_label(views: frozenset[str]) -> str:
     return "frontal" if views == FRONTAL_VIEWS else ",".join(sorted(views))
 
 
+_KEY_UNSAFE = re.compile(r"[^\w-]")
+
+
 def sample_key(dataset: str, patient: str, study: str, view_index: int | str) -> str:
     """Stable, unique, tar-safe key, e.g. ``chexpert-p00001-s001-v1``. No dots (webdataset splits on them)."""
-    raw = f"{dataset}-{patient}-{study}-v{view_index}"
-    return "".join(c if (c.isalnum() or c in "-_") else "_" for c in raw)
+    # \w is exactly str.isalnum() plus "_" (both use the same Unicode table): one regex pass, not a loop per char
+    return _KEY_UNSAFE.sub("_", f"{dataset}-{patient}-{study}-v{view_index}")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,18 @@ def _view(fl_column: str, appa: str, fl_name: str) -> tuple[str, str | None]:
     return "UNKNOWN", (f"Frontal/Lateral=Frontal but AP/PA={code}" if code else None)
 
 
+# The cells as read_csv_table gives them (strings, blank = "") in almost every row of a real CSV; any other value
+# takes parse_label's checked path, which alone formats an error location.
+_PLAIN_LABELS = {"1.0": 1, "0.0": 0, "-1.0": -1, "1": 1, "0": 0, "-1": -1, "": None}
+
+
+def _label(value, csv_path: Path, row: int, name: str):
+    """parse_label(value), without building its error location for each of the millions of plain cells."""
+    if value in _PLAIN_LABELS:
+        return _PLAIN_LABELS[value]
+    return parse_label(value, where=f"{csv_path.name} row {row + 2} {name}")
+
+
 def read_csv_records(csv_path: Path, split: str) -> tuple[list[Record], list[Reject]]:
     df = read_csv_table(csv_path)
     missing = [c for c in (*REQUIRED_COLUMNS, *CHEXPERT_LABELS) if c not in df.columns]
@@ -57,8 +69,7 @@ def read_csv_records(csv_path: Path, split: str) -> tuple[list[Record], list[Rej
         # CSV paths are relative to the folder above the CSV's (CheXpert-v1.0-small/train/...): drop the prefix.
         rel = path if m.group("prefix") is None else path.split("/", 1)[1]
         try:
-            labels = {n: parse_label(col[i], where=f"{csv_path.name} row {i + 2} {n}")
-                      for n, col in zip(CHEXPERT_LABELS, label_cols)}
+            labels = {n: _label(col[i], csv_path, i, n) for n, col in zip(CHEXPERT_LABELS, label_cols)}
         except ValueError as e:
             rejects.append(Reject(rel, str(e)))
             continue
