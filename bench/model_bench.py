@@ -31,7 +31,7 @@ def build_step(cfg, device: torch.device, *, compile_mode: str | None, channels_
     splits = cfg.loss.moco_bn_splits
     if cfg.data.batch_size % splits or cfg.data.batch_size // splits < 2:
         cfg.loss.moco_bn_splits = 1  # a batch too small for MoCo's one-rank BatchNorm chunks is timed without them
-    method = build_method(cfg.loss)
+    method = build_method(cfg.loss, device=device, embed_dim=cfg.model.proj_dim)
     model = method.build_model(cfg.model, world_size=1)  # one process, as the trainer on one rank
     model = model.to(device)
     if channels_last:

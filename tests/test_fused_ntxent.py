@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.fused_ntxent import fused_available, nt_xent_fused, triton_importable
-from trainer.loss_impl import LossImpl
 from trainer.losses import nt_xent_reference, simclr_labels
+from trainer.ntxent import NTXent
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -241,9 +241,9 @@ def test_kernel_dispatch():
     labels = simclr_labels(8, DEVICE)
     z = _embeddings(16, 8, labels, 0)
     ref = nt_xent_reference(z, z, labels, labels, 0, 0.1, reduction="mean")
-    assert _rel(LossImpl("fused")(z, z, labels, labels, 0, 0.1, reduction="mean"), ref) <= 1e-6
-    auto = LossImpl("auto", announce=lambda line: None)
-    assert _rel(auto(z, z, labels, labels, 0, 0.1, reduction="mean"), ref) <= 1e-6
+    assert _rel(NTXent("fused", 0.1).loss_rows(z, z, labels, labels, 0, reduction="mean"), ref) <= 1e-6
+    auto = NTXent("auto", 0.1, announce=lambda line: None)
+    assert _rel(auto.loss_rows(z, z, labels, labels, 0, reduction="mean"), ref) <= 1e-6
     assert auto.active == ("fused" if DEVICE == "cuda" else "reference")
 
 
@@ -253,7 +253,7 @@ def test_kernel_self_check_accepts_the_real_kernels(dtype):
     """loss.impl=auto's first-step check on the real kernels: they pass it at the stated tolerances."""
     labels = torch.randint(0, 20, (48,), generator=torch.Generator().manual_seed(2))
     z = _embeddings(48, 32, labels, 2).to(dtype)
-    ok, why = LossImpl.compare(z[16:40], z, labels[16:40].to(DEVICE), labels.to(DEVICE), 16, 0.1)
+    ok, why = NTXent.compare(z[16:40], z, labels[16:40].to(DEVICE), labels.to(DEVICE), 16, 0.1)
     assert ok, why
 
 
@@ -297,16 +297,15 @@ def test_kernel_fp32_dots_follow_torch_matmul_precision(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("positives", ["sample", "patient"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_trainer_contrastive_loss_fused_matches_reference(positives, dtype):
-    """The trainer's entry (`contrastive_loss`) end to end: autocast's bf16 projections go to the kernel as bf16."""
-    from trainer.losses import contrastive_loss
+def test_kernel_trainer_ntxent_fused_matches_reference(positives, dtype):
+    """The trainer's entry (the `NTXent` module) end to end: autocast's bf16 projections go to the kernel as bf16."""
     gen = torch.Generator().manual_seed(4)
     pids = torch.tensor([5, 1, 5, 2, 1, 9, 3, 3, 0])
     z1, z2 = (torch.randn(9, 24, generator=gen).to(DEVICE, dtype) for _ in range(2))
     out = {}
     for impl in ("reference", "fused"):
         a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-        loss = contrastive_loss(a, b, pids.to(DEVICE), 0.1, positives=positives, impl=impl, gather=False)
+        loss = NTXent(impl, 0.1, positives=positives, gather=False)(a, b, pids.to(DEVICE))
         loss.backward()
         out[impl] = (loss.detach(), a.grad, b.grad)
     for name, g, w in zip(("loss", "d z1", "d z2"), out["fused"], out["reference"]):
@@ -374,11 +373,11 @@ def test_argument_errors_and_cpu_dispatch():
     labels = simclr_labels(8)
     z = F.normalize(torch.randn(16, 8), dim=1)
     # the interpreter is correct but ~1000x slower than the reference, so auto never picks it
-    auto = LossImpl("auto", announce=lambda line: None)
-    assert torch.equal(auto(z, z, labels, labels, 0, 0.1), nt_xent_reference(z, z, labels, labels, 0, 0.1))
+    auto = NTXent("auto", 0.1, announce=lambda line: None)
+    assert torch.equal(auto.loss_rows(z, z, labels, labels, 0), nt_xent_reference(z, z, labels, labels, 0, 0.1))
     assert auto.active == "reference"
     with pytest.raises(ValueError, match="unknown loss impl"):
-        LossImpl("flash")
+        NTXent("flash")
     with pytest.raises(ValueError, match="row_offset"):
         nt_xent_fused(z[:8], z, labels[:8], labels, 9, 0.1)
     with pytest.raises(ValueError, match="share D"):
@@ -386,10 +385,10 @@ def test_argument_errors_and_cpu_dispatch():
     with pytest.raises(ValueError, match="temperature"):
         nt_xent_fused(z, z, labels, labels, 0, 0.0)
     with pytest.raises(ValueError, match="reduction"):
-        LossImpl("reference")(z, z, labels, labels, 0, 0.1, reduction="max")
+        NTXent("reference", 0.1).loss_rows(z, z, labels, labels, 0, reduction="max")
     if not INTERPRETING and triton_importable():
         with pytest.raises(RuntimeError, match="CUDA GPU"):
-            LossImpl("fused")(z, z, labels, labels, 0, 0.1)
+            NTXent("fused", 0.1).loss_rows(z, z, labels, labels, 0)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="triton.language was imported in interpreter mode; compiling needs it off")
@@ -411,12 +410,12 @@ def test_module_imports_and_reference_runs_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from trainer.fused_ntxent import fused_available\n"
-        "from trainer.loss_impl import LossImpl\n"
+        "from trainer.ntxent import NTXent\n"
         "z = torch.nn.functional.normalize(torch.randn(8, 4), dim=1); l = torch.arange(4).repeat(2)\n"
         "assert not fused_available('cpu') and not fused_available('cuda')\n"
-        "LossImpl('auto')(z, z, l, l, 0, 0.1)\n"
+        "NTXent('auto', 0.1).loss_rows(z, z, l, l, 0)\n"
         "try:\n"
-        "    LossImpl('fused')(z, z, l, l, 0, 0.1)\n"
+        "    NTXent('fused', 0.1).loss_rows(z, z, l, l, 0)\n"
         "except RuntimeError as e:\n"
         "    assert 'needs triton' in str(e), e\n"
         "else:\n"
@@ -540,7 +539,6 @@ def test_gpu_large_batch_memory_and_speed():
 
 def _two_rank_worker() -> None:
     from trainer import distributed as D
-    from trainer.losses import contrastive_loss
 
     info = D.setup("cpu")
     rank, world = info.rank, info.world_size
@@ -554,11 +552,11 @@ def _two_rank_worker() -> None:
     for positives in ("sample", "patient"):
         for dtype in (torch.float32, torch.bfloat16):
             ref1, ref2 = (z.to(dtype, copy=True).requires_grad_() for z in (z1_all, z2_all))
-            ref = contrastive_loss(ref1, ref2, pids, temperature, positives=positives, impl="reference",
-                                   gather=False)  # single process, whole global batch
+            # single process, whole global batch
+            ref = NTXent("reference", temperature, positives=positives, gather=False)(ref1, ref2, pids)
             ref.backward()
             z1, z2 = (z[mine].to(dtype, copy=True).requires_grad_() for z in (z1_all, z2_all))
-            loss = contrastive_loss(z1, z2, pids[mine], temperature, positives=positives, impl="fused", gather=True)
+            loss = NTXent("fused", temperature, positives=positives, gather=True)(z1, z2, pids[mine])
             loss.backward()
             what = f"rank {rank} {positives} {dtype}"
             assert _rel(D.all_reduce_mean(loss.detach()), ref.detach()) <= TOL[dtype], what

@@ -86,8 +86,9 @@ def _worker() -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from trainer import distributed as D
-    from trainer.losses import contrastive_loss
-    from trainer.models import ContrastiveModel, MoCo, ProjectionHead
+    from trainer.methods.moco import MoCo
+    from trainer.models import ContrastiveModel, ProjectionHead
+    from trainer.ntxent import NTXent
 
     info = D.setup("cpu")
     rank, world = info.rank, info.world_size
@@ -105,14 +106,14 @@ def _worker() -> None:
     for positives in ("sample", "patient"):
         ref = make_model()  # single process, whole global batch, nothing gathered
         z = ref(torch.cat([v1, v2]))
-        ref_loss = contrastive_loss(z[:n_global], z[n_global:], pids, 0.2, positives=positives, gather=False)
+        ref_loss = NTXent("reference", 0.2, positives=positives, gather=False)(z[:n_global], z[n_global:], pids)
         ref_loss.backward()
 
         model = DDP(make_model())
         n = n_global // world
         sl = slice(rank * n, (rank + 1) * n)
         z = model(torch.cat([v1[sl], v2[sl]]))
-        loss = contrastive_loss(z[:n], z[n:], pids[sl], 0.2, positives=positives, gather=True)
+        loss = NTXent("reference", 0.2, positives=positives, gather=True)(z[:n], z[n:], pids[sl])
         loss.backward()
         mean_loss = D.all_reduce_mean(loss.detach())
         torch.testing.assert_close(mean_loss, ref_loss.detach(), msg=f"{positives}: loss")
@@ -124,7 +125,7 @@ def _worker() -> None:
 
             cached = DDP(make_model())
             gradcache_step(cached, v1[sl], v2[sl],
-                           lambda a, b: contrastive_loss(a, b, None, 0.2, positives="sample", gather=True),
+                           NTXent("reference", 0.2, positives="sample", gather=True),
                            micro_batch=2, no_sync=cached.no_sync)
             for (name, p), p_ref in zip(cached.module.named_parameters(), ref.parameters()):
                 torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=f"gradcache grad {name}")

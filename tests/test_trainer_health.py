@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from trainer.config import load_config
 from trainer.health import HEALTH_KEYS, HealthMeter, collapse_warning, embedding_stats, grad_norm
-from trainer.models import MoCo, build_contrastive_model
+from trainer.methods.moco import MoCo
+from trainer.models import build_contrastive_model
 from trainer.optim import LARS, build_optimizer
 from trainer.steps import TrainStep
 

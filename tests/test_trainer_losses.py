@@ -1,4 +1,5 @@
-"""Contrastive losses against direct transcriptions of the papers, GradCache equivalence, MoCo queue and momentum."""
+"""Contrastive losses (the reference maths and the run's `NTXent` module) against direct transcriptions of the papers,
+GradCache equivalence, MoCo queue and momentum, and which NT-Xent implementation a run's module hands what."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.gradcache import gradcache_step
-from trainer.losses import contrastive_loss, moco_infonce, nt_xent_simclr
-from trainer.models import MoCo, ContrastiveModel, ProjectionHead
+from trainer.losses import moco_infonce, nt_xent_simclr
+from trainer.methods.moco import MoCo
+from trainer.models import ContrastiveModel, ProjectionHead
+from trainer.ntxent import NTXent
 
 
 def _paper_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
@@ -39,7 +42,7 @@ def test_nt_xent_matches_paper_equation(tau):
     z1, z2 = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
     expected = _paper_nt_xent(z1, z2, tau)
     assert nt_xent_simclr(z1, z2, tau).item() == pytest.approx(expected, rel=1e-5)
-    assert contrastive_loss(z1, z2, None, tau).item() == pytest.approx(expected, rel=1e-5)
+    assert NTXent("reference", tau)(z1, z2).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_multi_positive_patient_loss_by_hand():
@@ -56,11 +59,11 @@ def test_multi_positive_patient_loss_by_hand():
         lse = math.log(sum(math.exp(logits[k]) for k in range(8) if k != i))
         pos = [k for k in range(8) if k != i and labels[k] == labels[i]]
         total += -sum(logits[k] - lse for k in pos) / len(pos)
-    got = contrastive_loss(z1, z2, pids, tau, positives="patient")
+    got = NTXent("reference", tau, positives="patient")(z1, z2, pids)
     assert got.item() == pytest.approx(total / 8, rel=1e-5)
     # with distinct patients it reduces to SimCLR
-    assert contrastive_loss(z1, z2, torch.arange(4), tau, positives="patient").item() == pytest.approx(
-        contrastive_loss(z1, z2, None, tau).item(), rel=1e-6)
+    assert NTXent("reference", tau, positives="patient")(z1, z2, torch.arange(4)).item() == pytest.approx(
+        NTXent("reference", tau)(z1, z2).item(), rel=1e-6)
 
 
 def test_moco_infonce_by_hand():
@@ -85,7 +88,7 @@ def test_gradcache_gradients_equal_full_batch():
     torch.manual_seed(3)
     model = _tiny_encoder()
     v1, v2 = torch.randn(12, 1, 4, 4), torch.randn(12, 1, 4, 4)
-    loss_fn = lambda a, b: contrastive_loss(a, b, None, 0.1)  # noqa: E731
+    loss_fn = NTXent("reference", 0.1)
 
     torch.manual_seed(10)  # dropout draws: GradCache must replay the same ones as the full batch
     full = [m for m in model.modules() if isinstance(m, nn.Dropout)]
@@ -112,7 +115,7 @@ def test_gradcache_equals_unchunked_batch_without_batch_coupling():
     model = _tiny_encoder()
     model.eval()  # dropout off
     v1, v2 = torch.randn(10, 1, 4, 4), torch.randn(10, 1, 4, 4)
-    loss_fn = lambda a, b: contrastive_loss(a, b, None, 0.1)  # noqa: E731
+    loss_fn = NTXent("reference", 0.1)
     z = model(torch.cat([v1, v2]))
     loss_fn(z[:10], z[10:]).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -129,7 +132,7 @@ def test_gradcache_keeps_bn_running_stats_of_a_single_pass():
     model = ContrastiveModel(backbone, ProjectionHead(10, 8, 4, layers=2))
     twin = ContrastiveModel(*[m for m in __import__("copy").deepcopy(model).children()])
     v1, v2 = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)
-    gradcache_step(model, v1, v2, lambda a, b: contrastive_loss(a, b, None, 0.1), micro_batch=4)
+    gradcache_step(model, v1, v2, NTXent("reference", 0.1), micro_batch=4)
     for a in (0, 4):  # what plain micro-batch accumulation would leave
         twin(torch.cat([v1[a:a + 4], v2[a:a + 4]]))
     for (n, b1), (_, b2) in zip(model.named_buffers(), twin.named_buffers()):
@@ -174,11 +177,12 @@ def test_moco_queue_and_momentum_update():
 def _spy_fused(monkeypatch) -> list:
     """Replace the fused kernel entry by a recorder that computes the reference (the kernels need a GPU here)."""
     from trainer import fused_ntxent
+    from trainer.losses import nt_xent_reference
     seen = []
 
     def spy(z_rows, z_cols, *args, **kwargs):
         seen.append((z_rows.dtype, z_cols.dtype))
-        return fused_ntxent.nt_xent_reference(z_rows, z_cols, *args, **kwargs)
+        return nt_xent_reference(z_rows, z_cols, *args, **kwargs)
 
     monkeypatch.setattr(fused_ntxent, "nt_xent_fused", spy)
     monkeypatch.setattr(fused_ntxent, "_require_fused", lambda device: None)
@@ -191,11 +195,11 @@ def test_fused_gets_the_projections_dtype_reference_gets_fp32(monkeypatch, dtype
     seen = _spy_fused(monkeypatch)
     torch.manual_seed(7)
     z1, z2 = torch.randn(6, 8).to(dtype).requires_grad_(), torch.randn(6, 8).to(dtype).requires_grad_()
-    fused = contrastive_loss(z1, z2, None, 0.1, impl="fused")
+    fused = NTXent("fused", 0.1)(z1, z2)
     assert seen == [(dtype, dtype)]
     fused.backward()
     assert z1.grad.dtype == dtype and torch.isfinite(z1.grad).all()
-    ref = contrastive_loss(z1, z2, None, 0.1, impl="reference")
+    ref = NTXent("reference", 0.1)(z1, z2)
     assert len(seen) == 1  # the reference path never goes through the fused entry
     assert fused.dtype == ref.dtype == torch.float32
     assert fused.item() == pytest.approx(ref.item(), rel=1e-2 if dtype != torch.float32 else 1e-6)
@@ -210,30 +214,29 @@ def test_auto_is_reference_on_cpu_through_the_train_step(monkeypatch):
     model = _tiny_encoder()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = TrainStep(model, model, opt, cfg, precision="bf16", device=torch.device("cpu"))
-    assert cfg.impl == "auto" and step.loss_impl.requested == "auto"
+    assert cfg.impl == "auto" and step.ntxent.requested == "auto"
     loss = step({"view1": torch.randn(4, 1, 4, 4), "view2": torch.randn(4, 1, 4, 4)}, lr=0.1)
     assert torch.isfinite(loss) and seen == []
-    assert step.loss_impl.active == "reference" and "on cpu" in step.loss_impl.note
-    assert step.loss_impl.log_fields() == {"loss_impl": "reference", "loss_impl_note": step.loss_impl.note}
-    assert step.loss_impl.log_fields() == {"loss_impl": "reference"}  # the reason goes into one row only
+    assert step.ntxent.active == "reference" and "on cpu" in step.ntxent.note
+    assert step.ntxent.log_fields() == {"loss_impl": "reference", "loss_impl_note": step.ntxent.note}
+    assert step.ntxent.log_fields() == {"loss_impl": "reference"}  # the reason goes into one row only
 
 
 def test_auto_is_eligible_on_cuda_only_within_the_kernels_width(monkeypatch):
     """auto may pick fused for CUDA tensors (triton present, no interpreter), and then the handoff is 16-bit."""
     pytest.importorskip("triton")
-    from trainer.loss_impl import LossImpl
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    auto, cuda = LossImpl("auto"), torch.device("cuda", 0)
+    auto, cuda = NTXent("auto"), torch.device("cuda", 0)
     assert auto.eligible(cuda, 128) == (True, "") and auto.wants_16bit(cuda, 128)
     assert not auto.eligible("cpu", 128)[0] and not auto.wants_16bit("cpu", 128)
     # wider than the kernels' tiles: auto keeps the reference instead of failing the run (explicit 'fused' still tries)
     assert auto.eligible(cuda, 512) == (False, "embedding width 512 > the kernels' 256")
-    assert LossImpl("fused").wants_16bit(cuda, 512) and not LossImpl("reference").wants_16bit(cuda, 128)
+    assert NTXent("fused").wants_16bit(cuda, 512) and not NTXent("reference").wants_16bit(cuda, 128)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is ~1000x slower than the reference
     assert auto.eligible(cuda, 128) == (False, "TRITON_INTERPRET=1")
     with pytest.raises(ValueError, match="unknown loss impl"):
-        LossImpl("flash")
+        NTXent("flash")
 
 
 @pytest.mark.gpu
@@ -257,4 +260,4 @@ def test_auto_runs_fused_in_a_cuda_train_step(monkeypatch):
                 lr=0.1)
     # the first step's self-check calls the kernel once, then the step itself does, on bf16 unit vectors
     assert torch.isfinite(loss) and seen == [torch.bfloat16, torch.bfloat16]
-    assert step.loss_impl.active == "fused", step.loss_impl.note
+    assert step.ntxent.active == "fused", step.ntxent.note

@@ -7,7 +7,7 @@ import torch
 
 from trainer.config import ConfigError, load_config
 from trainer.methods import METHODS, MICLe, MoCoV2, SimCLR, build_method
-from trainer.models import MoCo
+from trainer.methods.moco import MoCo
 from trainer.optim import build_optimizer
 from trainer.steps import TrainStep
 
@@ -51,7 +51,7 @@ def test_each_method_builds_its_model_and_takes_a_step(name):
     model = method.build_model(cfg.model, world_size=1)
     assert isinstance(model, MoCo) is (name == "moco")
     assert method.backbone(model) is (model.encoder_q.backbone if name == "moco" else model.backbone)
-    assert (method.loss_impl is None) is (name == "moco")
+    assert (method.ntxent is None) is (name == "moco")
     step = TrainStep(model, model, build_optimizer(model, cfg.optim, 0.1), cfg.loss, precision="fp32",
                      device=torch.device("cpu"), method=method)
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.config import load_config
-from trainer.models import ContrastiveModel, MoCo, ProjectionHead, SplitBatchNorm, build_contrastive_model
+from trainer.methods.moco import MoCo
+from trainer.models import ContrastiveModel, ProjectionHead, SplitBatchNorm, build_contrastive_model
 from trainer.optim import build_optimizer
 from trainer.steps import TrainStep
 

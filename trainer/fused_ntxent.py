@@ -1,12 +1,10 @@
 """Fused NT-Xent: the loss of `trainer.losses.nt_xent_reference` as Triton kernels that never build the R x C logits.
 
-Memory is O((R + C) x D); `trainer.loss_impl.LossImpl` decides whether it serves a run (loss.impl).
+Memory is O((R + C) x D); `trainer.ntxent.NTXent` decides whether it serves a run (loss.impl).
 """
 from __future__ import annotations
 
 import torch
-
-from trainer.losses import nt_xent_reference
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -19,29 +17,34 @@ def triton_importable() -> bool:
     return True
 
 
-def fused_available(device: torch.device | str) -> bool:
-    """Whether the fused kernels can run on ``device``: a CUDA GPU with triton, or the CPU under TRITON_INTERPRET=1."""
+def fused_unavailable(device: torch.device | str) -> str:
+    """Why the fused kernels cannot run on ``device`` ('' when they can: a CUDA GPU with triton, or the CPU under
+    TRITON_INTERPRET=1 exported before Python starts)."""
     device = torch.device(device)
     if not triton_importable():
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
+        return "loss.impl=fused needs triton (pip install triton)"
+    if device.type == "cuda" and torch.cuda.is_available():
+        return ""
     if device.type == "cpu":
-        from trainer.fused_ntxent_kernels import interpreter_usable
-        return interpreter_usable()
-    return False
+        from trainer.fused_ntxent_kernels import interpreter_usable, interpreting
+        if interpreter_usable():
+            return ""
+        if interpreting():
+            return ("TRITON_INTERPRET=1 was set after triton was imported (importing torch imports it): "
+                    "export it before Python starts to run the fused loss on the CPU")
+    return (f"loss.impl=fused runs on a CUDA GPU (or on the CPU with TRITON_INTERPRET=1 exported "
+            f"before Python starts); got tensors on {device}")
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """Whether the fused kernels can run on ``device``: a CUDA GPU with triton, or the CPU under TRITON_INTERPRET=1."""
+    return not fused_unavailable(device)
 
 
 def _require_fused(device: torch.device) -> None:
-    if not triton_importable():
-        raise RuntimeError("loss.impl=fused needs triton (pip install triton); use loss.impl=reference or auto")
-    from trainer.fused_ntxent_kernels import interpreter_usable, interpreting
-    if device.type == "cpu" and interpreting() and not interpreter_usable():
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported (importing torch imports it): "
-                           "export it before Python starts to run the fused loss on the CPU")
-    if not fused_available(device):
-        raise RuntimeError(f"loss.impl=fused runs on a CUDA GPU (or on the CPU with TRITON_INTERPRET=1 exported "
-                           f"before Python starts); got tensors on {device}: use loss.impl=reference or auto")
+    reason = fused_unavailable(device)
+    if reason:
+        raise RuntimeError(f"{reason}; use loss.impl=reference or auto")
 
 
 class _FusedNTXent(torch.autograd.Function):

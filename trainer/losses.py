@@ -5,13 +5,8 @@ columns with the same label, except itself; the softmax denominator is every col
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from trainer.loss_impl import LossImpl
 
 
 def nt_xent_reference(
@@ -61,58 +56,6 @@ def nt_xent_simclr(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> to
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (2N, D)
     labels = simclr_labels(z1.shape[0], z.device)
     return nt_xent_reference(z, z, labels, labels, 0, temperature, reduction="mean")
-
-
-def contrastive_loss(
-    z1: torch.Tensor,          # (N, D) projections of view 1 on this rank (not normalised)
-    z2: torch.Tensor,          # (N, D) projections of view 2
-    pids: torch.Tensor | None,  # (N,) int64 patient indices; needed for positives="patient"
-    temperature: float,
-    positives: str = "sample",
-    impl: str | LossImpl = "reference",
-    gather: bool = True,
-) -> torch.Tensor:
-    """Global NT-Xent over every rank's batch, returned as this rank's share times world_size.
-
-    Rows are [view1; view2] of this rank; columns are those of all ranks (gathered with gradient). The sum over rows
-    is divided by the global count of rows with a positive, then multiplied by world_size, because DDP averages
-    gradients over ranks: averaging these per-rank values gives the global mean loss and its exact gradient.
-    ``impl``: a `trainer.loss_impl.LossImpl` (a run keeps one, so loss.impl=auto is checked once) or its name.
-    Precision: the reference computes in fp32 (tf32 dots under torch's 'high' matmul precision); the fused kernel
-    gets the unit vectors in the projections' dtype, so bf16 / fp16 autocast outputs run on 16-bit tensor cores
-    (fp32 accumulation, within 1e-2 of the reference) and fp32 ones follow torch's matmul precision.
-    """
-    from trainer.distributed import gather_no_grad, gather_with_grad, world
-    from trainer.loss_impl import LossImpl
-
-    if isinstance(impl, str):
-        impl = LossImpl(impl)
-    rank, world_size = world() if gather else (0, 1)
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D) fp32: the norm itself is not worth 16-bit error
-    if z1.dtype in (torch.float16, torch.bfloat16) and impl.wants_16bit(z.device, z.shape[1]):
-        # fp32 would put the kernel on tf32 at best: half the tensor-core rate and twice the bytes of autocast's dtype
-        z = z.to(z1.dtype)  # also halves the all_gather
-    if positives == "sample":
-        ids = torch.arange(n, device=z.device) + rank * n  # globally unique per sample
-    elif positives == "patient":
-        if pids is None:
-            raise ValueError("positives='patient' needs the batch's patient ids")
-        ids = pids.to(z.device, torch.int64)
-    else:
-        raise ValueError(f"unknown positives {positives!r}")
-    row_labels = torch.cat([ids, ids])  # (2N,)
-    if world_size > 1:
-        # Gather in [rank0 rows; rank1 rows; ...] order so this rank's rows start at rank * 2N.
-        z_cols = gather_with_grad(z)  # (W*2N, D)
-        col_labels = gather_no_grad(row_labels)  # (W*2N,)
-    else:
-        z_cols, col_labels = z, row_labels
-    row_offset = rank * 2 * n
-    loss_sum = impl(z, z_cols, row_labels, col_labels, row_offset, temperature, reduction="sum")
-    # Every row has a positive (its other view shares its label), so the global row count is W * 2N.
-    global_rows = 2 * n * world_size
-    return loss_sum * world_size / global_rows
 
 
 def moco_infonce(

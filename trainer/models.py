@@ -1,11 +1,10 @@
-"""Backbones (torchvision ResNets with a 1- or 3-channel stem), projection heads, and the SimCLR / MoCo v2 models.
+"""Backbones (torchvision ResNets with a 1- or 3-channel stem), projection heads, the SimCLR model, split / global BN.
 
 ImageNet weights come only from the local torch hub cache (no network); `init` may also name a checkpoint to
 continue pretraining from (ImageNet -> CXR, as Azizi et al. did).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -218,81 +217,3 @@ def convert_global_bn(module: nn.Module, device_type: str = "cpu") -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_global_bn(child, device_type))
     return module
-
-
-class MoCo(nn.Module):
-    """MoCo v2: query encoder, momentum key encoder, and a queue of normalised keys (a buffer, so it checkpoints).
-
-    Shuffle-BN keeps BatchNorm statistics from telling which key belongs to which query: with several ranks the
-    keys are computed on a batch permuted across ranks; on one rank (``bn_splits`` > 1) both encoders normalise
-    over ``bn_splits`` chunks of the batch, as ``bn_splits`` GPUs would, and the keys are computed on a batch
-    permuted across those chunks (MoCo's single-GPU recipe). SyncBatchNorm (model.sync_bn) is the alternative.
-    """
-
-    def __init__(self, encoder_q: ContrastiveModel, queue_size: int = 65536, momentum: float = 0.999,
-                 shuffle_bn: bool = True, bn_splits: int = 1):
-        super().__init__()
-        self.bn_splits = bn_splits if shuffle_bn else 1
-        self.encoder_q = split_batchnorm(encoder_q, self.bn_splits) if self.bn_splits > 1 else encoder_q
-        self.encoder_k = copy.deepcopy(self.encoder_q)
-        for p in self.encoder_k.parameters():
-            p.requires_grad_(False)
-        self.momentum, self.shuffle_bn = momentum, shuffle_bn
-        dim = self._out_dim(encoder_q)
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))  # (K, D)
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-
-    @staticmethod
-    def _out_dim(model: ContrastiveModel) -> int:
-        return [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1].out_features
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """key = m * key + (1 - m) * query over parameters (BN statistics stay the key encoder's own, as in MoCo)."""
-        q = [p.detach() for p in self.encoder_q.parameters()]
-        k = [p for p in self.encoder_k.parameters()]
-        torch._foreach_mul_(k, self.momentum)
-        torch._foreach_add_(k, q, alpha=1.0 - self.momentum)
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest entries with ``keys`` (B, D) gathered from every rank; B must divide the queue."""
-        size = self.queue.shape[0]
-        b = keys.shape[0]
-        if size % b:
-            raise ValueError(f"loss.moco_queue={size} must be a multiple of the global batch {b}")
-        # index arithmetic on the device: reading the pointer on the host would stall the GPU every step
-        rows = (self.queue_ptr + torch.arange(b, device=self.queue.device)) % size  # (B,)
-        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
-        self.queue_ptr.add_(b).remainder_(size)
-
-    @torch.no_grad()
-    def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised keys (B, D) for this rank's ``x``, with shuffle-BN across ranks when enabled."""
-        from trainer.distributed import gather_no_grad, world
-
-        rank, world_size = world()
-        if self.shuffle_bn and world_size == 1 and self.bn_splits > 1:
-            perm = torch.randperm(x.shape[0], device=x.device)  # each BN chunk gets keys of other chunks' queries
-            k = F.normalize(self.encoder_k(x[perm]).float(), dim=1)
-            return k[torch.argsort(perm)]
-        if not (self.shuffle_bn and world_size > 1):
-            return F.normalize(self.encoder_k(x).float(), dim=1)
-        import torch.distributed as dist
-
-        b = x.shape[0]
-        x_all = gather_no_grad(x)  # (W*B, ...)
-        perm = torch.randperm(x_all.shape[0], device=x.device)
-        dist.broadcast(perm, src=0)
-        unperm = torch.argsort(perm)
-        k = F.normalize(self.encoder_k(x_all[perm[rank * b:(rank + 1) * b]]).float(), dim=1)
-        k_all = gather_no_grad(k)  # (W*B, D) in shuffled order
-        return k_all[unperm[rank * b:(rank + 1) * b]]
-
-    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (q (B, D) normalised with gradient, k (B, D) normalised without); updates the key encoder first."""
-        q = F.normalize(self.encoder_q(x_q).float(), dim=1)
-        with torch.no_grad():
-            self.momentum_update()
-            k = self.keys(x_k)
-        return q, k

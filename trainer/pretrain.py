@@ -87,7 +87,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     precision = resolve_precision(cfg.run.precision, device)
     run_dir = Path(cfg.run.out)
     _seed_and_determinism(cfg, info)
-    method = build_method(cfg.loss)
+    method = build_method(cfg.loss, device=device, embed_dim=cfg.model.proj_dim)
     _check_inputs(cfg, info, method)  # what needs the world size or the device, before anything is built or written
 
     # ---- data, schedule, model (nothing is written until all three are built)
@@ -349,9 +349,9 @@ def _log_row(cfg: Config, pos: Position, steps_per_epoch: int, lr: float, loss_s
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # host peak resident memory (Linux reports KiB)
         row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    impl = method.loss_impl
-    if impl is not None:
-        row.update(impl.log_fields())  # which NT-Xent serves the run; the first row after the decision says why
+    ntxent = method.ntxent
+    if ntxent is not None:
+        row.update(ntxent.log_fields())  # which NT-Xent serves the run; the first row after the decision says why
     row.update(method.log_fields(loader))
     return row
 

@@ -42,13 +42,13 @@ class TrainStep:
         self.precision, self.device = precision, device
         self.micro_batch, self.grad_clip_norm = micro_batch, grad_clip_norm
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self.method = method if method is not None else build_method(loss_cfg)
+        self.method = method if method is not None else build_method(loss_cfg, device=device)
         self.health = health
 
     @property
-    def loss_impl(self):
-        """The run's NT-Xent (`trainer.loss_impl.LossImpl`), None for a method without one."""
-        return self.method.loss_impl
+    def ntxent(self):
+        """The run's NT-Xent module (`trainer.ntxent.NTXent`), None for a method without one."""
+        return self.method.ntxent
 
     def autocast(self):
         return autocast_context(self.precision, self.device)

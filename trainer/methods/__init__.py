@@ -18,9 +18,10 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build_method(loss_cfg) -> Method:
-    """The run's method object for a `LossConfig` (holds per-run state such as the chosen NT-Xent)."""
-    return method_class(loss_cfg.method)(loss_cfg)
+def build_method(loss_cfg, *, device=None, embed_dim: int | None = None) -> Method:
+    """The run's method object for a `LossConfig` (holds per-run state such as the chosen NT-Xent); ``device`` and
+    ``embed_dim`` (the projections' width), where known, let it decide what depends on them at construction."""
+    return method_class(loss_cfg.method)(loss_cfg, device=device, embed_dim=embed_dim)
 
 
 __all__ = ["METHODS", "Method", "MICLe", "MoCoV2", "SimCLR", "build_method", "method_class"]

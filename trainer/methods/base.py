@@ -10,7 +10,8 @@ import torch.nn as nn
 
 class Method(ABC):
     """One method (SimCLR, MoCo v2, MICLe, ...). Class attributes state what it needs from the rest of the trainer;
-    an instance serves one run (``loss_cfg`` is the run's [loss] section).
+    an instance serves one run (``loss_cfg`` is the run's [loss] section; ``device`` and ``embed_dim``, where known,
+    are where the loss runs and the projections' width, so a method can settle what depends on them once).
 
     Extra training state (e.g. MoCo's queue) lives in model buffers, so it checkpoints and resumes with the model's
     state dict and the checkpoint format does not depend on the method.
@@ -20,7 +21,7 @@ class Method(ABC):
     micle_pairs = False        # loader: two images of one patient per sample instead of two views of one image
     global_bn_default = True   # model.sync_bn=auto on several ranks: BatchNorm over the global batch
 
-    def __init__(self, loss_cfg):
+    def __init__(self, loss_cfg, *, device: torch.device | None = None, embed_dim: int | None = None):
         self.loss_cfg = loss_cfg
 
     @classmethod
@@ -50,8 +51,8 @@ class Method(ABC):
         return not global_bn
 
     @property
-    def loss_impl(self):
-        """The run's NT-Xent (`trainer.loss_impl.LossImpl`) for methods that use it, else None."""
+    def ntxent(self):
+        """The run's NT-Xent module (`trainer.ntxent.NTXent`) for methods that use it, else None."""
         return None
 
     @abstractmethod

@@ -5,31 +5,24 @@ import torch
 import torch.nn as nn
 
 from trainer.gradcache import gradcache_step
-from trainer.loss_impl import LossImpl
-from trainer.losses import contrastive_loss
 from trainer.methods.base import Method
+from trainer.ntxent import NTXent
 
 
 class SimCLR(Method):
     name = "simclr"
 
-    def __init__(self, loss_cfg):
-        super().__init__(loss_cfg)
-        # the run's one NT-Xent implementation: loss.impl=auto checks the fused kernel once, then keeps its choice
-        self._loss_impl = LossImpl(loss_cfg.impl)
+    def __init__(self, loss_cfg, *, device: torch.device | None = None, embed_dim: int | None = None):
+        super().__init__(loss_cfg, device=device, embed_dim=embed_dim)
+        # the run's one NT-Xent: loss.impl=auto checks the fused kernel once, then keeps its choice
+        self._ntxent = NTXent.from_config(loss_cfg, device=device, dim=embed_dim)
 
     @property
-    def loss_impl(self) -> LossImpl:
-        return self._loss_impl
+    def ntxent(self) -> NTXent:
+        return self._ntxent
 
     def check_run(self, cfg, world_size: int, device: torch.device) -> str | None:
-        if cfg.loss.impl == "fused":
-            from trainer.fused_ntxent import fused_available
-
-            if not fused_available(device):
-                return (f"loss.impl=fused needs triton and a CUDA device (this run is on {device.type}); "
-                        f"use loss.impl=auto or reference")
-        return None
+        return self._ntxent.place(device, cfg.model.proj_dim) or None  # settled at construction on that device
 
     def build_model(self, model_cfg, *, world_size: int) -> nn.Module:
         from trainer.models import build_contrastive_model
@@ -38,9 +31,7 @@ class SimCLR(Method):
 
     def _nt_xent(self, step, z1: torch.Tensor, z2: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         step.observe(z1, z2)
-        c = self.loss_cfg
-        return contrastive_loss(z1, z2, pids, c.temperature, positives=c.positives, impl=self._loss_impl,
-                                gather=c.gather)
+        return self._ntxent(z1, z2, pids)
 
     def forward_backward(self, step, batch: dict) -> torch.Tensor:
         v1, v2, pids = batch["view1"], batch["view2"], batch.get("pids")

@@ -1,4 +1,4 @@
-"""loss.impl=auto's self-check (`trainer.loss_impl.LossImpl`): the fused kernel serves a run only if it agrees with
+"""loss.impl=auto's self-check (`trainer.ntxent.NTXent`): the fused kernel serves a run only if it agrees with
 the reference on the first step's embeddings; an exception or a mismatch keeps the reference, says why in one line
 and in metrics.jsonl. The kernels themselves need a GPU, so here a stand-in plays the fused entry (the real kernels
 go through the same check in tests/test_fused_ntxent.py under TRITON_INTERPRET=1)."""
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer import fused_ntxent
-from trainer.loss_impl import CHECK_GRAD_RTOL, LossImpl
-from trainer.losses import contrastive_loss, nt_xent_reference
+from trainer.losses import nt_xent_reference
+from trainer.ntxent import CHECK_GRAD_RTOL, NTXent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def _stand_in(monkeypatch, kind: str) -> list:
         return ref
 
     monkeypatch.setattr(fused_ntxent, "nt_xent_fused", fused)
-    monkeypatch.setattr(LossImpl, "eligible", lambda self, device, dim: (True, ""))
+    monkeypatch.setattr(NTXent, "eligible", staticmethod(lambda device, dim: (True, "")))
     return calls
 
 
@@ -45,14 +45,14 @@ def _embeddings(n=6, d=8, seed=0):
 
 def test_agreeing_kernel_serves_the_run_after_one_check(monkeypatch, capsys):
     calls = _stand_in(monkeypatch, "agrees")
-    impl = LossImpl("auto")
+    impl = NTXent("auto", 0.1)
     z1, z2 = _embeddings()
-    contrastive_loss(z1, z2, None, 0.1, impl=impl).backward()
+    impl(z1, z2).backward()
     assert impl.active == "fused" and len(calls) == 2  # the check's own call, then the step's
     line = capsys.readouterr().out.strip()
     assert line.startswith("loss.impl=auto: fused NT-Xent agrees with the reference on R=12 C=12 D=8 float32")
     assert "\n" not in line and "loss 0.0e+00" in line
-    contrastive_loss(*_embeddings(seed=1), None, 0.1, impl=impl)
+    impl(*_embeddings(seed=1))
     assert len(calls) == 3 and capsys.readouterr().out == ""  # checked once per run
     assert impl.log_fields() == {"loss_impl": "fused", "loss_impl_note": line}
 
@@ -64,19 +64,19 @@ def test_agreeing_kernel_serves_the_run_after_one_check(monkeypatch, capsys):
 ])
 def test_exception_or_mismatch_keeps_the_reference_with_one_line(monkeypatch, capsys, kind, needle):
     calls = _stand_in(monkeypatch, kind)
-    impl = LossImpl("auto")
+    impl = NTXent("auto", 0.1)
     z1, z2 = _embeddings()
-    loss = contrastive_loss(z1, z2, None, 0.1, impl=impl)
+    loss = impl(z1, z2)
     loss.backward()
     ref1, ref2 = (z.detach().clone().requires_grad_() for z in (z1, z2))
-    want = contrastive_loss(ref1, ref2, None, 0.1, impl="reference")
+    want = NTXent("reference", 0.1)(ref1, ref2)
     want.backward()
     assert torch.equal(loss.detach(), want.detach()) and torch.equal(z1.grad, ref1.grad)  # the step ran the reference
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("loss.impl=auto: falling back to the reference NT-Xent")
     assert needle in out, out
     assert impl.active == "reference" and len(calls) == 1
-    contrastive_loss(*_embeddings(seed=1), None, 0.1, impl=impl)
+    impl(*_embeddings(seed=1))
     assert len(calls) == 1 and not impl.wants_16bit("cuda", 8)  # never again, and fp32 unit vectors from now on
     assert impl.log_fields()["loss_impl_note"] == out.strip()
 
@@ -84,9 +84,33 @@ def test_exception_or_mismatch_keeps_the_reference_with_one_line(monkeypatch, ca
 def test_explicit_names_are_not_checked(monkeypatch):
     calls = _stand_in(monkeypatch, "wrong_loss")
     z1, z2 = _embeddings()
-    fused = contrastive_loss(z1, z2, None, 0.1, impl=LossImpl("fused"))
-    ref = contrastive_loss(z1, z2, None, 0.1, impl=LossImpl("reference"))
+    fused = NTXent("fused", 0.1)(z1, z2)
+    ref = NTXent("reference", 0.1)(z1, z2)
     assert len(calls) == 1 and fused.item() == pytest.approx(1.01 * ref.item())
+
+
+def test_what_the_device_decides_is_decided_at_construction(monkeypatch, capsys):
+    """Built for its device, the module settles auto's fallback and fused's refusal before any step, silently."""
+    from trainer.config import load_config
+    from trainer.methods import build_method
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # a machine with a GPU and triton, whatever this one has
+    monkeypatch.setattr(fused_ntxent, "fused_available", lambda device: torch.device(device).type == "cuda")
+    auto = NTXent("auto", 0.1, device="cpu", dim=8)
+    assert auto.active == "reference" and auto.refusal == ""
+    assert auto.log_fields() == {"loss_impl": "reference", "loss_impl_note": "loss.impl=auto: reference NT-Xent "
+                                 "(tensors on cpu: the fused kernels run on CUDA)"}
+    assert capsys.readouterr().out == ""  # only a self-check's outcome is announced
+    wide = NTXent("auto", device="cuda", dim=512)
+    assert wide.active == "reference" and wide.note.endswith("(embedding width 512 > the kernels' 256)")
+    assert NTXent("auto", device="cuda", dim=128).active is None  # eligible: the first step checks the kernel
+    refused = "loss.impl=fused needs triton and a CUDA device (this run is on cpu); use loss.impl=auto or reference"
+    assert NTXent("fused", device="cpu").refusal == refused and NTXent("fused", device="cuda").refusal == ""
+    cfg = load_config(None, ["loss.impl=fused", "data.source=synthetic"])
+    method = build_method(cfg.loss, device=torch.device("cpu"), embed_dim=cfg.model.proj_dim)
+    assert method.ntxent.refusal == refused and method.check_run(cfg, 1, torch.device("cpu")) == refused
+    with pytest.raises(ValueError, match="unknown positives 'image'"):
+        NTXent("auto", positives="image")
 
 
 def test_a_run_records_the_fallback_in_metrics(monkeypatch, tmp_path, capsys):
@@ -107,7 +131,7 @@ def test_a_run_records_the_fallback_in_metrics(monkeypatch, tmp_path, capsys):
 
 def test_check_uses_at_most_check_max_rows_rows(monkeypatch):
     """A large batch is checked on its first rows against every column, so the reference fits beside the run."""
-    from trainer import loss_impl
+    from trainer import ntxent
     seen = []
 
     def fused(z_rows, z_cols, *args, **kwargs):
@@ -115,10 +139,10 @@ def test_check_uses_at_most_check_max_rows_rows(monkeypatch):
         return nt_xent_reference(z_rows, z_cols, *args, **kwargs)
 
     monkeypatch.setattr(fused_ntxent, "nt_xent_fused", fused)
-    monkeypatch.setattr(loss_impl, "CHECK_MAX_ROWS", 5)
+    monkeypatch.setattr(ntxent, "CHECK_MAX_ROWS", 5)
     z = F.normalize(torch.randn(12, 4), dim=1)
     labels = torch.arange(6).repeat(2)
-    ok, why = LossImpl.compare(z[6:], z, labels[6:], labels, 6, 0.1)
+    ok, why = NTXent.compare(z[6:], z, labels[6:], labels, 6, 0.1)
     assert ok and "R=5 C=12 D=4" in why and seen == [(5, 12, 5)]
 
 
@@ -143,7 +167,7 @@ def test_compare_tolerates_16bit_rounding_of_a_correct_kernel():
     orig = fused_ntxent.nt_xent_fused
     try:
         fused_ntxent.nt_xent_fused = bf16_like
-        ok, why = LossImpl.compare(z, z, labels, labels, 0, 0.1)
+        ok, why = NTXent.compare(z, z, labels, labels, 0, 0.1)
     finally:
         fused_ntxent.nt_xent_fused = orig
     assert ok, why
@@ -163,7 +187,7 @@ def test_real_kernels_pass_the_check_at_a_training_size(dtype):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # the trainer's CUDA setting
     try:
-        ok, why = LossImpl.compare(z[3072:4096], z, labels[3072:4096], labels, 3072, 0.1)
+        ok, why = NTXent.compare(z[3072:4096], z, labels[3072:4096], labels, 3072, 0.1)
     finally:
         torch.set_float32_matmul_precision(before)
     assert ok, why
