@@ -99,7 +99,7 @@ def decode_gray(data: bytes, *, shard_size: int, quality: int, max_pixels: int =
     try:
         jpeg = process_bytes(data, "dicom" if kind == "dicom" else "image", shard_size, quality).jpeg
     except ImageReject as e:
-        raise InputError("undecodable", str(e).splitlines()[0] if str(e) else "undecodable image") from None
+        raise InputError("undecodable", one_line(e)) from None
     with Image.open(io.BytesIO(jpeg)) as im:
         return np.asarray(im.convert("L"))
 

@@ -59,7 +59,7 @@ STAGES = {
 }
 # GPU-marked test files: stage A runs `gpu and not dali`, stage B `gpu and dali` (tests/conftest.py: the dali mark)
 TEST_FILES = {
-    "A": ("tests/test_fused_ntxent.py", "tests/test_trainer_loss_impl.py", "tests/test_trainer_losses.py",
+    "A": ("tests/test_fused_ntxent.py", "tests/test_trainer_ntxent.py", "tests/test_trainer_losses.py",
           "tests/test_eval_knn.py", "tests/test_trainer_gpu.py"),
     "B": ("tests/test_dali_augment.py", "tests/test_dali_handoff.py", "tests/test_dali_pipes.py",
           "tests/test_eval_cli.py", "tests/test_trainer_gpu.py"),
@@ -215,7 +215,7 @@ def step_loss(rec: Recorder, out: Path, sizes: dict) -> None:
 
     from bench.loss_bench import measure_impl
     from trainer.fused_ntxent import fused_available
-    from trainer.loss_impl import CHECK_GRAD_RTOL, CHECK_LOSS_RTOL, LossImpl
+    from trainer.ntxent import CHECK_GRAD_RTOL, CHECK_LOSS_RTOL, NTXent
     from trainer.losses import simclr_labels
     device = _device()
     cuda = device.type == "cuda"
@@ -233,7 +233,7 @@ def step_loss(rec: Recorder, out: Path, sizes: dict) -> None:
             z = F.normalize(torch.randn(n, 128, generator=torch.Generator().manual_seed(n)), dim=1)
             z = z.to(device, dtype)
             labels = simclr_labels(n // 2, device)
-            ok, why = LossImpl.compare(z, z, labels, labels, 0, 0.1)
+            ok, why = NTXent.compare(z, z, labels, labels, 0, 0.1)
             rec.figure("fused NT-Xent self-check vs reference", "agrees" if ok else "DISAGREES", "",
                        f"{n} views: {why}", f"loss rel err <= {CHECK_LOSS_RTOL:g}, grads <= {CHECK_GRAD_RTOL:g}",
                        status="ok" if ok else "failed", n_views=n)
@@ -263,6 +263,7 @@ def step_loss(rec: Recorder, out: Path, sizes: dict) -> None:
 
 def step_model(rec: Recorder, out: Path, sizes: dict) -> None:
     import torch
+    from ingest.errors import one_line
 
     from bench.model_bench import GOAL_VIEWS_PER_S, build_step, measure, synthetic_batch
     from trainer.config import load_config
@@ -289,10 +290,10 @@ def step_model(rec: Recorder, out: Path, sizes: dict) -> None:
                 row = measure(step, held, warmup=sizes["model_warmup"], repeats=sizes["model_repeats"], device=device)
             except torch.cuda.OutOfMemoryError as e:
                 rec.figure(f"{arch} train step images/s, {mode}", None, "images/s", cond, status="OOM",
-                           error=str(e).splitlines()[0][:200])
+                           error=one_line(e, limit_chars=200))
                 continue
             finally:
-                step_impl = getattr(getattr(step, "loss_impl", None), "note", "") if step is not None else ""
+                step_impl = getattr(getattr(step, "ntxent", None), "note", "") if step is not None else ""
                 step = held = None
                 if cuda:
                     torch.cuda.empty_cache()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.dicom_filters import DicomPolicy
+from ingest.errors import one_line
 from ingest.records import Record, Reject
 
 # --source name -> module exposing read(root: Path, opts: SourceOptions) -> SourceResult
@@ -60,8 +61,7 @@ def read_csv_table(path: Path):
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-        raise SourceError(f"{path}: unreadable CSV ({type(e).__name__}: {detail})") from None
+        raise SourceError(f"{path}: unreadable CSV ({one_line(e, with_type=True)})") from None
 
 
 def find_file(root: Path, names: tuple[str, ...]) -> Path | None:
