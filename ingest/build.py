@@ -368,6 +368,8 @@ def plan_run(o: BuildOptions) -> PlannedRun:
         raise BuildError(f"{o.labels_csv}: --labels-csv not found")
     if o.force_folder and o.source != "folder":
         raise BuildError(f"--force-folder applies to --source folder only, not {o.source}")
+    if o.part is not None and (o.out / MANIFEST_NAME).is_file():
+        raise BuildError(f"{o.out}: holds a finished ingest (manifest.json); parts go to a new or unfinished --out")
     check_out(o.out, o.overwrite and o.part is None)
     privacy = Privacy(o)
     src = read_source(o.source, o.root, SourceOptions(o.labels_csv, privacy.salt, o.dataset_name, o.workers,
