@@ -1,4 +1,5 @@
-"""`ingest` console script: dispatches to build-shards, scan, verify, stats and synth (each in its own module)."""
+"""`ingest` console script: dispatches to build-shards, merge, scan, verify, stats and synth (each in its own
+module)."""
 from __future__ import annotations
 
 import importlib
@@ -7,6 +8,7 @@ import sys
 # subcommand -> module exposing main(argv: list[str]) -> int
 SUBCOMMANDS = {
     "build-shards": ("ingest.build", "pack a dataset into WebDataset shards with DALI indexes and a manifest"),
+    "merge": ("ingest.merge", "after build-shards --part K/N for every K: write the output of one whole run"),
     "scan": ("ingest.scan", "header-only dry run over a DICOM archive: counts, filters, rejects, decoders"),
     "verify": ("ingest.verify", "re-read every shard; check counts, checksums, decoding and patient splits"),
     "stats": ("ingest.stats", "counts per split / label state / view, patients with 2+ images"),

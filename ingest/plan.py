@@ -27,6 +27,18 @@ class Plan:
     def num_planned(self) -> int:
         return sum(len(v) for v in self.order.values())
 
+    def part_ranges(self, k: int, n: int) -> dict[str, tuple[int, int]]:
+        """Part ``k`` of ``n``: [start, end) of each split's order. The splits' orders, one after the other,
+        are cut into n runs of near-equal length, so every planned record is in exactly one part."""
+        total = self.num_planned
+        lo, hi = total * k // n, total * (k + 1) // n
+        ranges, offset = {}, 0
+        for s in SPLITS:
+            length = len(self.order[s])
+            ranges[s] = (min(max(lo - offset, 0), length), min(max(hi - offset, 0), length))
+            offset += length
+        return ranges
+
 
 def shuffle_rank(key: str, seed: int) -> bytes:
     """Sort key of a seeded shuffle that depends only on (seed, sample key): stable across library versions."""

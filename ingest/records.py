@@ -34,8 +34,22 @@ class Record:
 
 @dataclass(frozen=True)
 class Reject:
-    source_path: str
+    """One input left out of the shards, from the reader or the decode worker to resume state, rejects.tsv /
+    filtered.tsv and the private log: the same record whether rejected (an error) or filtered (by choice)."""
+    source_path: str              # relative to --root (dicom / folder: never written to OUT, not even its state)
     reason: str
+    sha256: str = ""              # of the source bytes, when they were read; "" otherwise
+    key: str = ""                 # the planned sample key, once the input reached the plan; "" before
+
+    def state_row(self) -> list[str]:
+        """The form kept in OUT's resume state: the key stands in for the path, which may identify."""
+        return [self.key, self.sha256, self.reason]
+
+    @classmethod
+    def from_state_row(cls, row: list[str], source_path_of: dict[str, str]) -> Reject:
+        """KeyError when the key is not in ``source_path_of`` (state of another plan)."""
+        key, sha256, reason = row
+        return cls(source_path_of[key], reason, sha256, key)
 
 
 def normalise_view(code: str | None) -> str:

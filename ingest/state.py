@@ -7,12 +7,16 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ingest.records import Record, Reject
 from ingest.schema import INDEX_SUFFIX, SPLITS
 from ingest.shards import sha256_file
 
 STATE_DIR = ".ingest-state"
 PLAN_FILE = "plan.json"
 FAILED_FILE = "failed.json"  # the run got to the end but failed (no sample, or --strict and rejects): no manifest
+PARTS_DIR = ".ingest-parts"  # --part K/N: OUT/.ingest-parts/part-K-of-N/, each laid out like OUT, no manifest
+PART_ARGS_FILE = "args.json"  # in a part's state: its build-shards arguments (less --part), for the merge
+PART_DONE_FILE = "complete.json"  # in a part's state: every segment of its slice is written and verified
 
 
 @dataclass
@@ -22,7 +26,10 @@ class Segment:
     plan_start: int             # [plan_start, plan_end) of the split's planned records
     plan_end: int
     shard: dict | None          # {name, num_samples, sha256, num_bytes} or None (only rejects)
-    rejects: list[list[str]] = field(default_factory=list)   # [key, source_path, reason]
+    rejects: list[Reject] = field(default_factory=list)   # kept on disk as Reject.state_row (no path)
+
+    def state_json(self) -> dict:
+        return {**asdict(self), "rejects": [r.state_row() for r in self.rejects]}
 
 
 def write_json_atomic(path: Path, data, *, indent: int | None = None) -> None:
@@ -40,7 +47,7 @@ def segment_path(out: Path, split: str, seq: int) -> Path:
 
 
 def save_segment(out: Path, seg: Segment) -> None:
-    write_json_atomic(segment_path(out, seg.split, seg.seq), asdict(seg))
+    write_json_atomic(segment_path(out, seg.split, seg.seq), seg.state_json())
 
 
 def read_plan_fingerprint(out: Path) -> str | None:
@@ -58,8 +65,8 @@ def save_plan_fingerprint(out: Path, fingerprint: str) -> None:
     write_json_atomic(out / STATE_DIR / PLAN_FILE, {"fingerprint": fingerprint})
 
 
-def _segment_ok(out: Path, seg: Segment, expected_start: int, plan_len: int) -> bool:
-    if seg.plan_start != expected_start or not (seg.plan_start <= seg.plan_end <= plan_len):
+def _segment_ok(out: Path, seg: Segment, expected_start: int, plan_end: int) -> bool:
+    if seg.plan_start != expected_start or not (seg.plan_start <= seg.plan_end <= plan_end):
         return False
     if seg.shard is None:
         return True
@@ -69,21 +76,31 @@ def _segment_ok(out: Path, seg: Segment, expected_start: int, plan_len: int) -> 
             and sha256_file(tar) == seg.shard["sha256"])
 
 
-def load_segments(out: Path, plan_lengths: dict[str, int]) -> dict[str, list[Segment]]:
-    """The finished, verified segments per split, in order. The first bad or missing one ends a split's list;
-    its files and later segments are removed so the run redoes them."""
+def _read_segment(p: Path, source_path_of: dict[str, str]) -> Segment | None:
+    try:
+        data = json.loads(p.read_text())
+        data["rejects"] = [Reject.from_state_row(row, source_path_of) for row in data["rejects"]]
+        return Segment(**data)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def load_segments(out: Path, order: dict[str, list[Record]],
+                  ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, list[Segment]]:
+    """The finished, verified segments per split, in order, covering each split's planned records ``order``
+    from its range start (default: the whole split). The first bad or missing one ends a split's list; its
+    files and later segments are removed so the run redoes them."""
     done: dict[str, list[Segment]] = {s: [] for s in SPLITS}
     for split in SPLITS:
-        seq, start = 0, 0
+        start, end = (ranges or {}).get(split, (0, len(order[split])))
+        source_path_of = {r.key: r.source_path for r in order[split][start:end]}
+        seq = 0
         while True:
             p = segment_path(out, split, seq)
             if not p.is_file():
                 break
-            try:
-                seg = Segment(**json.loads(p.read_text()))
-            except (OSError, ValueError, TypeError):
-                seg = None
-            if seg is None or not _segment_ok(out, seg, start, plan_lengths[split]):
+            seg = _read_segment(p, source_path_of)
+            if seg is None or not _segment_ok(out, seg, start, end):
                 for later in sorted((out / STATE_DIR).glob(f"{split}-*.json")):
                     if int(later.stem.rsplit("-", 1)[1]) >= seq:
                         later.unlink()
@@ -118,3 +135,32 @@ def clear_failed(out: Path) -> None:
 def failed_run(out: Path) -> bool:
     """Whether OUT's resume state is that of a run that finished and failed (not of a killed run)."""
     return (out / STATE_DIR / FAILED_FILE).is_file()
+
+
+def part_dir(out: Path, k: int, n: int) -> Path:
+    return out / PARTS_DIR / f"part-{k:04d}-of-{n:04d}"
+
+
+def mark_part_complete(folder: Path, fingerprint: str, k: int, n: int) -> None:
+    write_json_atomic(folder / STATE_DIR / PART_DONE_FILE, {"fingerprint": fingerprint, "part": k, "parts": n})
+
+
+def part_status(out: Path) -> tuple[int, dict[int, str | None]]:
+    """(N, {K: plan fingerprint of a complete part K, or None while it is not complete}) for OUT's parts;
+    ValueError with a one-line reason when OUT holds no parts or parts of different N."""
+    folder = out / PARTS_DIR
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    counts = {name.rsplit("-of-", 1)[-1] for name in names if name.startswith("part-")}
+    if not counts:
+        raise ValueError(f"{out}: holds no parts of a partitioned ingest (ingest build-shards --part K/N)")
+    if len(counts) > 1:
+        raise ValueError(f"{folder}: holds parts of {' and '.join(sorted(counts))} (--part K/N with one N only)")
+    n = int(counts.pop())
+    status: dict[int, str | None] = {}
+    for k in range(n):
+        try:
+            done = json.loads((part_dir(out, k, n) / STATE_DIR / PART_DONE_FILE).read_text())
+            status[k] = done["fingerprint"] if (done["part"], done["parts"]) == (k, n) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            status[k] = None
+    return n, status

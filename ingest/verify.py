@@ -12,8 +12,9 @@ import struct
 import sys
 from pathlib import Path
 
-from ingest.schema import COMPONENTS, INDEX_SUFFIX, SPLITS, ShardFormatError, load_manifest
+from ingest.schema import COMPONENTS, INDEX_SUFFIX, MANIFEST_NAME, SPLITS, ShardFormatError, load_manifest
 from ingest.shards import read_index, sha256_file
+from ingest.state import PARTS_DIR, part_status
 
 MAX_PROBLEMS_SHOWN = 50
 
@@ -90,7 +91,15 @@ def verify(out: Path, workers: int = 1) -> tuple[list[str], dict]:
     try:
         m = load_manifest(out)
     except ShardFormatError as e:
-        return [str(e)], {}
+        if (out / MANIFEST_NAME).is_file() or not (out / PARTS_DIR).is_dir():
+            return [str(e)], {}
+        try:
+            n, status = part_status(out)
+        except ValueError as why:
+            return [str(why)], {}
+        complete = sum(fingerprint is not None for fingerprint in status.values())
+        return [f"{out}: the parts of a partitioned ingest, not merged ({complete} of {n} parts complete); "
+                f"run `ingest merge {out}` once all are"], {}
     data = m.data
     listed = sum(int(sp.get("num_samples", 0) or 0) for sp in data.get("splits", {}).values())
     if listed == 0:  # older versions wrote a manifest for runs that wrote nothing: not a usable output

@@ -15,6 +15,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from ingest.preprocess import ImageReject, Processed, process_bytes, read_bytes
+from ingest.records import Reject
 from ingest.shards import EncodedSample, encode_sample
 
 
@@ -29,13 +30,15 @@ class SampleTask:
     lbl: bytes
     pid: bytes
 
+    def rejected(self, reason: str, sha256: str = "") -> TaskResult:
+        return TaskResult(self.seq, None, Reject(self.rel_path, reason, sha256, self.key))
+
 
 @dataclass(frozen=True)
 class TaskResult:
     seq: int
     sample: EncodedSample | None
-    reason: str | None          # reject reason when sample is None
-    sha256: str | None          # of the source bytes, when they could be read
+    reject: Reject | None       # why there is no sample
 
 
 def make_sample(task: SampleTask, p: Processed) -> dict[str, bytes]:
@@ -58,15 +61,15 @@ class SampleWorker:
         try:
             data = read_bytes(self.root / task.rel_path)
         except ImageReject as e:
-            return TaskResult(task.seq, None, str(e), None)
+            return task.rejected(str(e))
         sha = hashlib.sha256(data).hexdigest()
         try:
             p = process_bytes(data, task.kind, self.size, self.quality)
         except ImageReject as e:
-            return TaskResult(task.seq, None, str(e), sha)
+            return task.rejected(str(e), sha)
         except Exception as e:  # bad input must never stop the run; the reason names the failure
-            return TaskResult(task.seq, None, f"decoding failed ({type(e).__name__}: {e})", sha)
-        return TaskResult(task.seq, encode_sample(make_sample(task, p)), None, sha)
+            return task.rejected(f"decoding failed ({type(e).__name__}: {e})", sha)
+        return TaskResult(task.seq, encode_sample(make_sample(task, p)), None)
 
 
 def _child(conn, worker: SampleWorker) -> None:
@@ -111,7 +114,7 @@ class GuardedPool:
         slot.conn.close()
         fresh = self._spawn()
         slot.proc, slot.conn, slot.task = fresh.proc, fresh.conn, None
-        return TaskResult(task.seq, None, reason, None)
+        return task.rejected(reason)
 
     def _death_reason(self, slot: _Slot) -> str:
         slot.proc.join(timeout=5)
