@@ -91,7 +91,7 @@ def build_shards_s3(argv: list[str]) -> int:
     try:
         remote.parse_location(known.out)
         staging = known.staging or remote.cache_folder(known.out, remote.cache_root() / "ingest-staging")
-        remote.client(known.s3_endpoint)  # boto3 present and configured, before hours of packing
+        remote.check_bucket(known.out, known.s3_endpoint)  # boto3, credentials and bucket: before hours of packing
     except remote.RemoteError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

@@ -333,6 +333,14 @@ def _remote_sha(s3, bucket: str, key: str) -> tuple[str, int] | None:
     return head.get("Metadata", {}).get("sha256", ""), int(head["ContentLength"])
 
 
+def check_bucket(uri: str, endpoint: str | None = None) -> None:
+    """Fail now, in one line, when the bucket is missing or the credentials cannot reach it (before a long build)."""
+    bucket, _ = parse_location(uri)
+    s3 = client(endpoint)
+    with _errors(f"s3://{bucket}"):
+        s3.head_bucket(Bucket=bucket)
+
+
 def upload(folder: Path, uri: str, *, endpoint: str | None = None, overwrite: bool = False,
            progress: bool = True, log=_log) -> int:
     """Upload a finished ingest folder: every shard, index and side file as one whole object (S3 publishes an
