@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from eval.labels import BLANK_POLICIES, UNCERTAINTY_POLICIES
+from ingest.remote import location_arg
 
 # Spelled out (not imported from eval.features) so that parsing arguments does not import torch; a test keeps
 # them equal.
@@ -87,7 +88,14 @@ def add_common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> No
                    help="patient bootstrap replicates (default 1000)")
     if not needs_encoders:
         return
-    p.add_argument("--shards", required=True, type=Path, help="shard folder written by `ingest build-shards`")
+    p.add_argument("--shards", required=True, type=location_arg,
+                   help="shard folder written by `ingest build-shards`, or s3://bucket/prefix (staged into "
+                        "--shards-cache)")
+    p.add_argument("--shards-cache", type=Path, default=None,
+                   help="where s3:// shards are staged, as CACHE/<bucket>/<prefix> (default ~/.cache/cxr-ssl/shards)")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="S3-compatible endpoint URL for s3:// shards (default: AWS_ENDPOINT_URL, else AWS); "
+                        "credentials come from the environment only")
     p.add_argument("--encoder", action="append", default=[], metavar="PATH",
                    help="a run's encoder.pt (or run folder); repeatable")
     p.add_argument("--init", action="append", default=[], choices=("random", "imagenet"),

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from eval.arg_types import add_common, positive, positive_float, positive_floats
+from ingest.remote import location_arg
 
 ANALYSIS_COMMANDS = ("knn", "transfer", "neighbours", "map")
 
@@ -24,7 +25,8 @@ def add_analysis_arguments(p: argparse.ArgumentParser, command: str) -> None:
                          "on its test split and on --target-shards (their test split, or all of them when they have "
                          "no split).")
         add_common(p)
-        p.add_argument("--target-shards", required=True, type=Path, help="shard folder of the shifted dataset")
+        p.add_argument("--target-shards", required=True, type=location_arg,
+                       help="shard folder (or s3://bucket/prefix) of the shifted dataset")
         p.add_argument("--task-map", action="append", default=[], metavar="SRC=DST",
                        help="source label = target label, beyond the built-in CheXpert / MIMIC / NIH names; repeatable")
         p.add_argument("--c-grid", type=positive_floats, default=None,
@@ -42,7 +44,7 @@ def add_analysis_arguments(p: argparse.ArgumentParser, command: str) -> None:
                          "PNG + CSV.")
         add_common(p)
         p.add_argument("--split", choices=("train", "val", "test"), default="test")
-        p.add_argument("--add-shards", action="append", type=Path, default=[], metavar="DIR",
+        p.add_argument("--add-shards", action="append", type=location_arg, default=[], metavar="DIR",
                        help="another dataset's shards on the same map (its --split, or all of it without splits); "
                             "repeatable; with --color-by dataset it shows the domain gap")
         p.add_argument("--method", choices=("pca", "tsne"), default="pca")

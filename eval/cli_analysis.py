@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from eval.arg_types import UsageError
-from eval.cli_common import (features_of, fmt, guard_outputs, log, policy_of, prepare, probe_options, run_context,
-                             save_predictions, transform_of, write_json)
+from eval.cli_common import (features_of, fmt, guard_outputs, local_shards, log, policy_of, prepare, probe_options,
+                             run_context, save_predictions, shards_record, transform_of, write_json)
+from ingest.remote import is_remote
 from eval.labels import TaskError
 from ingest.schema import load_manifest
 
@@ -60,6 +61,9 @@ def run_transfer(args) -> None:
     from eval.probes import DEFAULT_C_GRID
     from eval.transfer import map_tasks, parse_task_map, transfer_protocol
     specs, tasks = prepare(args)
+    if is_remote(args.target_shards):
+        args.target_shards_location = str(args.target_shards)
+        args.target_shards = local_shards(args, args.target_shards)
     source, target = str(args.shards), str(args.target_shards)
     src_names, tgt_manifest = load_manifest(args.shards).label_names, load_manifest(args.target_shards)
     if not tgt_manifest.label_names:
@@ -86,7 +90,7 @@ def run_transfer(args) -> None:
                                                seed=args.seed, source=source, target_name=target,
                                                probe=probe_options(args))
         result["notes"] = map_notes + result["notes"]
-        result.update(target_shards=str(Path(target).resolve()), target_splits=tgt_splits)
+        result.update(target_shards=shards_record(args, "target_shards"), target_splits=tgt_splits)
         _record(result, args, spec, list(mapping))
         folder.mkdir(parents=True, exist_ok=True)
         save_predictions(folder / f"{spec.name}-source.npz", p_in, list(mapping))
@@ -122,7 +126,7 @@ def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[st
     if missing:
         raise UsageError(f"{ft_json}: fine-tuned without task '{missing[0]}'; re-run finetune with the same --tasks")
     trained = json.loads(ft_json.read_text()) if ft_json.is_file() else {}
-    if trained.get("shards") != str(args.shards.resolve()):
+    if trained.get("shards") != shards_record(args):
         raise UsageError(f"{ft_json}: fine-tuned on {trained.get('shards')}, not on --shards {args.shards}")
     if trained.get("label_policy") not in (None, policy_of(args).to_json()):
         raise UsageError(f"{ft_json}: fine-tuned under label policy {trained['label_policy']}, "
@@ -135,7 +139,7 @@ def _transfer_finetuned(args, spec, mapping: dict[str, str], tgt_splits: list[st
     result, p_in, p_sh = score_shift(src, tgt, mapping, policy=policy_of(args), num_replicates=args.bootstrap,
                                      seed=args.seed, target_name=str(args.target_shards))
     result.update(probe="finetuned", notes=list(map_notes), checkpoint=str(args.out / "finetune" / f"{spec.name}.pt"),
-                  trained_label_policy=trained.get("label_policy"), target_shards=str(args.target_shards.resolve()),
+                  trained_label_policy=trained.get("label_policy"), target_shards=shards_record(args, "target_shards"),
                   target_splits=tgt_splits, chosen_lr=trained.get("chosen_lr"), best_epoch=trained.get("best_epoch"))
     _record(result, args, spec, list(mapping))
     folder = args.out / "transfer"
@@ -173,7 +177,7 @@ def _map_sources(args) -> list[tuple[Path, str]]:
     """(shard folder, split) pairs drawn on one map: --split of --shards, and of every --add-shards folder
     (all of its splits when it has no such split: a dataset without a split is drawn whole)."""
     pairs = [(args.shards, args.split)]
-    for root in args.add_shards:
+    for root in (local_shards(args, r) for r in args.add_shards):
         splits = load_manifest(root).splits()
         pairs += [(root, s) for s in ([args.split] if args.split in splits else splits)]
     return pairs

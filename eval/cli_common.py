@@ -13,6 +13,7 @@ from eval.arg_types import UsageError
 from eval.devices import resolve_device
 from eval.features import EncoderSpec, Transform, encoder_hash, encoder_spec, extract_features
 from eval.labels import LabelPolicy, resolve_tasks
+from ingest.remote import RemoteError, is_remote, local_folder
 from ingest.schema import load_manifest
 
 
@@ -63,7 +64,7 @@ def run_context(args, spec: EncoderSpec, tasks: list[str]) -> dict:
     return {"encoder": {"name": spec.name, "category": spec.category, "kind": spec.kind, "arch": spec.arch,
                         "in_channels": spec.in_channels, "path": str(spec.path) if spec.path else None,
                         "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec)},
-            "shards": str(args.shards.resolve()), "task_names": tasks, "device": args.device,
+            "shards": shards_record(args), "task_names": tasks, "device": args.device,
             "label_policy": policy_of(args).to_json(), "eval_view": args.eval_view,
             "transform": transform_of(args).as_dict(),
             "argv": getattr(args, "argv", sys.argv[1:]), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -87,7 +88,23 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def local_shards(args, location) -> Path:
+    """A --shards / --target-shards / --add-shards value as a local folder: an s3:// location is staged into
+    --shards-cache (each shard checked against the manifest's sha256 first; see ingest/remote.py)."""
+    try:
+        return local_folder(location, getattr(args, "shards_cache", None), endpoint=getattr(args, "s3_endpoint", None))
+    except RemoteError as e:
+        raise UsageError(str(e)) from None
+
+
+def shards_record(args, which: str = "shards") -> str:
+    """How results name a shard location: an s3:// location as given (portable), a local folder resolved."""
+    return getattr(args, f"{which}_location", None) or str(Path(getattr(args, which)).resolve())
+
+
 def prepare(args) -> tuple[list[EncoderSpec], list[str]]:
+    if is_remote(args.shards):
+        args.shards_location, args.shards = str(args.shards), local_shards(args, args.shards)
     manifest = load_manifest(args.shards)
     tasks = resolve_tasks(args.tasks, manifest.label_names, source=str(args.shards))
     for split in ("train", "val", "test"):

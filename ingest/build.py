@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=sorted(SOURCES), help="dataset layout under --root")
     p.add_argument("--root", required=True, type=Path, help="dataset folder (CSV paths are taken relative to it)")
     p.add_argument("--out", required=True, type=Path,
-                   help="output folder: SPLIT/shard-NNNNNN.tar + .idx, manifest.json")
+                   help="output folder: SPLIT/shard-NNNNNN.tar + .idx, manifest.json; or s3://bucket/prefix: built "
+                        "in --staging DIR (default ~/.cache/cxr-ssl/ingest-staging/BUCKET/PREFIX), then uploaded, "
+                        "manifest last (--s3-endpoint URL, or AWS_ENDPOINT_URL; needs `pip install cxr-ssl[s3]`)")
     p.add_argument("--size", type=int, default=256, help="shorter side in pixels after resizing; 0 keeps the size")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored images")
     p.add_argument("--views", default="all", help="all | frontal (drops LAT) | comma list of PA,AP,LAT,UNKNOWN")

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    shards: str = ""                 # shard folder (ingest output); ignored when source = "synthetic"
+    shards: str = ""                 # shard folder (ingest output) or s3://bucket/prefix; ignored when synthetic
+    shards_cache: str = ""           # s3:// shards are staged in CACHE/<bucket>/<prefix>; "": ~/.cache/cxr-ssl/shards
     source: str = "shards"           # "shards" (DALI) | "synthetic" (random tensors: tests, model-only benchmarks)
     split: str = "train"
     batch_size: int = 256            # GLOBAL images per optimiser step (summed over ranks)
@@ -305,6 +306,7 @@ SAFE_ON_RESUME = frozenset({
     # the monitor and the collapse warning only observe (eval mode, BatchNorm statistics untouched)
     "run.monitor_every", "run.monitor_images", "run.monitor_k", "run.collapse_std_ratio",
     "run.mlflow_uri", "run.mlflow_experiment", "run.mlflow_run_name",  # where the rows are also sent
+    "data.shards_cache",  # where s3:// shards are staged: the same verified bytes wherever they lie
 })
 
 

@@ -6,6 +6,8 @@ state_dict / load_state_dict).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ingest.errors import one_line
@@ -62,6 +64,23 @@ class SyntheticLoader:
             yield batch
 
 
+def local_shards(data_cfg) -> str:
+    """data.shards as a local folder: an s3:// location is staged into data.shards_cache (each shard checked against
+    the manifest's sha256; shards verified before are kept), a local folder is returned as it is. Concurrent ranks
+    share the work through a lock on the cache folder."""
+    from ingest.remote import is_remote
+    if not is_remote(data_cfg.shards):
+        return data_cfg.shards
+    return _staged(data_cfg.shards, data_cfg.shards_cache)
+
+
+@functools.cache
+def _staged(location: str, cache: str) -> str:
+    """Once per process: the loader and the monitor share one staging (and one manifest request)."""
+    from ingest.remote import stage
+    return str(stage(location, cache or None))
+
+
 def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int, rank: int, world_size: int,
                  seed: int, device: torch.device, dtype: torch.dtype, build_ahead: bool = True):
     """The loader a run's config asks for (DALI on shards, or synthetic), producing per-rank batches.
@@ -85,7 +104,7 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int,
         world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
         device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch,
         shuffle_buffer=data_cfg.shuffle_buffer or PretrainOptions.shuffle_buffer, build_ahead=build_ahead)
-    loader = PretrainLoader(data_cfg.shards, data_cfg.split, options)
+    loader = PretrainLoader(local_shards(data_cfg), data_cfg.split, options)
     if rank == 0:
         print(f"data path: {loader.data_path} | views={loader.views_label}: {loader.num_usable:,} of "
               f"{loader.num_samples:,} images in {data_cfg.split} | {len(loader)} steps per epoch", flush=True)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ingest.errors import one_line
+from trainer.data import local_shards
 # Weighted kNN of Wu et al. 2018, as in the solo-learn / lightly online monitors: cosine similarity, weights
 # exp(sim / 0.07).
 KNN_TEMPERATURE = 0.07
@@ -165,7 +166,7 @@ def build_monitor(cfg, device: torch.device, dtype: torch.dtype, autocast=None) 
         if cfg.data.source != "shards":
             raise MonitorUnavailable(f"data.source={cfg.data.source} has no val split")
         dali_device = cfg.data.device if cfg.data.device != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-        data = load_monitor_set(cfg.data.shards, MONITOR_SPLIT, max_images=run.monitor_images,
+        data = load_monitor_set(local_shards(cfg.data), MONITOR_SPLIT, max_images=run.monitor_images,
                                 image_size=cfg.data.image_size, channels=cfg.model.in_channels, dtype=dtype,
                                 device=device, dali_device=dali_device, num_threads=cfg.data.num_threads,
                                 batch_size=max(2, min(cfg.data.batch_size, 256)))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ingest.errors import one_line
+from ingest.remote import is_remote
 from trainer import checkpoint as ckpt
 from trainer import distributed as dist_utils
 from trainer import resume
@@ -260,7 +261,8 @@ def _check_inputs(cfg: Config, info: dist_utils.DistInfo, method: Method) -> Non
     world_size, device = info.world_size, info.device
     if cfg.data.batch_size % world_size:
         raise Stop(EXIT_BAD_INPUT, f"data.batch_size={cfg.data.batch_size} is not divisible by {world_size} ranks")
-    if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
+    local = cfg.data.source == "shards" and not is_remote(cfg.data.shards)  # s3:// is checked when it is staged
+    if local and not (Path(cfg.data.shards) / "manifest.json").is_file():
         raise Stop(EXIT_BAD_INPUT, f"data.shards={cfg.data.shards}: no manifest.json (not an ingest shard folder)")
     reason = method.check_run(cfg, world_size, device)
     if reason:
