@@ -69,7 +69,8 @@ def imagenet_weights_file(arch: str) -> Path:
 def read_spec(spec: EncoderSpec):
     """The `trainer.encoder_io.Encoder` record of ``spec``: the plain backbone (no ImageNet input adapter), CPU."""
     source = spec.path if spec.kind == "checkpoint" else spec.kind
-    return _read(source, arch=spec.arch, in_channels=spec.in_channels, seed=spec.seed if spec.kind == "random" else None)
+    seed = spec.seed if spec.kind == "random" else None
+    return _read(source, arch=spec.arch, in_channels=spec.in_channels, seed=seed)
 
 
 def _read(source, **options):

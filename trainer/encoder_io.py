@@ -42,7 +42,7 @@ def read_encoder(source: str | Path, *, arch: str | None = None, in_channels: in
     if str(source) in ("random", "imagenet"):
         if arch is None or in_channels is None:
             raise EncoderError(f"a {source} encoder needs an arch and in_channels")
-        _check_arch(arch, str(source))
+        _check_model(arch, in_channels, str(source))
         if str(source) == "random":
             return _random(arch, in_channels, seed)
         return _imagenet(arch, in_channels)
@@ -62,11 +62,17 @@ def read_encoder(source: str | Path, *, arch: str | None = None, in_channels: in
     return encoder_from_state(state, found_arch, found_channels, source=path, kind=kind, meta=meta)
 
 
+def read_init(model_cfg) -> Encoder:
+    """The backbone a run starts from: ``model.init`` (random from the global RNG, imagenet, or a path) read as
+    ``model.arch`` with ``model.in_channels``."""
+    return read_encoder(model_cfg.init, arch=model_cfg.arch, in_channels=model_cfg.in_channels)
+
+
 def encoder_from_state(state: dict, arch: str, in_channels: int, *, source: str | Path, kind: str = "encoder",
                        meta: dict | None = None) -> Encoder:
     """The backbone ``arch`` with ``in_channels`` holding ``state`` (torchvision names, no fc.*), loaded strictly;
     EncoderError naming ``source`` when the weights do not fit."""
-    _check_arch(arch, str(source))
+    _check_model(arch, in_channels, str(source))
     model, feature_dim = build_backbone(arch, in_channels)
     try:
         model.load_state_dict(state, strict=True)
@@ -81,7 +87,7 @@ def imagenet_weights_path(arch: str) -> Path:
     ImageNet release (e.g. ResNet-50 V1) when only that one is cached; DEFAULT's path when none is."""
     import torchvision
 
-    _check_arch(arch, "imagenet")
+    _check_model(arch, None, "imagenet")
     enum = torchvision.models.get_model_weights(arch)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
@@ -100,9 +106,11 @@ def imagenet_weights_file(arch: str) -> Path:
     return path
 
 
-def _check_arch(arch: str, source: str) -> None:
+def _check_model(arch: str, in_channels: int | None, source: str) -> None:
     if arch not in ARCHS:
         raise EncoderError(f"{source}: unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+    if in_channels is not None and in_channels not in (1, 3):
+        raise EncoderError(f"{source}: in_channels must be 1 or 3, got {in_channels}")
 
 
 def _random(arch: str, in_channels: int, seed: int | None) -> Encoder:
@@ -158,9 +166,3 @@ def _channels(path: Path, value) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise EncoderError(f"{path}: in_channels {value!r} is not a number") from None
-
-
-def read_init(model_cfg) -> Encoder:
-    """The backbone a run starts from: ``model.init`` (random from the global RNG, imagenet, or a path) read as
-    ``model.arch`` with ``model.in_channels``."""
-    return read_encoder(model_cfg.init, arch=model_cfg.arch, in_channels=model_cfg.in_channels)

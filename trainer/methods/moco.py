@@ -39,8 +39,8 @@ class MoCoV2(Method):
         from trainer.models import MoCo, build_contrastive_model
 
         c = self.loss_cfg
-        return MoCo(build_contrastive_model(model_cfg, read_init(model_cfg)), c.moco_queue, c.moco_momentum, c.moco_shuffle_bn,
-                    bn_splits=self.bn_splits(world_size))
+        encoder_q = build_contrastive_model(model_cfg, read_init(model_cfg))
+        return MoCo(encoder_q, c.moco_queue, c.moco_momentum, c.moco_shuffle_bn, bn_splits=self.bn_splits(world_size))
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.encoder_q.backbone
