@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from eval.arg_types import add_common, positive, positive_float, positive_floats
 from ingest.remote import location_arg

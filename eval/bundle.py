@@ -105,13 +105,13 @@ class Bundle:
 
 
 def build_model(arch: str, in_channels: int, backbone_state: dict, heads: ProbeHeads,
-                input_adapter: str) -> BundleModel:
-    from trainer.models import build_backbone
-    backbone, _ = build_backbone(arch, in_channels, "random")
+                input_adapter: str, *, source: str | Path = "backbone") -> BundleModel:
+    """The bundle's network; ``source`` (the file the backbone came from) names it in a one-line BundleError."""
+    from trainer.encoder_io import EncoderError, encoder_from_state
     try:
-        backbone.load_state_dict(backbone_state, strict=True)
-    except RuntimeError as e:
-        raise BundleError(f"backbone weights do not fit {arch} ({one_line(e, limit_chars=160)})") from None
+        backbone = encoder_from_state(backbone_state, arch, in_channels, source=source).model
+    except EncoderError as e:
+        raise BundleError(str(e)) from None
     adapter = None
     if input_adapter == "imagenet":
         from eval.imagenet_input import ImageNetInput
@@ -166,7 +166,8 @@ def load_bundle(folder: str | Path) -> Bundle:
     except (AttributeError, TypeError) as e:
         raise BundleError(f"{folder / MODEL_FILE}: heads are not tensors ({one_line(e)})") from None
     arch = meta["encoder"]
-    model = build_model(arch["arch"], int(arch["in_channels"]), doc["backbone"], heads, arch["input_adapter"])
+    model = build_model(arch["arch"], int(arch["in_channels"]), doc["backbone"], heads, arch["input_adapter"],
+                        source=folder / MODEL_FILE)
     if heads.weight.shape[0] != len(meta["tasks"]):
         raise BundleError(f"{folder}: {heads.weight.shape[0]} heads for {len(meta['tasks'])} tasks")
     return Bundle(folder, meta, model)

@@ -98,7 +98,7 @@ def _policy(result: dict) -> dict:
 def _encoder(result: dict) -> tuple[dict, str]:
     """(backbone state without the ImageNet adapter, adapter name) from the result's encoder record; the weights
     must still hash to what was evaluated."""
-    from eval.features import EncoderError, build_encoder, encoder_hash, encoder_spec
+    from eval.features import EncoderError, encoder_hash, encoder_spec, read_spec
     e = result["encoder"]
     try:
         if e["kind"] == "checkpoint":
@@ -108,13 +108,10 @@ def _encoder(result: dict) -> tuple[dict, str]:
         if encoder_hash(spec) != e["sha256"]:
             raise ExportError(f"{spec.path or spec.name}: encoder weights changed since they were evaluated "
                               "(sha256 differs)")
-        trunk, _ = build_encoder(spec)
+        backbone = read_spec(spec).model  # torchvision names; the ImageNet adapter is the bundle's input_adapter
     except EncoderError as err:
         raise ExportError(str(err)) from None
-    state = trunk.state_dict()
-    if spec.kind == "imagenet":  # Sequential(ImageNetInput, resnet): keep the torchvision names
-        state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
-    return state, "imagenet" if spec.kind == "imagenet" else "none"
+    return backbone.state_dict(), "imagenet" if spec.kind == "imagenet" else "none"
 
 
 def _view(result: dict) -> dict:
@@ -170,7 +167,7 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     adapter = "imagenet" if result["encoder"]["kind"] == "imagenet" else "none"
     model = build_model(doc["arch"], int(doc["in_channels"]), doc["backbone"],
                         ProbeHeads(heads["weight"], heads["bias"], heads["feature_mean"], heads["feature_std"]),
-                        adapter)
+                        adapter, source=path)
     # The validation scores were not stored by finetune: score the val split once through the eval loader.
     spec = EncoderSpec("checkpoint", doc["arch"], int(doc["in_channels"]), name, path=path)
     trunk = torch.nn.Sequential(model.input_adapter, model.backbone)

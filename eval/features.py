@@ -1,6 +1,6 @@
-"""Encoders to evaluate (a run's encoder.pt, seeded random init, offline ImageNet weights) and frozen-feature
-extraction through the dali_pipes evaluation loader, cached under (encoder hash, manifest hash, transform).
-"""
+"""Encoders to evaluate (a run's encoder.pt, seeded random init, offline ImageNet weights; read by
+`trainer.encoder_io`) and frozen-feature extraction through the dali_pipes evaluation loader, cached under (encoder
+hash, manifest hash, transform)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 
 from eval.devices import dali_device_id, torch_device
-from ingest.errors import one_line
 from ingest.schema import MANIFEST_NAME, load_manifest
 
 CACHE_VERSION = 1
@@ -30,7 +29,7 @@ class EncoderSpec:
     arch: str
     in_channels: int
     name: str                 # display name: run folder name, "random-resnet18", "imagenet-resnet50"
-    path: Path | None = None  # the encoder.pt for kind == "checkpoint"
+    path: Path | None = None  # the encoder.pt (or step-*.pt) for kind == "checkpoint"
     seed: int = 0             # init seed for kind == "random"
 
     @property
@@ -38,40 +37,17 @@ class EncoderSpec:
         return CATEGORY[self.kind]
 
 
-def _read_encoder_meta(path: Path) -> dict:
-    import torch
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise EncoderError(f"{path}: not a readable encoder checkpoint "
-                           f"({one_line(e, limit_chars=120, with_type=True)})") from e
-    if not isinstance(obj, dict) or "state_dict" not in obj or "arch" not in obj:
-        raise EncoderError(f"{path}: not an encoder.pt (expected keys arch, in_channels, state_dict)")
-    return obj
-
-
 def encoder_spec(encoder: str | Path | None = None, init: str | None = None, *, arch: str | None = None,
                  in_channels: int | None = None, seed: int = 0, name: str | None = None) -> EncoderSpec:
-    """Describe one encoder: exactly one of ``encoder`` (path to encoder.pt or a run folder holding one) or
-    ``init`` ("random" | "imagenet"). For a checkpoint, ``arch`` / ``in_channels`` when given must match it."""
+    """Describe one encoder: exactly one of ``encoder`` (an encoder.pt, a run folder holding one, or a training
+    checkpoint) or ``init`` ("random" | "imagenet"). For a file, ``arch`` / ``in_channels`` when given must match it."""
     if (encoder is None) == (init is None):
         raise EncoderError("give exactly one of --encoder PATH or --init random|imagenet")
     if encoder is not None:
-        path = Path(encoder)
-        if path.is_dir():
-            path = path / "encoder.pt"
-        if not path.is_file():
-            raise EncoderError(f"{path}: encoder file not found")
-        meta = _read_encoder_meta(path)
-        if arch is not None and meta["arch"] != arch:
-            raise EncoderError(f"{path}: encoder is {meta['arch']}, but --arch {arch} was requested")
-        ch = int(meta.get("in_channels", 1))
-        if in_channels is not None and ch != in_channels:
-            raise EncoderError(f"{path}: encoder has {ch} input channel(s), but {in_channels} were requested")
-        run_name = path.parent.name if path.name == "encoder.pt" else path.stem
-        spec = EncoderSpec("checkpoint", meta["arch"], ch, name or run_name, path=path)
-        build_encoder(spec)  # weights that do not fit their declared model fail now, before any encoder is evaluated
-        return spec
+        # read (and built) now: weights that do not fit their declared model fail before any encoder is evaluated
+        enc = _read(encoder, arch=arch, in_channels=in_channels)
+        run_name = enc.path.parent.name if enc.path.name == "encoder.pt" else enc.path.stem
+        return EncoderSpec("checkpoint", enc.arch, enc.in_channels, name or run_name, path=enc.path)
     if init not in ("random", "imagenet"):
         raise EncoderError(f"unknown --init '{init}' (choose random or imagenet)")
     arch = arch or "resnet50"
@@ -82,49 +58,41 @@ def encoder_spec(encoder: str | Path | None = None, init: str | None = None, *, 
 
 
 def imagenet_weights_file(arch: str) -> Path:
-    """The torchvision ImageNet weights of ``arch`` in the local torch hub cache; EncoderError when absent
-    (evaluation never downloads)."""
-    from trainer.models import imagenet_weights_path
+    """The cached ImageNet weights file of ``arch`` (`trainer.encoder_io`'s one check); EncoderError when absent."""
+    from trainer import encoder_io
     try:
-        path = imagenet_weights_path(arch)
-    except ValueError as e:
-        raise EncoderError(f"unknown architecture '{arch}' for ImageNet weights") from e
-    if not path.is_file():
-        raise EncoderError(f"--init imagenet: {arch} ImageNet weights are not in the local torch hub cache ({path}); "
-                           f"copy them there from a connected machine (evaluation does not download)")
-    return path
+        return encoder_io.imagenet_weights_file(arch)
+    except encoder_io.EncoderError as e:
+        raise EncoderError(str(e)) from None
+
+
+def read_spec(spec: EncoderSpec):
+    """The `trainer.encoder_io.Encoder` record of ``spec``: the plain backbone (no ImageNet input adapter), CPU."""
+    source = spec.path if spec.kind == "checkpoint" else spec.kind
+    seed = spec.seed if spec.kind == "random" else None
+    return _read(source, arch=spec.arch, in_channels=spec.in_channels, seed=seed)
+
+
+def _read(source, **options):
+    """`trainer.encoder_io.read_encoder` with its one-line errors as this CLI's EncoderError (torch loads here)."""
+    from trainer import encoder_io
+    try:
+        return encoder_io.read_encoder(source, **options)
+    except encoder_io.EncoderError as e:
+        raise EncoderError(str(e)) from None
 
 
 def build_encoder(spec: EncoderSpec):
-    """(backbone nn.Module with fc = Identity, feature_dim) for ``spec``, on the CPU, in eval mode."""
-    import torch
-    from trainer import checkpoint, models
-    if spec.kind == "checkpoint":
-        try:
-            model, meta = checkpoint.load_encoder(spec.path, map_location="cpu")
-        except ValueError as e:
-            raise EncoderError(one_line(e)) from e
-        dim = int(meta.get("feature_dim") or _probe_dim(model, spec.in_channels))
-    elif spec.kind == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model, dim = models.build_backbone(spec.arch, spec.in_channels, "random")
-    else:
-        imagenet_weights_file(spec.arch)
-        try:
-            model, dim = models.build_backbone(spec.arch, spec.in_channels, "imagenet")
-        except Exception as e:  # noqa: BLE001 - offline download failures surface as many exception types
-            raise EncoderError(f"ImageNet weights for {spec.arch} could not be loaded offline: "
-                               f"{one_line(e, limit_chars=160)}") from e
+    """(backbone nn.Module with fc = Identity, feature_dim) for ``spec``, on the CPU, in eval mode; ImageNet weights
+    come behind the input adapter that maps CXR-normalised images to ImageNet's statistics."""
+    enc = read_spec(spec)
+    model = enc.model
+    if spec.kind == "imagenet":
+        import torch
+
         from eval.imagenet_input import ImageNetInput
         model = torch.nn.Sequential(ImageNetInput(spec.in_channels), model)
-    return model.eval(), int(dim)
-
-
-def _probe_dim(model, in_channels: int) -> int:
-    import torch
-    with torch.no_grad():
-        return int(model(torch.zeros(1, in_channels, 64, 64)).shape[1])
+    return model.eval(), enc.feature_dim
 
 
 def encoder_hash(spec: EncoderSpec) -> str:

@@ -30,13 +30,13 @@ def test_one_line_never_fails_and_keeps_one_line():
 
 def test_zero_byte_encoder_file_is_one_line(tmp_path):
     from eval.features import EncoderError, encoder_spec
-    from trainer.checkpoint import load_encoder
+    from trainer.encoder_io import read_encoder
     empty = tmp_path / "encoder.pt"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=r"encoder.pt: not a readable checkpoint \(EOFError\)$"):
-        load_encoder(empty)
-    with pytest.raises(EncoderError, match=r"not a readable encoder checkpoint \(EOFError\)$"):
-        encoder_spec(tmp_path)
+        read_encoder(empty)
+    with pytest.raises(EncoderError, match=r"encoder.pt: not a readable checkpoint \(EOFError\)$"):
+        encoder_spec(tmp_path)  # a run folder: its encoder.pt, through the same reader and message
 
 
 def test_zero_byte_checkpoint_resume_exits_2_with_one_line(tmp_path, capsys):

@@ -32,7 +32,7 @@ def encoder_file(tmp_path_factory):
     from trainer.checkpoint import save_encoder
     from trainer.models import build_backbone
     torch.manual_seed(7)
-    model, _ = build_backbone("resnet18", 1, "random")
+    model, _ = build_backbone("resnet18", 1)
     path = tmp_path_factory.mktemp("run") / "ssl-run" / "encoder.pt"
     path.parent.mkdir()
     save_encoder(path, model, "resnet18", 1, {"config": {}, "step": 0})
@@ -319,7 +319,7 @@ def test_imagenet_encoder_from_offline_cache(shards, tmp_path, capsys, monkeypat
 
     import dali_pipes
     from eval.imagenet_input import IMAGENET_MEAN, IMAGENET_STD, ImageNetInput
-    from trainer.models import imagenet_weights_path
+    from trainer.encoder_io import imagenet_weights_path
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path = imagenet_weights_path("resnet18")
     path.parent.mkdir(parents=True)

@@ -145,7 +145,7 @@ def test_export_of_a_trained_encoder_file(bundle, tmp_path):
     from trainer.checkpoint import save_encoder
     from trainer.models import build_backbone
     torch.manual_seed(7)
-    model, _ = build_backbone("resnet18", 1, "random")
+    model, _ = build_backbone("resnet18", 1)
     enc = tmp_path / "run" / "encoder.pt"
     enc.parent.mkdir()
     save_encoder(enc, model, "resnet18", 1, {"config": {}, "step": 0})
@@ -167,7 +167,7 @@ def test_export_of_a_trained_encoder_file(bundle, tmp_path):
     assert eval_main(["export", "--out", str(other.parent), "--encoder", str(enc.parent), "--protocol", "linear",
                       "--bundle", str(tmp_path / "b3")]) == 0
     torch.manual_seed(8)
-    save_encoder(enc, build_backbone("resnet18", 1, "random")[0], "resnet18", 1, {"config": {}, "step": 0})
+    save_encoder(enc, build_backbone("resnet18", 1)[0], "resnet18", 1, {"config": {}, "step": 0})
     assert eval_main(args + ["--overwrite"]) == 2
 
 

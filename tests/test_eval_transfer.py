@@ -110,7 +110,7 @@ def test_transfer_real_cxr_folder_to_nih_layout(real_shards, tmp_path, capsys):
     from trainer.models import build_backbone
     src, dst, _ = real_shards
     torch.manual_seed(11)
-    model, _ = build_backbone("resnet18", 1, "random")
+    model, _ = build_backbone("resnet18", 1)
     enc = tmp_path / "ssl-run" / "encoder.pt"
     enc.parent.mkdir()
     save_encoder(enc, model, "resnet18", 1, {"config": {}, "step": 0})

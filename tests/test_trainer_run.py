@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_encoder, save_encoder
-from trainer.models import build_backbone, imagenet_weights_path, torchvision_resnet
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, save_encoder
+from trainer.encoder_io import imagenet_weights_path, read_encoder
+from trainer.models import torchvision_resnet
 from trainer.pretrain import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +78,9 @@ def test_killed_run_resumes_to_the_same_loss_curve(shards, tmp_path):
     missing, unexpected = net.load_state_dict(doc["state_dict"], strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     assert (doc["arch"], doc["in_channels"], doc["feature_dim"], doc["step"]) == ("resnet18", 1, 512, 6)
-    enc, meta = load_encoder(mid / "encoder.pt")
-    torch.testing.assert_close(enc.conv1.weight, net.conv1.weight)
-    assert meta["config"]["model"]["arch"] == "resnet18"
+    enc = read_encoder(mid / "encoder.pt")
+    torch.testing.assert_close(enc.model.conv1.weight, net.conv1.weight)
+    assert enc.meta["config"]["model"]["arch"] == "resnet18" and enc.feature_dim == 512
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -162,14 +163,15 @@ def test_bad_input_is_a_one_line_error_before_work(shards, tmp_path, capsys):
 
 def test_init_imagenet_offline_and_from_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="no network access"):
-        build_backbone("resnet18", 1, "imagenet")
+    with pytest.raises(ValueError, match="no network access"):
+        read_encoder("imagenet", arch="resnet18", in_channels=1)
     # a stand-in for the cached ImageNet file: the 1-channel stem must be the sum of its RGB filters
     rgb = torchvision_resnet("resnet18", in_channels=3)
     path = imagenet_weights_path("resnet18")
     path.parent.mkdir(parents=True)
     torch.save(rgb.state_dict(), path)
-    gray, dim = build_backbone("resnet18", 1, "imagenet")
+    record = read_encoder("imagenet", arch="resnet18", in_channels=1)
+    gray, dim = record.model, record.feature_dim
     assert dim == 512 and isinstance(gray.fc, torch.nn.Identity)
     torch.testing.assert_close(gray.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))
     torch.testing.assert_close(gray.layer4[1].bn2.weight, rgb.layer4[1].bn2.weight)
@@ -178,13 +180,13 @@ def test_init_imagenet_offline_and_from_checkpoint(tmp_path, monkeypatch):
     torch.testing.assert_close(gray.eval()(x), rgb.eval()(x.expand(1, 3, 32, 32)), rtol=1e-4, atol=1e-5)
 
     save_encoder(tmp_path / "enc.pt", gray, "resnet18", 1, {"step": 7})
-    again, _ = build_backbone("resnet18", 1, str(tmp_path / "enc.pt"))  # continued pretraining from an encoder
-    torch.testing.assert_close(again.conv1.weight, gray.conv1.weight)
+    again = read_encoder(str(tmp_path / "enc.pt"), arch="resnet18", in_channels=1)  # continued pretraining
+    torch.testing.assert_close(again.model.conv1.weight, gray.conv1.weight)
     with pytest.raises(ValueError, match="resnet18 with 1"):
-        build_backbone("resnet34", 1, str(tmp_path / "enc.pt"))
+        read_encoder(str(tmp_path / "enc.pt"), arch="resnet34", in_channels=1)
     torch.save({"weights": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="junk.pt: not an encoder"):
-        load_encoder(tmp_path / "junk.pt")
+        read_encoder(tmp_path / "junk.pt")
 
 
 def test_real_cxrs_through_ingest_dali_and_trainer(shared_data, tmp_path):
@@ -204,4 +206,4 @@ def test_real_cxrs_through_ingest_dali_and_trainer(shared_data, tmp_path):
     assert main([DEBUG, f"data.shards={out}", f"run.out={run}", "optim.total_steps=2"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
-    assert load_encoder(run / "encoder.pt")[1]["step"] == 2
+    assert read_encoder(run / "encoder.pt").meta["step"] == 2

@@ -1,4 +1,5 @@
-"""Checkpoints (atomic `RUN/ckpt/step-000500.pt`, keep last k, `torch.load(weights_only=True)`) and encoder export.
+"""Checkpoints (atomic `RUN/ckpt/step-000500.pt`, keep last k, `torch.load(weights_only=True)`) and encoder.pt
+export (read back by `trainer.encoder_io`).
 
 A checkpoint holds only tensors, dicts, lists, numbers and strings: model, optimiser, scaler, step, epoch, per-rank
 RNG states and data-loader positions (the MoCo queue is a model buffer).
@@ -132,45 +133,3 @@ def save_encoder(path: str | Path, backbone: nn.Module, arch: str, in_channels: 
 def _feature_dim(state: dict) -> int:
     last_bn = [k for k in state if k.startswith("layer4.") and k.endswith(".running_mean")]
     return int(state[sorted(last_bn)[-1]].shape[0]) if last_bn else 0
-
-
-def _backbone_from_training_state(model_state: dict) -> dict:
-    """Backbone weights from a training checkpoint's model state (SimCLR: backbone.*, MoCo: encoder_q.backbone.*)."""
-    for prefix in ("encoder_q.backbone.", "backbone."):
-        sub = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-        if sub:
-            return sub
-    return {}
-
-
-def backbone_state_from_file(path: str | Path) -> tuple[dict, dict]:
-    """(backbone state_dict, meta with arch / in_channels) from an encoder.pt or a training checkpoint."""
-    doc = load_checkpoint(path)
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: not an encoder or training checkpoint (top level is {type(doc).__name__})")
-    if "state_dict" in doc and "arch" in doc:
-        return doc["state_dict"], {k: v for k, v in doc.items() if k != "state_dict"}
-    if "model" in doc and isinstance(doc["model"], dict):
-        state = _backbone_from_training_state(doc["model"])
-        if state:
-            cfg = doc.get("config", {}).get("model", {})
-            return state, {"arch": cfg.get("arch"), "in_channels": cfg.get("in_channels"), "step": doc.get("step")}
-    raise ValueError(f"{path}: not an encoder (no 'arch'/'state_dict') nor a training checkpoint with a backbone")
-
-
-def load_encoder(path: str | Path, map_location="cpu") -> tuple[nn.Module, dict]:
-    """-> (torchvision ResNet with fc = Identity and the stored weights, meta without the state_dict)."""
-    from trainer.models import ARCHS, build_backbone
-
-    doc = load_checkpoint(path, map_location)
-    if not (isinstance(doc, dict) and "state_dict" in doc and "arch" in doc and "in_channels" in doc):
-        raise ValueError(f"{path}: not an encoder file (expected keys arch, in_channels, state_dict)")
-    if doc["arch"] not in ARCHS:
-        raise ValueError(f"{path}: unknown arch {doc['arch']!r}")
-    model, _ = build_backbone(doc["arch"], int(doc["in_channels"]), "random")
-    try:
-        model.load_state_dict(doc["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match {doc['arch']} with {doc['in_channels']} channel(s) "
-                         f"({one_line(e)})") from None
-    return model.to(map_location) if map_location else model, {k: v for k, v in doc.items() if k != "state_dict"}

@@ -1,15 +1,11 @@
 """Backbones (torchvision ResNets with a 1- or 3-channel stem), projection heads, the SimCLR model, split / global BN.
 
-ImageNet weights come only from the local torch hub cache (no network); `init` may also name a checkpoint to
-continue pretraining from (ImageNet -> CXR, as Azizi et al. did).
+Modules only: weights from files (ImageNet cache, encoder.pt, checkpoints) are read by `trainer.encoder_io`.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 
@@ -42,48 +38,16 @@ def torchvision_resnet(arch: str, in_channels: int = 1, num_classes: int = 1000)
     return adapt_stem(_torchvision_model(arch, num_classes), in_channels)
 
 
-def imagenet_weights_path(arch: str) -> Path:
-    """The cached ImageNet weights of ``arch`` in the torch hub cache: torchvision's DEFAULT file, or another
-    ImageNet release (e.g. ResNet-50 V1) when only that one is cached; DEFAULT's path when none is."""
-    import torchvision
-
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
-    enum = torchvision.models.get_model_weights(arch)
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
-    paths = [folder / w.url.rsplit("/", 1)[-1] for w in candidates]
-    return next((p for p in paths if p.is_file()), paths[0])
-
-
-def build_backbone(arch: str, in_channels: int = 1, init: str = "random") -> tuple[nn.Module, int]:
-    """A torchvision ResNet with ``fc = Identity`` -> (module, feature_dim).
-
-    init: "random"; "imagenet" (local hub cache only, RGB stem filters summed for 1 channel); or a path to an
-    encoder.pt / training checkpoint whose backbone weights are loaded strictly.
-    """
+def build_backbone(arch: str, in_channels: int = 1, *, rgb_state: dict | None = None) -> tuple[nn.Module, int]:
+    """A torchvision ResNet with ``fc = Identity`` -> (module, feature_dim), randomly initialised, or holding
+    ``rgb_state`` (the 3-channel ImageNet classifier's state dict), loaded strictly before the stem is adapted (RGB
+    filters summed for 1 channel). Files (encoder.pt, checkpoints, the hub cache) are read by trainer.encoder_io."""
     model = _torchvision_model(arch)
-    if init == "imagenet":
-        path = imagenet_weights_path(arch)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"model.init=imagenet: {arch} ImageNet weights not in the local torch hub cache ({path}); this run "
-                f"makes no network access: fetch them on a connected machine with "
-                f"`python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"` and copy the file "
-                f"there, or set model.init=random")
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if rgb_state is not None:
+        model.load_state_dict(rgb_state)
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
-    model = adapt_stem(model, in_channels)
-    if init not in ("random", "imagenet"):
-        from trainer.checkpoint import backbone_state_from_file
-
-        state, meta = backbone_state_from_file(init)
-        if meta.get("arch", arch) != arch or meta.get("in_channels", in_channels) != in_channels:
-            raise ValueError(f"{init}: holds a {meta.get('arch')} with {meta.get('in_channels')} input channel(s); "
-                             f"this run builds {arch} with {in_channels}")
-        model.load_state_dict(state, strict=True)
-    return model, feature_dim
+    return adapt_stem(model, in_channels), feature_dim
 
 
 class ProjectionHead(nn.Sequential):
@@ -113,8 +77,16 @@ class ContrastiveModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def build_contrastive_model(model_cfg) -> ContrastiveModel:
-    backbone, feature_dim = build_backbone(model_cfg.arch, model_cfg.in_channels, model_cfg.init)
+def build_contrastive_model(model_cfg, init=None) -> ContrastiveModel:
+    """backbone -> projection head for a `ModelConfig`. ``init``: the backbone record that
+    ``trainer.encoder_io.read_init(model_cfg)`` returned (its ``model`` and ``feature_dim``); without it the backbone
+    is built at random, which only ``model.init=random`` allows."""
+    if init is None:
+        if model_cfg.init != "random":
+            raise ValueError(f"model.init={model_cfg.init}: read it with trainer.encoder_io.read_init and pass it")
+        backbone, feature_dim = build_backbone(model_cfg.arch, model_cfg.in_channels)
+    else:
+        backbone, feature_dim = init.model, init.feature_dim
     hidden = model_cfg.head_hidden_dim or feature_dim
     head = ProjectionHead(feature_dim, hidden, model_cfg.proj_dim, model_cfg.head_layers, model_cfg.head_bn)
     return ContrastiveModel(backbone, head)

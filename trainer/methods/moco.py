@@ -116,9 +116,11 @@ class MoCoV2(Method):
         return None
 
     def build_model(self, model_cfg, *, world_size: int) -> nn.Module:
+        from trainer.encoder_io import read_init
+
         c = self.loss_cfg
-        return MoCo(build_contrastive_model(model_cfg), c.moco_queue, c.moco_momentum, c.moco_shuffle_bn,
-                    bn_splits=self.bn_splits(world_size))
+        encoder_q = build_contrastive_model(model_cfg, read_init(model_cfg))
+        return MoCo(encoder_q, c.moco_queue, c.moco_momentum, c.moco_shuffle_bn, bn_splits=self.bn_splits(world_size))
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model.encoder_q.backbone

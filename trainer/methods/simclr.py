@@ -25,9 +25,10 @@ class SimCLR(Method):
         return self._ntxent.place(device, cfg.model.proj_dim) or None  # settled at construction on that device
 
     def build_model(self, model_cfg, *, world_size: int) -> nn.Module:
+        from trainer.encoder_io import read_init
         from trainer.models import build_contrastive_model
 
-        return build_contrastive_model(model_cfg)
+        return build_contrastive_model(model_cfg, read_init(model_cfg))
 
     def _nt_xent(self, step, z1: torch.Tensor, z2: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         step.observe(z1, z2)
