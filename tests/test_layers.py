@@ -1,6 +1,7 @@
 """DESIGN.md layer order: synth -> ingest -> dali_pipes -> trainer -> eval -> {bench, serve}; a package imports
-only leftwards (synth imports nothing of ours), and the two top packages never import each other. The code style's
-line limit holds too: no tracked *.py or *.sh line is longer than 120 characters."""
+only leftwards (synth imports nothing of ours), and the two top packages never import each other; inside the tree no
+two modules import each other, directly or round a circle, and no private name crosses a module boundary. The code
+style's line limit holds too: no tracked *.py or *.sh line is longer than 120 characters."""
 from __future__ import annotations
 
 import ast
@@ -111,3 +112,83 @@ def test_no_line_over_120_characters():
             if len(line) > MAX_LINE:
                 bad.append(f"{path.relative_to(ROOT)}:{n}: {len(line)} characters")
     assert not bad, f"lines over {MAX_LINE} characters (wrap them):\n" + "\n".join(bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, anywhere in the file (imports inside functions count)."""
+    paths = {}
+    for package in LAYERS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            paths[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                candidates = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for candidate in candidates:  # the longest prefix that is one of our modules
+                while candidate and candidate not in paths:
+                    candidate = candidate.rpartition(".")[0]
+                if candidate and candidate != name and not name.startswith(candidate + "."):
+                    found.add(candidate)
+        graph[name] = found
+    return graph
+
+
+def test_no_import_circles_between_modules():
+    """A circle means a file was split and its halves still lean on each other: move the shared part down."""
+    graph = _module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(" <-> ".join(sorted(component)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, "import circles (imports inside functions count):\n" + "\n".join(circles)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """`from eval.cli import _helper` is how a split file leans on its other half: shared helpers get public names
+    in a module of their own."""
+    ours = set(LAYERS)
+    bad = []
+    for package in LAYERS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in ours):
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    if private:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {', '.join(private)} "
+                                   f"from {node.module}")
+    assert not bad, "private names imported across modules:\n" + "\n".join(bad)
