@@ -98,7 +98,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _table(rows: list[dict], columns: list[str] | None = None) -> str:
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
     columns = columns or list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
@@ -123,7 +123,7 @@ def markdown(doc: dict, plot_name: str | None) -> str:
     if not gpus:
         lines += ["> No GPU: every stage ran at tiny CPU sizes. These rows show the suite works; they characterise "
                   "nothing about training throughput.", ""]
-    lines += ["## Stages", "", _table([{"stage": k, "status": v["status"], "seconds": v.get("seconds"),
+    lines += ["## Stages", "", markdown_table([{"stage": k, "status": v["status"], "seconds": v.get("seconds"),
                                         "detail": v.get("error", "")} for k, v in doc["stages"].items()]), ""]
     lines += ["## Headline", ""]
     for name, v in summary.get("images_per_s", {}).items():
@@ -143,6 +143,6 @@ def markdown(doc: dict, plot_name: str | None) -> str:
         res = st.get("result")
         if not res:
             continue
-        lines += [f"## {name}", "", f"`{res.get('command', '')}`", "", _table(res.get("rows", [])), ""]
+        lines += [f"## {name}", "", f"`{res.get('command', '')}`", "", markdown_table(res.get("rows", [])), ""]
         lines += [f"- {n}" for n in res.get("notes", [])] + [""]
     return "\n".join(lines)

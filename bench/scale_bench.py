@@ -429,14 +429,14 @@ def plot(rows: list[dict], fitted: list[dict], path: Path, title: str) -> Path:
 
 
 def markdown(doc: dict, plot_name: str) -> str:
-    from bench.report import _table
+    from bench.report import markdown_table
     env = doc["env"]
     lines = [f"# Cost against size ({env.get('cpu')}, {env.get('cpu_cores_available')} cores)", "",
              f"`{doc['command']}` on {env.get('date')}, commit {env.get('git_commit')}.", "",
-             "## Goals", "", _table(doc["goals"], ["goal", "value", "ok"]), "",
+             "## Goals", "", markdown_table(doc["goals"], ["goal", "value", "ok"]), "",
              "## Fitted exponents (least squares on log-log)", "",
-             _table(doc["fits"], ["family", "stage", "sizes", "time_exponent", "memory_exponent"]), "",
-             f"![cost against size]({plot_name})", "", "## Rows", "", _table(doc["rows"]), ""]
+             markdown_table(doc["fits"], ["family", "stage", "sizes", "time_exponent", "memory_exponent"]), "",
+             f"![cost against size]({plot_name})", "", "## Rows", "", markdown_table(doc["rows"]), ""]
     lines += [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
 
