@@ -221,7 +221,7 @@ def view_filter_rows(report: BenchReport, tmp: Path, args, *, devices: list[str]
                             f"{'met' if ratio >= GOAL_VIEW_INDEX_RATIO else 'NOT met'}; best of 2 alternated runs)")
 
 
-GPU_GOAL_SAMPLES_PER_S = 15_000  # issue goal for one H100: source images/s, each giving 2 views
+GPU_GOAL_SAMPLES_PER_S = 15_000  # target for one H100: source images/s, each giving 2 views
 
 
 def run(args) -> BenchReport:

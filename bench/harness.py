@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ingest.files import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -233,9 +235,7 @@ class BenchReport:
         if out.suffix != ".json":
             out = out / f"{self.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(self.as_dict(), indent=2, default=str) + "\n")
         print(f"wrote {out}", file=sys.stderr)
         return out
 

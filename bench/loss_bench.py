@@ -230,7 +230,7 @@ def _run(report, impls: list[str], sizes: list[int], args, device, dtype) -> Non
 
 
 def goal_notes(rows: list[dict]) -> list[str]:
-    """The issue's three targets for one H100, judged from this run's rows: met / MISSED / not measured."""
+    """The fused loss's three targets for one H100, judged from this run's rows: met / MISSED / not measured."""
     fused = {r["n_views"]: r for r in rows if r["impl"] == "fused" and r["status"] == "ok"}
 
     def verdict(ok: bool | None) -> str:

@@ -18,7 +18,7 @@ from trainer.methods import build_method
 from trainer.optim import build_optimizer
 from trainer.steps import TrainStep
 
-GOAL_VIEWS_PER_S = 5000  # ResNet-50, 224 px, one H100, model only (issue 4)
+GOAL_VIEWS_PER_S = 5000  # target: ResNet-50, 224 px, model only, one H100
 CHEXPERT_FRONTAL_TRAIN_IMAGES = 191_027  # frontal rows of the CheXpert v1.0 train CSV (of 223,414): "100 epochs" below
 
 

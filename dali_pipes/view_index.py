@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dali_pipes.shard_table import ShardTable, index_text
+from ingest.files import atomic_write_text
 from ingest.schema import DALI_INDEX_VERSION, VIEWS, VIEWS_CACHE_DIR, Manifest, ShardFormatError, ShardInfo, views_label
 
 USER_CACHE_ENV = "CXR_SSL_CACHE"  # where filtered indexes go when the shard folder is read-only
@@ -61,22 +61,6 @@ def _indexed_count(path: Path) -> int | None:
         return None
 
 
-def _write_atomic(folder: Path, name: str, text: str) -> Path:
-    """Write ``folder/name`` via a private temp file and rename: concurrent ranks each rename a complete file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / name
-
-
 def _filtered_index(shard: ShardInfo, views: frozenset[str], label: str, removed: dict[str, int]) -> ReaderShard:
     name = f"{shard.path.stem}-{_cache_key(shard, label)}.idx"
     for folder in _cache_dirs(shard):
@@ -94,7 +78,9 @@ def _filtered_index(shard: ShardInfo, views: frozenset[str], label: str, removed
     errors = []
     for folder in _cache_dirs(shard):
         try:
-            return ReaderShard(shard.path, _write_atomic(folder, name, text), len(keep))
+            folder.mkdir(parents=True, exist_ok=True)
+            # Each writer has its own temp file: concurrent ranks each rename a complete file.
+            return ReaderShard(shard.path, atomic_write_text(folder / name, text), len(keep))
         except OSError as e:
             errors.append(f"{folder}: {e.strerror or e}")
     raise ShardFormatError(f"{shard.path}: cannot write its view-filtered index ({'; '.join(errors)}); set "

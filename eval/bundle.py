@@ -4,7 +4,6 @@ leaves beside its results so that `eval export` can build a bundle from them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from ingest.errors import one_line
+from ingest.files import atomic_write, sha256_file
 BUNDLE_FORMAT = "cxr-ssl-bundle/2"  # /2: thresholds[task].validated
 HEADS_FORMAT = "cxr-ssl-linear-heads/1"
 MODEL_FILE, META_FILE, CARD_FILE = "model.pt", "bundle.json", "README.md"
@@ -43,9 +43,8 @@ def save_linear_heads(path: Path, probe, tasks: list[str], val_targets: np.ndarr
         doc["val_targets"] = torch.from_numpy(np.asarray(val_targets, dtype=np.float64))
         if val_pids is not None:
             doc["val_pids"] = [str(p) for p in val_pids]
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(doc, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        torch.save(doc, f)
 
 
 class ProbeHeads(torch.nn.Module):
@@ -128,7 +127,7 @@ def write_bundle(folder: Path, model_doc: dict, meta: dict, card: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({"format": BUNDLE_FORMAT, **model_doc}, tmp / MODEL_FILE)
-    meta = {**meta, "model_sha256": _sha256(tmp / MODEL_FILE)}
+    meta = {**meta, "model_sha256": sha256_file(tmp / MODEL_FILE)}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     (tmp / CARD_FILE).write_text(card)
     if folder.exists():
@@ -151,7 +150,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise BundleError(f"{folder}: bundle format {found!r}, this code reads {BUNDLE_FORMAT} "
                           "(export it again with `python -m eval export`)")
     check_meta(meta, folder / META_FILE)
-    if meta.get("model_sha256") != _sha256(folder / MODEL_FILE):
+    if meta.get("model_sha256") != sha256_file(folder / MODEL_FILE):
         raise BundleError(f"{folder / MODEL_FILE}: sha256 differs from the one in {META_FILE} (modified or corrupt)")
     try:
         doc = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
@@ -208,11 +207,3 @@ def check_meta(meta: dict, path: Path) -> None:
         th = meta["thresholds"][t]
         if th["validated"] and th["threshold"] is None:
             raise BundleError(f"{path}: thresholds.{t}: a validated task needs a threshold")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

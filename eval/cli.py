@@ -15,6 +15,7 @@ from eval.args import parse_grid
 from eval.cli_common import (features_of, fmt, fmt_ci, guard_outputs, log, policy_of, prepare, probe_options,
                              run_context, save_predictions, transform_of, write_json)
 from eval.features import EncoderSpec
+from ingest.files import atomic_write
 from ingest.schema import load_manifest
 
 
@@ -97,9 +98,8 @@ def _save_finetuned(path: Path, state: dict, spec: EncoderSpec, tasks: list[str]
     doc = {"arch": spec.arch, "in_channels": spec.in_channels, "encoder": spec.name, "category": spec.category,
            "tasks": list(tasks), "lr": result["chosen_lr"], "weight_decay": result["chosen_weight_decay"],
            "epoch": result["best_epoch"], "backbone": backbone, "head": state["head"]}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(doc, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        torch.save(doc, f)
 
 
 def run_fractions(args) -> None:

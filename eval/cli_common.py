@@ -13,6 +13,7 @@ from eval.arg_types import UsageError
 from eval.devices import resolve_device
 from eval.features import EncoderSpec, Transform, encoder_hash, encoder_spec, extract_features
 from eval.labels import LabelPolicy, resolve_tasks
+from ingest.files import atomic_write, atomic_write_text
 from ingest.remote import RemoteError, is_remote, local_folder
 from ingest.schema import load_manifest
 
@@ -39,9 +40,7 @@ def guard_outputs(paths: list[Path], overwrite: bool) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=json_default))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default))
 
 
 def json_default(x):
@@ -55,9 +54,8 @@ def json_default(x):
 
 
 def save_predictions(path: Path, preds: dict, tasks: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, targets=preds["targets"], scores=preds["scores"], pids=preds["pids"], tasks=np.array(tasks))
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        np.savez(f, targets=preds["targets"], scores=preds["scores"], pids=preds["pids"], tasks=np.array(tasks))
 
 
 def run_context(args, spec: EncoderSpec, tasks: list[str]) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 from eval.bundle import BUNDLE_FORMAT, VIEWS, BundleError
 from ingest.errors import one_line
+from ingest.files import sha256_file
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 VAL_REPLICATES = 1000
@@ -184,7 +185,6 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
 def export(args) -> Path:
     from eval.bundle import write_bundle
     from eval.card import model_card
-    from eval.features import _sha256_file
     folder = args.out / args.protocol
     name = result_name(folder, args.encoder)
     rpath = folder / f"{name}.json"
@@ -241,7 +241,7 @@ def export(args) -> Path:
             "mean_test_auroc_ci": result.get("mean_auroc_ci"),
             "thresholds": thresholds, "threshold_rule": _rule_text(args.sensitivity), "calibration": None,
             "provenance": {"encoder_sha256": e["sha256"],
-                           "manifest_sha256": _sha256_file(manifest) if manifest.is_file() else None,
+                           "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
                            "label_policy": _policy(result), "protocol": args.protocol,
                            "eval_result": str(rpath.resolve()),
                            "evaluated": result.get("time"),

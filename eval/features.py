@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from eval.devices import dali_device_id, torch_device
+from ingest.files import atomic_write, sha256_file
 from ingest.schema import MANIFEST_NAME, load_manifest
 
 CACHE_VERSION = 1
@@ -98,21 +98,13 @@ def build_encoder(spec: EncoderSpec):
 def encoder_hash(spec: EncoderSpec) -> str:
     """Content hash of the weights: the file's sha256, or the recipe for a seeded random init."""
     if spec.kind == "checkpoint":
-        return _sha256_file(spec.path)
+        return sha256_file(spec.path)
     if spec.kind == "random":
         import torch
         key = f"random:{spec.arch}:{spec.in_channels}:{spec.seed}:torch{torch.__version__}"
         return hashlib.sha256(key.encode()).hexdigest()
-    weights_sha256 = _sha256_file(imagenet_weights_file(spec.arch))
+    weights_sha256 = sha256_file(imagenet_weights_file(spec.arch))
     return hashlib.sha256(f"imagenet:{spec.in_channels}:".encode() + weights_sha256.encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -150,7 +142,7 @@ class Transform:
 def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform,
                       device: str = "cpu") -> str:
     # The device is part of the key: GPU decoding (nvJPEG) and bf16 autocast give slightly different features.
-    manifest_sha = _sha256_file(Path(shard_root) / MANIFEST_NAME)
+    manifest_sha = sha256_file(Path(shard_root) / MANIFEST_NAME)
     blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder_hash(spec), "manifest": manifest_sha, "split": split,
                        "channels": spec.in_channels, "device": device, **transform.as_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -216,8 +208,8 @@ def extract_features(spec: EncoderSpec, shard_root: str | Path, split: str, *, d
                     np.concatenate(pids), manifest.label_names)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
-        np.savez(tmp, features=fs.features, labels=fs.labels, pids=fs.pids, label_names=np.array(fs.label_names))
-        os.replace(tmp, cache_path)  # atomic: a killed run never leaves a truncated cache entry
+        with atomic_write(cache_path) as f:  # a killed run never leaves a truncated cache entry
+            np.savez(f, features=fs.features, labels=fs.labels, pids=fs.pids,
+                     label_names=np.array(fs.label_names))
         log(f"cached {n} x {fs.features.shape[1]} features of {spec.name}/{split} -> {cache_path}")
     return fs

@@ -18,6 +18,7 @@ import numpy as np
 
 from eval.devices import DeviceError, resolve_device, torch_device
 from ingest.errors import one_line
+from ingest.files import atomic_write
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 8-bit pixels: a 6000 x 6000 film; a 16-bit pixel counts twice (~3000 x 3500 CR)
 MAX_ASPECT = 8  # chest films are ~1 : 1.25; panoramic strips are not
@@ -247,12 +248,10 @@ def run(args) -> dict:
     seconds = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["path", "status", "reason", *[f"p_{t}" for t in tasks], *[f"flag_{t}" for t in tasks]]
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(args.out, text=True, newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows[i] for i in range(len(files)))
-    tmp.replace(args.out)
     ok = sum(r["status"] == "ok" for r in rows.values())
     return {"predicted": ok, "unreadable": len(files) - ok, "seconds": seconds,
             "errors": [(r["path"], r["reason"]) for r in rows.values() if r["status"] != "ok"]}

@@ -8,7 +8,6 @@ plan into OUT/.ingest-parts/ (no manifest); `ingest merge OUT` then writes what 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ingest.dicom_filters import POLICY_OPTIONS, DicomPolicy, add_policy_options, policy_from_args
+from ingest.files import sha256_file, temp_target
 from ingest.manifest import FILTERED_NAME, PATIENTS_NAME, reason_lines, summary_table, write_outputs
 from ingest.plan import Plan, make_plan
 from ingest.pseudonym import (PrivacyError, check_outside, default_private_log, default_salt_file,
@@ -34,8 +34,8 @@ from ingest.state import (PART_ARGS_FILE, PART_DONE_FILE, PARTS_DIR, STATE_DIR, 
 from ingest.workers import GuardedPool, SampleTask, SampleWorker, TaskResult
 
 LEGACY_SALT_FILE = "pseudonym-salt.txt"  # older versions kept the salt in OUT: refused now
-OWN_ENTRIES = {*SPLITS, MANIFEST_NAME, REJECTS_NAME, FILTERED_NAME, PATIENTS_NAME, STATE_DIR, VIEWS_CACHE_DIR,
-               PARTS_DIR, MANIFEST_NAME + ".tmp", PATIENTS_NAME + ".tmp", REJECTS_NAME + ".tmp", FILTERED_NAME + ".tmp"}
+OWN_FILES = {MANIFEST_NAME, REJECTS_NAME, FILTERED_NAME, PATIENTS_NAME}
+OWN_ENTRIES = {*SPLITS, *OWN_FILES, STATE_DIR, VIEWS_CACHE_DIR, PARTS_DIR}
 # Sources whose paths, file names and ids may identify a patient: OUT shows only salted pseudonyms of them.
 PRIVATE_SOURCES = ("dicom", "folder")
 # Options that change the output bytes (recorded in the manifest and the resume fingerprint); --workers does not.
@@ -45,6 +45,11 @@ OUTPUT_OPTIONS = ("source", "size", "quality", "views", "split_mode", "split_see
 
 class BuildError(RuntimeError):
     """Stops the run with a one-line reason (exit 2)."""
+
+
+def _own_entry(name: str) -> bool:
+    """One of ingest's entries in OUT, or the temp file a killed write of one of its files left."""
+    return name in OWN_ENTRIES or temp_target(name) in OWN_FILES
 
 
 def parse_bytes(text: str) -> int:
@@ -215,7 +220,7 @@ def check_out(out: Path, overwrite: bool) -> None:
     if (out / LEGACY_SALT_FILE).exists():
         raise BuildError(f"{out / LEGACY_SALT_FILE}: a pseudonym salt inside OUT would ship with the shards; move it "
                          f"out of OUT and pass it with --salt-file")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
+    foreign = sorted(p.name for p in out.iterdir() if not _own_entry(p.name))
     if foreign:
         raise BuildError(f"{out}: not an ingest output folder (contains {', '.join(foreign[:3])}); "
                          "choose an empty --out")
@@ -229,6 +234,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     names = OWN_ENTRIES if overwrite else OWN_ENTRIES - {*SPLITS, STATE_DIR, VIEWS_CACHE_DIR, PARTS_DIR}
+    names |= {p.name for p in out.iterdir() if temp_target(p.name) in OWN_FILES}
     for name in names:
         p = out / name
         if p.is_dir():
@@ -340,14 +346,11 @@ def clean_partial_files(out: Path, done: dict[str, list[Segment]]) -> None:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """The file's sha256, or "" when it cannot be read (a reject's input may be gone or unreadable)."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError:
         return ""
-    return h.hexdigest()
 
 
 @dataclass

@@ -7,6 +7,7 @@ import platform
 import sys
 from pathlib import Path
 
+from ingest.files import atomic_write
 from ingest.schema import FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, SPLITS
 from ingest.state import write_json_atomic
 
@@ -41,12 +42,10 @@ def write_tsv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
     for row in rows:
         if tuple(row) != columns:
             raise AssertionError(f"{path.name}: row columns {list(row)} != header {list(columns)}")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path, text=True) as f:
         f.write("\t".join(columns) + "\n")
         for row in rows:
             f.write("\t".join(_tsv_cell(row[c]) for c in columns) + "\n")
-    tmp.replace(path)
 
 
 def write_outputs(out: Path, *, dataset: str, label_names, patients: list[str], splits: dict, rejects: list[dict],

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from ingest.files import atomic_write
+
 SALT_BYTES = 32
 
 
@@ -82,10 +84,7 @@ def write_private_log(path: Path, rows: list[tuple[str, str, str, str, str]]) ->
     """Rows of (input_id, sha256, status, reason, source_path) to a 0600 TSV: the map back to raw paths."""
     path = Path(path)
     _private_dir(path.parent)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, text=True, file_mode=0o600) as f:
         f.write("input_id\tsha256\tstatus\treason\tsource_path\n")
         for row in rows:
             f.write("\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in row) + "\n")
-    os.replace(tmp, path)

@@ -1,18 +1,18 @@
 """Deterministic WebDataset tar writing with the DALI index (wds2idx "v1.2" format) written beside each shard.
 
-A shard is written to ``NAME.tar.tmp`` and renamed when complete, its index likewise, so a killed run never
-leaves a half shard under a final name.
+A shard is written to a temp file beside it and renamed when complete (``ingest.files.atomic_write``), its index
+likewise and first, so a killed run never leaves a half shard under a final name.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ingest.files import atomic_write
 from ingest.schema import COMPONENTS, DALI_INDEX_VERSION, INDEX_SUFFIX, read_dali_index
 
 _TAR_BLOCK_BYTES = 512
@@ -39,25 +39,18 @@ class WrittenShard:
     keys: list[str] = field(default_factory=list)
 
 
-def _commit(path: Path, tmp_tar: Path, index_lines: list[str]) -> None:
-    """Write the DALI index beside a finished ``tmp_tar``, then rename both into place (index first, so a final
-    .tar name always has its final .idx)."""
-    idx_path = path.with_suffix(INDEX_SUFFIX)
-    tmp_idx = idx_path.with_name(idx_path.name + ".tmp")
-    with open(tmp_idx, "w") as f:
+def _write_index(path: Path, index_lines: list[str]) -> None:
+    """Publish the DALI index of shard ``path``. Called last inside the tar's ``atomic_write``, so the index is in
+    place before the tar is renamed (a final .tar name always has its final .idx)."""
+    with atomic_write(path.with_suffix(INDEX_SUFFIX), text=True) as f:
         f.write(f"{DALI_INDEX_VERSION} {len(index_lines)}\n")
         f.write("\n".join(index_lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_idx, idx_path)
-    os.replace(tmp_tar, path)
 
 
 def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> WrittenShard:
     """Write ``samples`` (each ``{"__key__": str, "jpg": bytes, "json": bytes, "lbl": bytes, "pid": bytes}``)
     to ``path`` (.tar) plus its ``.idx``, atomically. Returns size, count and sha256 of the tar."""
     path = Path(path)
-    tmp_tar = path.with_name(path.name + ".tmp")
     buf = io.BytesIO()
     index_lines = []
     keys = []
@@ -77,20 +70,10 @@ def write_shard(path: str | Path, samples: list[dict[str, bytes]]) -> WrittenSha
             keys.append(key)
     data = buf.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp_tar, "wb") as f:
+    with atomic_write(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _commit(path, tmp_tar, index_lines)
+        _write_index(path, index_lines)
     return WrittenShard(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest(), keys)
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def iter_shard(path: str | Path) -> Iterator[dict[str, bytes]]:
@@ -176,11 +159,10 @@ def encode_sample(sample: dict[str, bytes]) -> EncodedSample:
 def write_encoded_shard(path: str | Path, samples: list[EncodedSample]) -> WrittenShard:
     """Same files as ``write_shard`` (tar + DALI index, atomically) from pre-encoded samples."""
     path = Path(path)
-    tmp_tar = path.with_name(path.name + ".tmp")
     h = hashlib.sha256()
     index_lines, offset = [], 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp_tar, "wb") as f:
+    with atomic_write(path) as f:
         for s in samples:
             f.write(s.blob)
             h.update(s.blob)
@@ -189,7 +171,5 @@ def write_encoded_shard(path: str | Path, samples: list[EncodedSample]) -> Writt
         tail = bytes(tar_archive_bytes(offset) - offset)  # end-of-archive blocks + record padding
         f.write(tail)
         h.update(tail)
-        f.flush()
-        os.fsync(f.fileno())
-    _commit(path, tmp_tar, index_lines)
+        _write_index(path, index_lines)
     return WrittenShard(path.name, len(samples), offset + len(tail), h.hexdigest(), [s.key for s in samples])

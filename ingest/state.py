@@ -3,13 +3,12 @@ filling it), written after the shard's rename. A segment file is the only proof 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ingest.records import Record, Reject
 from ingest.schema import INDEX_SUFFIX, SPLITS
-from ingest.shards import sha256_file
+from ingest.files import atomic_write, sha256_file
 
 STATE_DIR = ".ingest-state"
 PLAN_FILE = "plan.json"
@@ -33,13 +32,9 @@ class Segment:
 
 
 def write_json_atomic(path: Path, data, *, indent: int | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path, text=True) as f:
         json.dump(data, f, indent=indent, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def segment_path(out: Path, split: str, seq: int) -> Path:

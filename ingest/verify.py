@@ -12,8 +12,9 @@ import struct
 import sys
 from pathlib import Path
 
+from ingest.files import sha256_file
 from ingest.schema import COMPONENTS, INDEX_SUFFIX, MANIFEST_NAME, SPLITS, ShardFormatError, load_manifest
-from ingest.shards import read_index, sha256_file
+from ingest.shards import read_index
 from ingest.state import PARTS_DIR, part_status
 
 MAX_PROBLEMS_SHOWN = 50

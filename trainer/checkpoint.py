@@ -6,7 +6,6 @@ RNG states and data-loader positions (the MoCo queue is a model buffer).
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ingest.errors import one_line
+from ingest.files import atomic_write
 CKPT_DIR = "ckpt"
 _STEP_RE = re.compile(r"^step-(\d{6,})\.pt$")
 
@@ -45,20 +45,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, rename, fsync the folder: never a torn file."""
+    """torch.save through ``ingest.files.atomic_write`` (temp file, fsync, rename, fsync the folder): never a torn
+    file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return path
 
 
