@@ -38,9 +38,10 @@ USAGE = """usage: torchrun --nproc_per_node=N trainer/pretrain.py CONFIG.toml [s
        python trainer/pretrain.py CONFIG.toml [section.key=value ...]
 
 Sections data, model, loss, optim, run (see trainer/config.py and the presets in trainer/configs/).
-Exit status: 0 done or preempted with a checkpoint, 2 bad config/input, 3 non-finite loss."""
+Exit status: 0 done or preempted with a checkpoint, 2 bad config/input, 3 non-finite loss,
+4 a peer rank died or hung past run.dist_timeout_s (resume from the last checkpoint)."""
 
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PEER_LOST = 2, 3, 4
 
 
 class Stop(Exception):
@@ -62,19 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
+    peer_lost = False
     try:
-        info = dist_utils.setup(cfg.run.device)
+        info = dist_utils.setup(cfg.run.device, timeout_s=cfg.run.dist_timeout_s)
         return train(cfg, info)
     except Stop as e:
         print(f"pretrain: {e}", file=sys.stderr, flush=True)
         return e.code
-    except RuntimeError as e:  # e.g. run.device=cuda without a GPU
+    except RuntimeError as e:  # a peer lost mid-run, or run.device=cuda without a GPU
+        reason = dist_utils.peer_failure(e)
+        if reason is not None:
+            peer_lost = True
+            print(_peer_lost_line(cfg, reason), file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
         if "CUDA" not in str(e):
             raise
         print(f"pretrain: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:
-        dist_utils.teardown()
+        if not peer_lost:  # a group with a dead member may block in its destructor; the process ends instead
+            dist_utils.teardown()
         # process-wide switches go back as they were (main() may be called in-process, e.g. by tests)
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.benchmark = flags[1]
@@ -237,6 +245,14 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     return 0
 
 
+def _peer_lost_line(cfg: Config, reason: str) -> str:
+    rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    last = ckpt.latest_checkpoint(cfg.run.out)
+    kept = f"last checkpoint {last}" if last else "no checkpoint yet"
+    return (f"pretrain: rank {rank}/{world_size}: a peer rank died or hung (run.dist_timeout_s="
+            f"{cfg.run.dist_timeout_s:g}): {reason}; stopping ({kept}; the same command resumes)")
+
+
 # ------------------------------------------------------------------------------------------------ setup helpers
 
 
@@ -381,4 +397,4 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist_utils.exit_process(main())
