@@ -300,12 +300,15 @@ def run(a: argparse.Namespace) -> int:
 
 def _process(a: argparse.Namespace, plan: Plan, writers: dict[str, SplitWriter], todo: list, privacy: Privacy) -> None:
     from tqdm import tqdm
+
+    from ingest.progress import show_progress
     tasks = (sample_task(seq, r, split, plan, privacy) for seq, (split, _, r) in enumerate(todo))
     worker = SampleWorker(a.root, a.size, a.quality)
     pool = GuardedPool(worker, a.workers, a.file_timeout_s) if a.workers > 0 else None
     results = pool.imap(tasks) if pool is not None else map(worker, tasks)  # ordered: independent of worker count
     try:
-        bar = tqdm(total=plan.num_planned, initial=plan.num_planned - len(todo), unit="img", disable=a.no_progress,
+        bar = tqdm(total=plan.num_planned, initial=plan.num_planned - len(todo), unit="img",
+                   disable=not show_progress(not a.no_progress),
                    dynamic_ncols=True, desc="ingest")
         with bar:
             for (split, i, rec), result in zip(todo, results):

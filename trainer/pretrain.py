@@ -110,6 +110,9 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     if steps_per_epoch == 0:
         raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
     schedule = _schedule(cfg, steps_per_epoch)
+    if info.is_main:
+        for text in fit_warnings(cfg, device, world_size, schedule):
+            print(text, file=sys.stderr, flush=True)
     raw_model, step_fn = _build_model(cfg, info, method, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 
@@ -286,6 +289,27 @@ def _check_inputs(cfg: Config, info: dist_utils.DistInfo, method: Method) -> Non
         raise Stop(EXIT_BAD_INPUT, str(e)) from None
 
 
+# A CPU step past this many input pixels per rank (64 images of 224 px) takes long enough that a run of GPU-sized
+# batches is better refused by its user than discovered a step at a time.
+CPU_PIXELS_PER_RANK_STEP = 64 * 224 * 224
+
+
+def fit_warnings(cfg: Config, device: torch.device, world_size: int, schedule: dict) -> list[str]:
+    """One line each: a GPU-sized batch on the CPU, and a warm-up as long as the whole run (the lr never peaks)."""
+    out = []
+    per_rank = cfg.data.batch_size // world_size
+    if device.type == "cpu" and per_rank * cfg.data.image_size ** 2 > CPU_PIXELS_PER_RANK_STEP:
+        out.append(f"pretrain: warning: data.batch_size={cfg.data.batch_size} at {cfg.data.image_size} px is a GPU "
+                   f"batch: {per_rank} images per rank and step on the CPU make each step slow (the run has "
+                   f"{schedule['total_steps']} steps); lower data.batch_size / data.image_size for a CPU run "
+                   f"(trainer/configs/debug_cpu.toml)")
+    if schedule["warmup_steps"] >= schedule["total_steps"]:
+        out.append(f"pretrain: warning: the warm-up ({schedule['warmup_steps']} steps) is not shorter than the run "
+                   f"({schedule['total_steps']} steps): the lr never reaches its peak {schedule['peak_lr']:.4g}; "
+                   f"lower optim.warmup_steps / optim.warmup_epochs")
+    return out
+
+
 def _global_bn(cfg: Config, world_size: int) -> bool:
     """BatchNorm over the global batch: SimCLR / MICLe put both views of a sample on one rank, and per-rank statistics
     would let the model tell positives by their batch; MoCo hides that with shuffle-BN instead."""
@@ -389,7 +413,10 @@ def _check_finite(nonfinite: torch.Tensor, step: int, run_dir: Path) -> None:
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
+    """A step bar on a terminal only (run.progress, rank 0); a redirected log gets the log rows alone."""
+    from ingest.progress import show_progress
+
+    if not show_progress(enabled):
         return None
     from tqdm import tqdm
 
