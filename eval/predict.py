@@ -197,6 +197,7 @@ def run(args) -> dict:
 
     from eval.bundle import load_bundle
     from ingest.preprocess import ImageReject, read_bytes
+    from ingest.progress import show_progress
     if args.out.exists() and not args.overwrite:
         raise InputError("usage", f"{args.out}: exists; pass --overwrite to replace it")
     for p in args.input:
@@ -235,7 +236,8 @@ def run(args) -> dict:
     # model; the block bound keeps memory flat on folders of any size.
     block = args.batch_size * 4
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(files), desc="predict", unit="img",
-                                                        disable=args.no_progress, file=sys.stderr) as bar:
+                                                        disable=not show_progress(not args.no_progress),
+                                                        file=sys.stderr) as bar:
         for lo in range(0, len(files), block):
             for i, (x, reason) in enumerate(pool.map(load, files[lo:lo + block]), start=lo):
                 rows[i] = {"path": str(files[i]), "status": "ok" if x is not None else "error", "reason": reason}

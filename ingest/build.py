@@ -477,10 +477,12 @@ def write_results(o: BuildOptions, plan: Plan, writers: dict[str, SplitWriter], 
     """Feed each split's writer its results; a split's last segment is cut at its end (default: the plan's).
     ``total`` counts the inputs of the whole job (the progress bar starts at what earlier runs did)."""
     from tqdm import tqdm
+
+    from ingest.progress import show_progress
     ends = ends or {s: len(plan.order[s]) for s in SPLITS}
     try:
-        with tqdm(total=total, initial=total - len(todo), unit="img", disable=o.no_progress, dynamic_ncols=True,
-                  desc="ingest") as bar:
+        with tqdm(total=total, initial=total - len(todo), unit="img", disable=not show_progress(not o.no_progress),
+                  dynamic_ncols=True, desc="ingest") as bar:
             for (split, i, _), result in zip(todo, results):
                 w = writers[split]
                 w.add(i, result)

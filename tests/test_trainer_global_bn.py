@@ -107,3 +107,6 @@ def _worker() -> None:
 
 if __name__ == "__main__":
     _worker()
+    from trainer.distributed import exit_process
+
+    exit_process(0)  # DDP leaves gloo threads that may abort interpreter finalisation

@@ -99,6 +99,8 @@ class RunConfig:
     resume: str = "auto"             # "auto" (latest in RUN/ckpt) | "force" (auto, changed config) | "none" | path
     max_steps: int = 0               # >0: stop (with a checkpoint) after this step, schedule unchanged
     signal_check_every: int = 0      # ranks agree on SIGTERM/SIGUSR1 at log steps; >0: also every N (host sync)
+    # a collective waits at most this long for a peer: a dead or hung rank ends the others with one line (exit 4)
+    dist_timeout_s: float = 600.0
     tensorboard: bool = True
     progress: bool = True
     overwrite: bool = False          # allow a fresh run in a folder holding a finished run
@@ -250,6 +252,7 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(cfg.run.signal_check_every >= 0, "run.signal_check_every must be >= 0")
+    need(cfg.run.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
     need(cfg.run.log_every > 0 and cfg.run.ckpt_every > 0 and cfg.run.keep_last > 0,
          "run.log_every, run.ckpt_every and run.keep_last must be > 0")
     need(cfg.run.monitor_every >= 0 and cfg.run.monitor_images >= 0 and cfg.run.monitor_k > 0,
@@ -301,7 +304,7 @@ def split_argv(argv: typing.Sequence[str]) -> tuple[str | None, list[str]]:
 # Keys a resumed run may change: they steer when the run stops, logs, checkpoints and what it shows, never what it
 # computes. Every other difference from the checkpoint's config stops a resume (run.resume=force overrides).
 SAFE_ON_RESUME = frozenset({
-    "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.signal_check_every",
+    "run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.signal_check_every", "run.dist_timeout_s",
     "run.progress", "run.tensorboard", "run.resume", "run.out", "run.overwrite",
     # the monitor and the collapse warning only observe (eval mode, BatchNorm statistics untouched)
     "run.monitor_every", "run.monitor_images", "run.monitor_k", "run.collapse_std_ratio",

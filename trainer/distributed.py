@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
-    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun); init the process group when world_size > 1; pick the device."""
+def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun); init the process group when world_size > 1; pick the device.
+
+    ``timeout_s`` bounds every collective (and the group's start-up): a rank whose peer died or hangs raises
+    instead of waiting forever (see `peer_failure`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,7 +48,8 @@ def setup(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min),
+        _started[0] = True
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
 
@@ -52,6 +57,50 @@ def setup(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def used_process_group() -> bool:
+    """Whether this process ever started a process group (its backend threads may outlive `teardown`)."""
+    return _started[0]
+
+
+_started = [False]
+
+
+def exit_process(code: int) -> None:
+    """End a rank's process with ``code``, skipping interpreter finalisation when it ran a process group.
+
+    DistributedDataParallel keeps references to its process group that outlive both the DDP object and
+    destroy_process_group, so gloo's worker and TCP-loop threads are still running at interpreter exit, and their
+    C++ destructors, reached during finalisation, abort the process now and then ("terminate called without an
+    active exception") after the run has finished cleanly. Everything the run writes is already closed (checkpoints
+    fsynced, loggers closed, teardown done), so after flushing the streams the process ends without finalisation."""
+    import sys
+
+    if not used_process_group():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """One line when ``e`` is a collective that failed because a peer died, hung past the group's timeout or closed
+    its connection; None for every other error (those keep their traceback)."""
+    if not _started[0]:
+        return None
+    text = " ".join(str(e).split())
+    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+               "NCCL communicator was aborted", "Socket Timeout", "connection refused", "Connection refused")
+    dist_error = isinstance(e, getattr(dist, "DistError", ()))
+    if not dist_error and not (isinstance(e, RuntimeError) and any(m in text for m in markers)):
+        return None
+    text = re.sub(r"\[[^\]]*(third_party|\.cpp|\.cc)[^\]]*\]\s*", "", text)  # gloo's source locations
+    text = text.split(" This is typically caused")[0]  # gloo's advice and emoji after the reason
+    return text[:240]
 
 
 def world() -> tuple[int, int]:

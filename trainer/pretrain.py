@@ -40,9 +40,10 @@ USAGE = """usage: torchrun --nproc_per_node=N trainer/pretrain.py CONFIG.toml [s
        python trainer/pretrain.py CONFIG.toml [section.key=value ...]
 
 Sections data, model, loss, optim, run (see trainer/config.py and the presets in trainer/configs/).
-Exit status: 0 done or preempted with a checkpoint, 2 bad config/input, 3 non-finite loss."""
+Exit status: 0 done or preempted with a checkpoint, 2 bad config/input, 3 non-finite loss,
+4 a peer rank died or hung past run.dist_timeout_s (resume from the last checkpoint)."""
 
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PEER_LOST = 2, 3, 4
 
 
 class Stop(Exception):
@@ -64,19 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.get_num_threads())
+    peer_lost = False
     try:
-        info = dist_utils.setup(cfg.run.device)
+        info = dist_utils.setup(cfg.run.device, timeout_s=cfg.run.dist_timeout_s)
         return train(cfg, info)
     except Stop as e:
         print(f"pretrain: {e}", file=sys.stderr, flush=True)
         return e.code
-    except RuntimeError as e:  # e.g. run.device=cuda without a GPU
+    except RuntimeError as e:  # a peer lost mid-run, or run.device=cuda without a GPU
+        reason = dist_utils.peer_failure(e)
+        if reason is not None:
+            peer_lost = True
+            print(_peer_lost_line(cfg, reason), file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
         if "CUDA" not in str(e):
             raise
         print(f"pretrain: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:
-        dist_utils.teardown()
+        if not peer_lost:  # a group with a dead member may block in its destructor; the process ends instead
+            dist_utils.teardown()
         # process-wide switches go back as they were (main() may be called in-process, e.g. by tests)
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.benchmark = flags[1]
@@ -104,6 +112,9 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     if steps_per_epoch == 0:
         raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
     schedule = _schedule(cfg, steps_per_epoch)
+    if info.is_main:
+        for text in fit_warnings(cfg, device, world_size, schedule):
+            print(text, file=sys.stderr, flush=True)
     raw_model, step_fn = _build_model(cfg, info, method, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 
@@ -239,6 +250,14 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     return 0
 
 
+def _peer_lost_line(cfg: Config, reason: str) -> str:
+    rank, world_size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    last = ckpt.latest_checkpoint(cfg.run.out)
+    kept = f"last checkpoint {last}" if last else "no checkpoint yet"
+    return (f"pretrain: rank {rank}/{world_size}: a peer rank died or hung (run.dist_timeout_s="
+            f"{cfg.run.dist_timeout_s:g}): {reason}; stopping ({kept}; the same command resumes)")
+
+
 # ------------------------------------------------------------------------------------------------ setup helpers
 
 
@@ -271,6 +290,27 @@ def _check_inputs(cfg: Config, info: dist_utils.DistInfo, method: Method) -> Non
         check_available(cfg.run.mlflow_uri)
     except TrackingError as e:
         raise Stop(EXIT_BAD_INPUT, str(e)) from None
+
+
+# A CPU step past this many input pixels per rank (64 images of 224 px) takes long enough that a run of GPU-sized
+# batches is better refused by its user than discovered a step at a time.
+CPU_PIXELS_PER_RANK_STEP = 64 * 224 * 224
+
+
+def fit_warnings(cfg: Config, device: torch.device, world_size: int, schedule: dict) -> list[str]:
+    """One line each: a GPU-sized batch on the CPU, and a warm-up as long as the whole run (the lr never peaks)."""
+    out = []
+    per_rank = cfg.data.batch_size // world_size
+    if device.type == "cpu" and per_rank * cfg.data.image_size ** 2 > CPU_PIXELS_PER_RANK_STEP:
+        out.append(f"pretrain: warning: data.batch_size={cfg.data.batch_size} at {cfg.data.image_size} px is a GPU "
+                   f"batch: {per_rank} images per rank and step on the CPU make each step slow (the run has "
+                   f"{schedule['total_steps']} steps); lower data.batch_size / data.image_size for a CPU run "
+                   f"(trainer/configs/debug_cpu.toml)")
+    if schedule["warmup_steps"] >= schedule["total_steps"]:
+        out.append(f"pretrain: warning: the warm-up ({schedule['warmup_steps']} steps) is not shorter than the run "
+                   f"({schedule['total_steps']} steps): the lr never reaches its peak {schedule['peak_lr']:.4g}; "
+                   f"lower optim.warmup_steps / optim.warmup_epochs")
+    return out
 
 
 def _global_bn(cfg: Config, world_size: int) -> bool:
@@ -376,7 +416,10 @@ def _check_finite(nonfinite: torch.Tensor, step: int, run_dir: Path) -> None:
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
+    """A step bar on a terminal only (run.progress, rank 0); a redirected log gets the log rows alone."""
+    from ingest.progress import show_progress
+
+    if not show_progress(enabled):
         return None
     from tqdm import tqdm
 
@@ -384,4 +427,4 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist_utils.exit_process(main())
