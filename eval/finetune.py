@@ -17,6 +17,9 @@ from eval.devices import torch_device
 from eval.features import EncoderSpec, Transform, build_encoder, eval_loader, iterate_valid
 from eval.labels import LabelPolicy, select_targets, split_counts
 from eval.metrics import evaluate
+from trainer.methods.supervised import Classifier, MaskedMultiLabelBCE
+from trainer.schedules import warmup_cosine
+from trainer.steps import TrainStep, autocast_context, resolve_precision
 
 # 7 learning rates x 4 weight decays, the size of Azizi et al.'s (2021) fine-tuning sweep. Their exact values
 # (supplementary material) could not be checked offline, so this is our own half-decade grid around the SGD
@@ -91,12 +94,12 @@ class ImageSource:
             yield self.images[rows].float(), self.labels[rows], self.pids[rows]
 
 
-def _predict(model, head, source: ImageSource, batch_size: int,
-             dev) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _predict(model, head, source: ImageSource, batch_size: int, dev,
+             precision: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
     model.eval()
     scores, labels, pids = [], [], []
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    with torch.no_grad(), autocast_context(precision, dev):
         for images, lbl, pid in source.batches(batch_size):
             x = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
             scores.append(torch.sigmoid(head(model(x)).float()).cpu().numpy())
@@ -119,42 +122,41 @@ def train_one(spec: EncoderSpec, train, val: ImageSource, tasks: list[str], labe
               cfg: FinetuneConfig, *, policy: LabelPolicy, device: str, val_patients: np.ndarray | None = None,
               log=print) -> FinetuneRun:
     """Fine-tune one (lr, weight decay) setting on ``train`` (a FinetuneLoader: reshuffled and re-augmented every
-    epoch); keep the epoch with the best validation mean AUROC (on ``val_patients``' images only, when given)."""
+    epoch); keep the epoch with the best validation mean AUROC (on ``val_patients``' images only, when given). Each
+    optimiser step is the trainer's (`trainer.steps.TrainStep` with `MaskedMultiLabelBCE`)."""
     import torch
     dev = torch_device(device)
     torch.manual_seed(cfg.seed)
     model, dim = build_encoder(spec)
     head = torch.nn.Linear(dim, len(tasks))
     model, head = model.to(dev).to(memory_format=torch.channels_last), head.to(dev)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    net = Classifier(model, head)
+    opt = torch.optim.SGD(list(net.parameters()), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    precision = resolve_precision("auto", dev)  # bf16 autocast on CUDA, fp32 on the CPU
+    step_fn = TrainStep(net, net, opt, None, precision=precision, device=dev,
+                        method=MaskedMultiLabelBCE(len(tasks), device=dev))
     # A final batch of one image is skipped (BatchNorm needs 2+ samples); it is elsewhere in the next epoch's order.
     n = len(train.index)
     steps_per_epoch = n // cfg.batch_size + (n % cfg.batch_size >= 2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    total_steps, step = max(1, cfg.epochs * steps_per_epoch), 0
     run = FinetuneRun(cfg.lr, cfg.weight_decay, -1, -math.inf)
     for epoch in range(cfg.epochs):
-        model.train()
+        net.train()
         train.set_epoch(epoch)
         t0, loss_sum, n_seen = time.perf_counter(), 0.0, 0
         for batch in train:
             images, raw = batch["images"], batch["labels"]
             if images.shape[0] < 2:
                 continue
-            y = torch.from_numpy(select_targets(raw.float().cpu().numpy(), label_names, tasks, policy)).to(dev)
-            mask = ~torch.isnan(y)
-            if mask.any():
+            y = select_targets(raw.float().cpu().numpy(), label_names, tasks, policy)
+            if not np.isnan(y).all():
                 x = images.to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    logits = head(model(x)).float()  # (B, T)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], y[mask])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * images.shape[0]
+                lr = warmup_cosine(step, peak_lr=cfg.lr, warmup_steps=0, total_steps=total_steps)
+                loss = step_fn({"images": x, "targets": torch.from_numpy(y).to(dev)}, lr)
+                loss_sum += float(loss) * images.shape[0]
                 n_seen += images.shape[0]
-            sched.step()  # also on all-masked batches: the schedule follows the planned steps
-        val_scores, val_raw, val_pids = _predict(model, head, val, cfg.batch_size, dev)
+            step += 1  # also on all-masked batches: the schedule follows the planned steps
+        val_scores, val_raw, val_pids = _predict(model, head, val, cfg.batch_size, dev, precision)
         rows = slice(None) if val_patients is None else np.isin(val_pids, val_patients)
         val_targets = select_targets(val_raw[rows], label_names, tasks, policy)
         val_auroc = evaluate(val_targets, val_scores[rows], tasks).mean_auroc
@@ -209,7 +211,7 @@ def finetune(spec: EncoderSpec, shard_root, tasks: list[str], label_names: list[
     model, head = model.to(dev).to(memory_format=torch.channels_last), head.to(dev)
     scores, raw, pids = [], [], []
     model.eval()
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    with torch.no_grad(), autocast_context(resolve_precision("auto", dev), dev):
         for images, lbl, pid in iterate_valid(loader_for("test")()):
             x = images.to(dev).contiguous(memory_format=torch.channels_last)
             scores.append(torch.sigmoid(head(model(x)).float()).cpu().numpy())

@@ -1,7 +1,10 @@
 """dali_pipes.labelled: fine-tuning batches cover the chosen patients' images exactly once per epoch, in an order
 reshuffled every epoch (reproducible per (seed, epoch)), with each image's own labels, through the dali_pipes
-augmentation graph; and eval.finetune's augmentation presets."""
+augmentation graph; eval.finetune's augmentation presets; and each fine-tuning step is the trainer's (TrainStep with the
+masked multi-label BCE method) on the cosine schedule the torch scheduler gave before."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -137,3 +140,97 @@ def test_epoch_selection_and_counts_use_only_the_given_validation_patients(shard
     assert subset_auroc == pytest.approx(result["best_val_mean_auroc"], abs=2e-3)
     # the whole split scores differently, so the check above does tell the two apart (deterministic seeds)
     assert abs(evaluate(y, scores, tasks).mean_auroc - subset_auroc) > 1e-2
+
+
+def test_cosine_schedule_matches_the_torch_scheduler_it_replaced():
+    """Fine-tuning's lr per planned step is `warmup_cosine` without warm-up; it equals CosineAnnealingLR(T_max =
+    all planned steps) stepped once per batch (torch computes it recursively: equal to rounding, and exactly once
+    rounded to the float32 the SGD update applies it in)."""
+    from trainer.schedules import warmup_cosine
+    for lr, total in ((0.01, 1), (0.05, 14), (0.3, 700)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        for k in range(total):
+            ours = warmup_cosine(k, peak_lr=lr, warmup_steps=0, total_steps=total)
+            theirs = opt.param_groups[0]["lr"]
+            assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15) and np.float32(ours) == np.float32(theirs)
+            opt.step()
+            sched.step()
+
+
+def test_masked_multilabel_step_is_bce_over_labelled_entries_then_sgd():
+    """The supervised method through TrainStep: loss = BCE over the non-NaN targets only, one SGD step at the lr
+    given, gradients cleared afterwards."""
+    from trainer.methods.supervised import Classifier, MaskedMultiLabelBCE
+    from trainer.steps import TrainStep
+    torch.manual_seed(0)
+    net = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), torch.nn.Linear(5, 3))
+    ref = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), torch.nn.Linear(5, 3))
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(4, 3, 2, 2)
+    y = torch.tensor([[1.0, float("nan"), 0.0], [float("nan")] * 3, [0.0, 1.0, float("nan")], [1.0, 1.0, 0.0]])
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    step = TrainStep(net, net, opt, None, precision="fp32", device=torch.device("cpu"),
+                     method=MaskedMultiLabelBCE(3))
+    loss = step({"images": x, "targets": y}, lr=0.1)
+    labelled = ~torch.isnan(y)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(ref(x)[labelled], y[labelled])
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-6) and not loss.requires_grad
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert p.grad is None and torch.allclose(p, q - 0.1 * q.grad, atol=1e-7)
+    # the trainer's model config builds the same shape: a ResNet trunk + linear head
+    from types import SimpleNamespace
+    model = MaskedMultiLabelBCE(4).build_model(SimpleNamespace(arch="resnet18", in_channels=1, init="random"))
+    assert isinstance(model, Classifier) and model(torch.randn(2, 1, 32, 32)).shape == (2, 4)
+
+
+class _BlankSecondBatch:
+    """A fine-tune loader whose second batch of every epoch has no label at all (every target masked)."""
+
+    def __init__(self, loader):
+        self.loader, self.index = loader, loader.index
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            yield {**b, "labels": torch.full_like(b["labels"], float("nan"))} if i == 1 else b
+
+
+def test_finetune_steps_go_through_the_trainers_step_on_the_planned_cosine(shards, monkeypatch):
+    """Each optimiser step of `train_one` is a `trainer.steps.TrainStep` call with the supervised method; an
+    all-masked batch makes no step but uses up its place in the cosine schedule, which spans every epoch."""
+    import eval.finetune as ft
+    from eval.features import encoder_spec
+    from eval.labels import LabelPolicy
+    from shardgen import LABEL_NAMES
+    from trainer.schedules import warmup_cosine
+    from trainer.steps import TrainStep
+    calls = []
+
+    class Recording(TrainStep):
+        def __call__(self, batch, lr):
+            calls.append((lr, type(self.method).__name__, self.precision, batch["targets"].clone()))
+            return super().__call__(batch, lr)
+
+    monkeypatch.setattr(ft, "TrainStep", Recording)
+    tasks = list(LABEL_NAMES)
+    t = Transform(32, 36)
+    index = build_labelled_index(shards, "train", np.unique(split_patient_ids(shards, "train"))[::2])  # fewer steps
+    train = _BlankSecondBatch(FinetuneLoader(index, batch_size=8, cfg=NO_AUG, image_size=32, channels=1,
+                                             device="cpu", seed=0))
+    val = ft.ImageSource(lambda: eval_loader(shards, "val", batch_size=8, device="cpu", transform=t, channels=1),
+                         1000)
+    cfg = ft.FinetuneConfig(epochs=2, batch_size=8, lr=0.05)
+    run = ft.train_one(encoder_spec(init="random", arch="resnet18", seed=0), train, val, tasks, tasks, cfg,
+                       policy=LabelPolicy(blank="mask"), device="cpu", log=lambda m: None)
+    n = len(index)
+    per_epoch = n // 8 + (n % 8 >= 2)
+    planned = [warmup_cosine(k, peak_lr=0.05, warmup_steps=0, total_steps=2 * per_epoch)
+               for k in range(2 * per_epoch) if k % per_epoch != 1]
+    assert per_epoch >= 3 and [c[0] for c in calls] == planned
+    assert all(c[1:3] == ("MaskedMultiLabelBCE", "fp32") and not torch.isnan(c[3]).all() for c in calls)
+    assert [h["images"] for h in run.history] == [n - 8] * 2
+    assert all(math.isfinite(h["train_loss"]) for h in run.history) and run.state is not None

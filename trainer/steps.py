@@ -1,6 +1,6 @@
 """One optimiser step: the method's forward + loss + backward (`trainer.methods`), then clipping and the optimiser.
 
-Shared by `trainer/pretrain.py` and `bench/model_bench.py`, so the benchmark times the trainer's real step.
+Shared by `trainer/pretrain.py`, `bench/model_bench.py` (it times the real step) and `eval/finetune.py`.
 """
 from __future__ import annotations
 
