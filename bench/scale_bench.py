@@ -146,7 +146,7 @@ def make_feature_root(root: Path, n: int) -> Path:
 def measure_ingest(p: dict) -> dict:
     """`ingest build-shards` (build.run itself) with only the pixel stage replaced: each planned record still
     becomes its worker task (build.sample_task), and each split one segment per SHARD_SAMPLES records, so
-    build._finish writes the manifest, patient table, rejects and filtered lists of a full-size run."""
+    build.finish writes the manifest, patient table, rejects and filtered lists of a full-size run."""
     import importlib
     from ingest import build
     from ingest.schema import SHARD_PATTERN
@@ -166,13 +166,16 @@ def measure_ingest(p: dict) -> dict:
             return out
         return wrapper
 
-    def process_without_pixels(a, plan, writers, todo, privacy):
+    def encode_without_pixels(o, plan, todo, privacy):
         for seq, (split, _, rec) in enumerate(todo):
             build.sample_task(seq, rec, split, plan, privacy)
+        return iter(())
+
+    def write_without_pixels(o, plan, writers, todo, results, total, ends=None):
         for split, w in writers.items():
             total = len(plan.order[split])
-            for start in range(0, total, a.shard_max_samples):
-                k = min(total, start + a.shard_max_samples) - start
+            for start in range(0, total, o.shard_max_samples):
+                k = min(total, start + o.shard_max_samples) - start
                 shard = {"name": SHARD_PATTERN.format(index=len(w.segments)), "num_samples": k, "sha256": "0" * 64,
                          "num_bytes": k * 20_000}
                 w.segments.append(Segment(split, len(w.segments), start, start + k, shard, []))
@@ -180,14 +183,13 @@ def measure_ingest(p: dict) -> dict:
     argv = ["--source", p["source"], "--root", p["root"], "--out", p["out"], "--workers", "0", "--no-progress",
             "--overwrite", "--shard-max-samples", str(SHARD_SAMPLES), "--salt-file", p["salt"],
             "--private-log", p["private_log"]]
+    replaced = {"encode": encode_without_pixels, "write_results": write_without_pixels}
     with contextlib.ExitStack() as stack:
         for name, key in (("read_source", "read_source"), ("make_plan", "make_plan"),
-                          ("_process", "sample tasks (no pixels)"), ("write_outputs", "write_outputs (manifest, "
-                                                                     "patients, rejects)"),
-                          ("_finish", "_finish (incl. write_outputs)")):
-            stack.enter_context(mock.patch.object(build, name, timed(key, getattr(build, name)
-                                                                     if name != "_process" else
-                                                                     process_without_pixels)))
+                          ("encode", "sample tasks (no pixels)"), ("write_results", "segments (no pixels)"),
+                          ("write_outputs", "write_outputs (manifest, patients, rejects)"),
+                          ("finish", "finish (incl. write_outputs)")):
+            stack.enter_context(mock.patch.object(build, name, timed(key, replaced.get(name, getattr(build, name)))))
         for _ in range(p["repeats"]):
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -287,6 +289,7 @@ def measure_knn(p: dict) -> dict:
     """eval.knn on random float32 features: topk_cosine (one bank) and knn_protocol (5 tasks, bootstrap CIs)."""
     from eval.features import FeatureSet
     from eval.knn import knn_protocol, topk_cosine
+    from eval.labels import LabelPolicy  # the CLI default: blank = negative, uncertain ignored
     from ingest.schema import CHEXPERT_COMPETITION_TASKS, CHEXPERT_LABELS
     base = _rss_mib()
     rng = np.random.default_rng(0)
@@ -306,7 +309,7 @@ def measure_knn(p: dict) -> dict:
         topk_cosine(test.features, train.features, 20)
         times[f"topk_cosine ({q} queries, k=20)"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        knn_protocol(train, None, test, list(CHEXPERT_COMPETITION_TASKS), num_replicates=100)
+        knn_protocol(train, None, test, list(CHEXPERT_COMPETITION_TASKS), policy=LabelPolicy(), num_replicates=100)
         times[f"knn_protocol (5 tasks, {q} queries)"].append(time.perf_counter() - t0)
     peak = _rss_mib()
     return {"times": times, "rss_mib": {}, "rss_base_mib": base, "peak_rss_mib": peak,
