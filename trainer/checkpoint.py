@@ -130,6 +130,8 @@ def save_encoder(path: str | Path, backbone: nn.Module, arch: str, in_channels: 
 
 
 def _feature_dim(state: dict) -> int:
+    if "cls_token" in state:  # a ViT: its features are the CLS token
+        return int(state["cls_token"].shape[-1])
     last_bn = [k for k in state if k.startswith("layer4.") and k.endswith(".running_mean")]
     return int(state[sorted(last_bn)[-1]].shape[0]) if last_bn else 0
 
@@ -165,7 +167,7 @@ def load_encoder(path: str | Path, map_location="cpu") -> tuple[nn.Module, dict]
     doc = load_checkpoint(path, map_location)
     if not (isinstance(doc, dict) and "state_dict" in doc and "arch" in doc and "in_channels" in doc):
         raise ValueError(f"{path}: not an encoder file (expected keys arch, in_channels, state_dict)")
-    if doc["arch"] not in ARCHS:
+    if doc["arch"] not in ARCHS and not str(doc["arch"]).startswith("vit_"):
         raise ValueError(f"{path}: unknown arch {doc['arch']!r}")
     model, _ = build_backbone(doc["arch"], int(doc["in_channels"]), "random")
     try:

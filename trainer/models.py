@@ -61,8 +61,12 @@ def build_backbone(arch: str, in_channels: int = 1, init: str = "random") -> tup
     """A torchvision ResNet with ``fc = Identity`` -> (module, feature_dim).
 
     init: "random"; "imagenet" (local hub cache only, RGB stem filters summed for 1 channel); or a path to an
-    encoder.pt / training checkpoint whose backbone weights are loaded strictly.
+    encoder.pt / training checkpoint whose backbone weights are loaded strictly. ``vit_*`` archs: trainer/vit.py.
     """
+    if arch.startswith("vit_"):
+        from trainer.vit import build_vit
+
+        return build_vit(arch, in_channels, init)
     model = _torchvision_model(arch)
     if init == "imagenet":
         path = imagenet_weights_path(arch)

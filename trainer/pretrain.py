@@ -103,6 +103,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     if steps_per_epoch == 0:
         raise Stop(EXIT_BAD_INPUT, f"{cfg.data.shards}: fewer samples than one batch of {per_rank_batch} per rank")
     schedule = _schedule(cfg, steps_per_epoch)
+    method.set_schedule(schedule["total_steps"], steps_per_epoch)
     raw_model, step_fn = _build_model(cfg, info, method, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 
