@@ -30,11 +30,11 @@ class _PrototypeCE(torch.autograd.Function):
         # same global crops in the same order
         g, b, _ = q.shape
         q_sum = q.sum(0)  # (B, K)
-        total = torch.zeros((), dtype=torch.float32, device=q.device)
+        total = torch.zeros((), dtype=q.dtype, device=q.device)
         for v, s in enumerate(crops):
             n_t = g - 1 if v < g else g  # teacher crops paired with this student crop
             for a in range(0, b, BLOCK_ROWS):
-                x = s[a:a + BLOCK_ROWS].float()
+                x = s[a:a + BLOCK_ROWS].to(q.dtype)
                 qv = q_sum[a:a + BLOCK_ROWS] - q[v, a:a + BLOCK_ROWS] if v < g else q_sum[a:a + BLOCK_ROWS]
                 lse = torch.logsumexp(x / student_temp, dim=1)  # (rows,)
                 total += n_t * lse.sum() - (qv * x).sum() / student_temp
@@ -53,7 +53,7 @@ class _PrototypeCE(torch.autograd.Function):
             n_t = g - 1 if v < g else g
             out = torch.empty_like(s)
             for a in range(0, b, BLOCK_ROWS):
-                p = torch.softmax(s[a:a + BLOCK_ROWS].float() / t, dim=1)
+                p = torch.softmax(s[a:a + BLOCK_ROWS].to(q.dtype) / t, dim=1)
                 qv = q_sum[a:a + BLOCK_ROWS] - q[v, a:a + BLOCK_ROWS] if v < g else q_sum[a:a + BLOCK_ROWS]
                 out[a:a + BLOCK_ROWS] = ((n_t * p - qv) * scale).to(s.dtype)
             grads.append(out)
@@ -63,8 +63,9 @@ class _PrototypeCE(torch.autograd.Function):
 def prototype_ce(student: list[torch.Tensor], q: torch.Tensor, student_temp: float) -> torch.Tensor:
     """DINO's loss: mean over (teacher global crop g, student crop v != g) pairs and samples of
     -sum_k q_g[k] log softmax(s_v / student_temp)[k]. student: V >= 2 tensors (B, K) of logits, global crops first
-    in q's order; q (G, B, K) teacher probabilities (no gradient)."""
-    return _PrototypeCE.apply(q.detach().float(), float(student_temp), *student)
+    in q's order; q (G, B, K) teacher probabilities (no gradient). Computed in fp32 (fp64 for fp64 logits)."""
+    dtype = torch.promote_types(student[0].dtype, torch.float32)
+    return _PrototypeCE.apply(q.detach().to(dtype), float(student_temp), *student)
 
 
 def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
