@@ -3,7 +3,8 @@
 # -> linear probes (DINO teacher and random init, same arch) -> paired patient bootstrap. Fails unless DINO beats
 # random init with the 95% CI of the mean-AUROC difference above 0.
 # Knobs (environment): DEMO_DIR, DEMO_IMAGES, DEMO_STEPS, DEMO_ARCH, DEMO_IMAGE (global crop px), DEMO_LOCAL (local
-# crop px), DEMO_LOCAL_CROPS, DEMO_BATCH, DEMO_SEED, PYTHON.
+# crop px), DEMO_LOCAL_CROPS, DEMO_BATCH, DEMO_SEED, DEMO_TORCH_THREADS (default 1: OpenMP threads that spin-wait
+# for each other slow down badly on an oversubscribed CPU), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +41,8 @@ stage "DINO pretraining ($ARCH, 2x${IMAGE}px + ${LOCAL_CROPS}x${LOCAL}px, batch 
     augment.local_crops="$LOCAL_CROPS" augment.local_crop_size="$LOCAL" optim.total_steps="$STEPS" \
     optim.warmup_steps=$(( STEPS / 10 )) optim.base_lr=0.002 optim.lr_scaling=none \
     loss.dino_freeze_last_layer_epochs=0.5 run.deterministic=false run.log_every=25 run.ckpt_every=100000 \
-    run.monitor_every=100 run.monitor_images=256 run.seed="$SEED" run.out="$DEMO/run" \
+    run.monitor_every=100 run.monitor_images=256 run.cpu_threads="${DEMO_TORCH_THREADS:-1}" run.seed="$SEED" \
+    run.out="$DEMO/run" \
     || fail "trainer/pretrain.py exited $?"
 
 stage "linear probes: DINO teacher and random init ($ARCH)"
