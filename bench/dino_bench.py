@@ -1,5 +1,5 @@
-"""`python -m bench dino loss-memory`: peak memory of DINO's prototype cross-entropy, textbook (log_softmax of every crop)
-vs the trainer's blocked autograd function, forward + backward, each in a fresh process.
+"""`python -m bench dino loss-memory`: peak memory of DINO's prototype cross-entropy, textbook (log_softmax of every
+crop) vs the trainer's blocked autograd function, forward + backward, each in a fresh process.
 `python -m bench dino`: the stage-A row for DINO: images/s of the trainer's real DINO step (ViT-S/16 at
 2 x 224 + 8 x 96 crops by default) on synthetic crops, model only.
 """
