@@ -3,7 +3,7 @@
 # -> linear probes (DINO teacher and random init, same arch) -> paired patient bootstrap. Fails unless DINO beats
 # random init with the 95% CI of the mean-AUROC difference above 0.
 # Knobs (environment): DEMO_DIR, DEMO_IMAGES, DEMO_STEPS, DEMO_ARCH, DEMO_IMAGE (global crop px), DEMO_LOCAL (local
-# crop px), DEMO_LOCAL_CROPS, DEMO_BATCH, DEMO_SEED, DEMO_TORCH_THREADS (default 1: OpenMP threads that spin-wait
+# crop px), DEMO_LOCAL_CROPS, DEMO_BATCH, DEMO_LR, DEMO_SEED, DEMO_TORCH_THREADS (default 1: OpenMP threads that spin-wait
 # for each other slow down badly on an oversubscribed CPU), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ PY=${PYTHON:-python}
 DEMO=${DEMO_DIR:-runs/demo_dino}
 SEED=${DEMO_SEED:-0}
 N=${DEMO_IMAGES:-1500}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-120}
 ARCH=${DEMO_ARCH:-vit_tiny_patch8}
 IMAGE=${DEMO_IMAGE:-32}
 LOCAL=${DEMO_LOCAL:-16}
@@ -39,7 +39,7 @@ stage "DINO pretraining ($ARCH, 2x${IMAGE}px + ${LOCAL_CROPS}x${LOCAL}px, batch 
 "$PY" trainer/pretrain.py trainer/configs/dino_vitti_debug_cpu.toml data.shards="$DEMO/shards" \
     data.image_size="$IMAGE" data.batch_size="$BATCH" data.num_threads="$OMP_NUM_THREADS" model.arch="$ARCH" \
     augment.local_crops="$LOCAL_CROPS" augment.local_crop_size="$LOCAL" optim.total_steps="$STEPS" \
-    optim.warmup_steps=$(( STEPS / 10 )) optim.base_lr=0.002 optim.lr_scaling=none \
+    optim.warmup_steps=$(( STEPS / 10 )) optim.base_lr="${DEMO_LR:-0.0005}" optim.lr_scaling=none \
     loss.dino_freeze_last_layer_epochs=0.5 run.deterministic=false run.log_every=25 run.ckpt_every=100000 \
     run.monitor_every=100 run.monitor_images=256 run.cpu_threads="${DEMO_TORCH_THREADS:-1}" run.seed="$SEED" \
     run.out="$DEMO/run" \
