@@ -169,6 +169,14 @@ def test_sinkhorn_centering_step():
     assert model.center.abs().sum() == 0  # Sinkhorn targets use no centre
 
 
+def test_stage_a_bench_row_runs_at_a_tiny_size_on_the_cpu():
+    from bench.dino_bench import dino_throughput
+
+    row = dino_throughput(arch="vit_tiny_patch8", global_size=16, local_size=8, local_crops=2, batch=2, out_dim=64,
+                          device="cpu", precision="fp32", steps=1, warmup=1)
+    assert row["crops"] == "2x16+2x8" and row["images_per_s"] > 0 and math.isfinite(row["loss"])
+
+
 def test_two_gloo_ranks_equal_one_process():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
