@@ -2,9 +2,9 @@
 # DINO on generated chest X-rays: phantoms -> shards -> DINO pretraining of a ViT-Ti (multi-crop DALI on the CPU)
 # -> linear probes (DINO teacher and random init, same arch) -> paired patient bootstrap. Fails unless DINO beats
 # random init with the 95% CI of the mean-AUROC difference above 0.
-# Knobs (environment): DEMO_DIR, DEMO_IMAGES, DEMO_STEPS, DEMO_ARCH, DEMO_IMAGE (global crop px), DEMO_LOCAL (local
-# crop px), DEMO_LOCAL_CROPS, DEMO_BATCH, DEMO_LR, DEMO_SEED, DEMO_TORCH_THREADS (default 1: OpenMP threads that spin-wait
-# for each other slow down badly on an oversubscribed CPU), PYTHON.
+# Knobs (environment): DEMO_DIR, DEMO_IMAGES, DEMO_STEPS, DEMO_ARCH, DEMO_IMAGE (global crop px), DEMO_LOCAL
+# (local crop px), DEMO_LOCAL_CROPS, DEMO_BATCH, DEMO_LR, DEMO_SEED, DEMO_TORCH_THREADS (default 1: OpenMP
+# threads that spin-wait for each other slow down badly on an oversubscribed CPU), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
