@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "data": ("bench.data_bench", "DALI pipeline (gpu/cpu) vs torchvision+webdataset DataLoader, images/s"),
     "model": ("bench.model_bench", "ResNet train step: eager/compile x fp32/bf16 x NCHW/channels-last"),
     "e2e": ("bench.e2e_bench", "real shards through DALI into the train step: pipeline efficiency, data-wait %"),
+    "dino": ("bench.dino_bench", "DINO step images/s (ViT-S/16, 2x224 + 8x96); `dino loss-memory`: CE peak memory"),
     "loss": ("bench.loss_bench", "fused Triton NT-Xent vs reference PyTorch loss, time and peak memory"),
     "serve": ("bench.serve_bench", "python -m serve under 16 concurrent uploaders: p50 / p95, errors, peak RSS"),
     "scale": ("bench.scale_bench", "cost against size up to 377k images: plan, indexes, reader start-up, kNN"),

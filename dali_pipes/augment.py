@@ -31,8 +31,15 @@ class AugmentConfig:
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1        # kernel size as a fraction of image_size (SimCLR: 10 %), made odd
+    # Multi-crop (DINO; other methods ignore these): 2 global crops at the run's image_size with the crop scale
+    # above, plus local_crops small crops of local_crop_size px from local_crop_scale of the film, with the same
+    # photometric ops as the global crops.
+    local_crops: int = 8
+    local_crop_size: int = 96
+    local_crop_scale_min: float = 0.05
+    local_crop_scale_max: float = 0.4
 
-    PRESETS = ("simclr-cxr", "azizi", "moco-cxr", "simclr")
+    PRESETS = ("simclr-cxr", "azizi", "moco-cxr", "simclr", "dino-cxr")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "AugmentConfig":
@@ -59,6 +66,12 @@ class AugmentConfig:
             raise ValueError("AugmentConfig jitter strengths must be >= 0 (hue in [0, 0.5])")
         if self.blur_prob > 0 and not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"AugmentConfig.blur_sigma={self.blur_sigma} must be increasing and positive")
+        if self.local_crops < 0 or self.local_crop_size < 8:
+            raise ValueError(f"AugmentConfig local_crops={self.local_crops} must be >= 0 and local_crop_size="
+                             f"{self.local_crop_size} >= 8")
+        if not 0.0 < self.local_crop_scale_min <= self.local_crop_scale_max <= 1.0:
+            raise ValueError(f"AugmentConfig local crop scale ({self.local_crop_scale_min}, "
+                             f"{self.local_crop_scale_max}) must satisfy 0 < min <= max <= 1")
         if self.rotation_deg < 0:
             raise ValueError(f"AugmentConfig.rotation_deg={self.rotation_deg} must be >= 0")
         return self
@@ -83,6 +96,10 @@ _PRESETS: dict[str, dict] = {
     # Original ImageNet SimCLR recipe, for 3-channel parity runs.
     "simclr": dict(crop_scale_min=0.08, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                    grayscale_prob=0.2, blur_prob=0.5),
+    # DINO multi-crop on gray films: global crops from 40-100 % of the film, 8 local crops from 5-40 % (Caron et al.
+    # 2021); brightness / contrast and blur only (no colour jitter, grayscale or solarisation on grey films).
+    "dino-cxr": dict(crop_scale_min=0.4, brightness=0.4, contrast=0.4, blur_prob=0.5, local_crops=8,
+                     local_crop_size=96, local_crop_scale_min=0.05, local_crop_scale_max=0.4),
 }
 
 

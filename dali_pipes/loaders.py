@@ -102,6 +102,8 @@ class PretrainLoader:
     not at the epoch's start: on a CPU-bound run the build's CPU time would otherwise land on the boundary step.
     """
 
+    graph = staticmethod(P.pretrain_graph)  # the reader's graph (dali_pipes.multicrop swaps in its multi-crop one)
+
     def __init__(self, shard_root, split: str, options: PretrainOptions):
         self.options = o = options
         batch_size, device, augment, micle, views = o.batch_size, o.device, o.augment, o.micle, o.views
@@ -214,7 +216,7 @@ class PretrainLoader:
         shards = self._reader_shards
         order = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch]).permutation(len(shards))
         pipe = P.build_pipeline(
-            P.pretrain_graph, paths=[str(shards[i].tar) for i in order],
+            self.graph, paths=[str(shards[i].tar) for i in order],
             index_paths=[str(shards[i].index) for i in order], rank=self.rank, world_size=self.world_size,
             reader_seed=P.seed_for(self.seed, epoch, self.rank, 2), shuffle_buffer=self.shuffle_buffer, **common)
         return _EpochPipe(epoch, pipe, None)

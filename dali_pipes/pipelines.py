@@ -39,7 +39,7 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _decode(jpg, device: str):
+def decode(jpg, device: str):
     """Gray decode; ``gpu`` uses nvJPEG via ``decoders.image(device="mixed")``.
 
     Hardware decoder and single-channel JPEGs: DALI's decoder goes through nvImageCodec, whose hardware plugin
@@ -69,7 +69,7 @@ def pretrain_graph(*, paths, index_paths, rank, world_size, reader_seed, shuffle
         paths=paths, index_paths=index_paths, ext=["jpg", "pid"], dtypes=[types.UINT8, types.INT64],
         shard_id=rank, num_shards=world_size, random_shuffle=True, initial_fill=shuffle_buffer, seed=reader_seed,
         pad_last_batch=False, stick_to_shard=True, missing_component_behavior="error", name=READER_NAME)
-    images = _decode(jpg, device)
+    images = decode(jpg, device)
     kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
     return augment_view(images, cfg, **kw), augment_view(images, cfg, **kw), on_device(pid, device)
 
@@ -81,7 +81,7 @@ def micle_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dtype,
         source=source, num_outputs=4, batch=True, batch_info=True,
         dtype=[types.UINT8, types.UINT8, types.INT64, types.UINT8], ndim=[1, 1, 1, 1])
     kw = dict(image_size=image_size, channels=channels, dali_dtype=dali_dtype, device=device)
-    return (augment_view(_decode(jpg1, device), cfg, **kw), augment_view(_decode(jpg2, device), cfg, **kw),
+    return (augment_view(decode(jpg1, device), cfg, **kw), augment_view(decode(jpg2, device), cfg, **kw),
             on_device(pid, device), on_device(multi, device))
 
 
@@ -109,7 +109,7 @@ def eval_graph(*, paths, index_paths, rank, world_size, image_size, resize_size,
         paths=paths, index_paths=index_paths, ext=["jpg", "lbl", "pid"], dtypes=[types.UINT8, types.FLOAT, types.INT64],
         shard_id=rank, num_shards=world_size, random_shuffle=False, pad_last_batch=True, stick_to_shard=True,
         missing_component_behavior="error", name=READER_NAME)
-    x = eval_view(_decode(jpg, device), view=view, image_size=image_size, resize_size=resize_size, device=device)
+    x = eval_view(decode(jpg, device), view=view, image_size=image_size, resize_size=resize_size, device=device)
     if channels == 3:
         x = replicate_channels(x, device)
     return normalize(x, channels=channels, dali_dtype=dali_dtype, device=device), lbl, pid
@@ -121,7 +121,7 @@ def labelled_graph(*, source, cfg: AugmentConfig, image_size, channels, dali_dty
     from nvidia.dali import fn, types
     jpg, lbl, pid = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
                                        dtype=[types.UINT8, types.FLOAT, types.INT64], ndim=[1, 1, 1])
-    images = augment_view(_decode(jpg, device), cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype,
+    images = augment_view(decode(jpg, device), cfg, image_size=image_size, channels=channels, dali_dtype=dali_dtype,
                           device=device)
     return images, lbl, pid
 
@@ -167,9 +167,11 @@ class Handoff:
             self._pending.append(src)
         return src
 
-    def images(self, tl, dtype: torch.dtype) -> torch.Tensor:
+    def images(self, tl, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a (B, C, H, W) channels-last tensor to copy into (e.g. one slice of a stacked multi-crop batch)."""
         src = self._view(tl).permute(0, 3, 1, 2)  # (B, C, H, W) view, channels-last strides
-        out = torch.empty(src.shape, dtype=dtype, device=self.device, memory_format=torch.channels_last)
+        if out is None:
+            out = torch.empty(src.shape, dtype=dtype, device=self.device, memory_format=torch.channels_last)
         out.copy_(src, non_blocking=src.device.type == "cuda")
         return out
 

@@ -1,4 +1,4 @@
-"""The method registry (`trainer.methods`): exactly SimCLR, MoCo v2 and MICLe, each answering the interface the
+"""The method registry (`trainer.methods`): exactly SimCLR, MoCo v2, MICLe and DINO, each answering the interface the
 trainer calls (loader needs, model parts, config rules, the step), and one-line errors for what a method refuses."""
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from trainer.config import ConfigError, load_config
-from trainer.methods import METHODS, MICLe, MoCoV2, SimCLR, build_method
+from trainer.methods import DINO, METHODS, MICLe, MoCoV2, SimCLR, build_method
 from trainer.methods.moco import MoCo
 from trainer.optim import build_optimizer
 from trainer.steps import TrainStep
 
 TINY = ["data.source=synthetic", "data.batch_size=8", "data.image_size=32", "model.arch=resnet18",
-        "model.proj_dim=16", "loss.moco_queue=16", "loss.moco_bn_splits=2", "optim.total_steps=1"]
+        "model.proj_dim=16", "loss.moco_queue=16", "loss.moco_bn_splits=2", "optim.total_steps=1",
+        "loss.dino_out_dim=64", "loss.dino_hidden_dim=32", "loss.dino_bottleneck_dim=16"]
 
 
-def test_registry_holds_exactly_the_three_methods():
-    assert METHODS == {"simclr": SimCLR, "moco": MoCoV2, "micle": MICLe}
+def test_registry_holds_exactly_the_four_methods():
+    assert METHODS == {"simclr": SimCLR, "moco": MoCoV2, "micle": MICLe, "dino": DINO}
     assert all(cls.name == name for name, cls in METHODS.items())
 
 
@@ -50,8 +51,9 @@ def test_each_method_builds_its_model_and_takes_a_step(name):
     assert method.check_run(cfg, 1, torch.device("cpu")) is None
     model = method.build_model(cfg.model, world_size=1)
     assert isinstance(model, MoCo) is (name == "moco")
-    assert method.backbone(model) is (model.encoder_q.backbone if name == "moco" else model.backbone)
-    assert (method.ntxent is None) is (name == "moco")
+    exported = {"moco": lambda: model.encoder_q.backbone, "dino": lambda: model.teacher.backbone}
+    assert method.backbone(model) is exported.get(name, lambda: model.backbone)()
+    assert (method.ntxent is None) is (name in ("moco", "dino"))
     step = TrainStep(model, model, build_optimizer(model, cfg.optim, 0.1), cfg.loss, precision="fp32",
                      device=torch.device("cpu"), method=method)
     g = torch.Generator().manual_seed(0)

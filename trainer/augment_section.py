@@ -12,7 +12,7 @@ from dali_pipes.augment import AugmentConfig
 @dataclass
 class AugmentSection:
     """Mirrors AugmentConfig (pairs are TOML arrays); the defaults are the ``simclr-cxr`` preset's."""
-    preset: str = "simclr-cxr"       # simclr-cxr | azizi | moco-cxr | simclr (dali_pipes.augment)
+    preset: str = "simclr-cxr"       # simclr-cxr | azizi | moco-cxr | simclr | dino-cxr (dali_pipes.augment)
     random_crop: bool = True
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
@@ -28,6 +28,10 @@ class AugmentSection:
     blur_prob: float = 0.5
     blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])
     blur_kernel_frac: float = 0.1
+    local_crops: int = 8             # multi-crop (DINO): local crops per image, their size and area range
+    local_crop_size: int = 96
+    local_crop_scale_min: float = 0.05
+    local_crop_scale_max: float = 0.4
 
 
 PAIR_FIELDS = ("crop_ratio", "blur_sigma")

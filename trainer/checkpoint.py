@@ -123,5 +123,7 @@ def save_encoder(path: str | Path, backbone: nn.Module, arch: str, in_channels: 
 
 
 def _feature_dim(state: dict) -> int:
+    if "cls_token" in state:  # a ViT: its features are the CLS token
+        return int(state["cls_token"].shape[-1])
     last_bn = [k for k in state if k.startswith("layer4.") and k.endswith(".running_mean")]
     return int(state[sorted(last_bn)[-1]].shape[0]) if last_bn else 0

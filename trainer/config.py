@@ -15,6 +15,7 @@ from ingest.schema import parse_views
 from dali_pipes.augment import AugmentConfig
 from trainer.augment_section import AugmentSection, resolve_augment_section
 from trainer.methods import METHODS
+from trainer.vit import VIT_ARCHS
 
 
 class ConfigError(ValueError):
@@ -40,9 +41,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"           # resnet18/34/50/101/152, wide_resnet50_2
+    arch: str = "resnet50"           # resnet18/34/50/101/152, wide_resnet50_2, vit_{tiny,small,base}_patch{16,14,8}
     in_channels: int = 1             # 1 (CXR stem) or 3
-    init: str = "random"             # "random" | "imagenet" (offline torch hub cache) | path to encoder.pt / step-*.pt
+    init: str = "random"             # "random" | "imagenet" (ResNets, offline hub cache) | encoder.pt / step-*.pt /
+    #                                  a timm state dict (ViTs)
     head_layers: int = 2             # projection head depth: 2 or 3 linear layers
     head_hidden_dim: int = 0         # 0: the backbone's feature dim
     proj_dim: int = 128
@@ -55,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    method: str = "simclr"           # a key of trainer.methods.METHODS: "simclr" | "moco" | "micle"
+    method: str = "simclr"           # a key of trainer.methods.METHODS: "simclr" | "moco" | "micle" | "dino"
     temperature: float = 0.1
     positives: str = "sample"        # "sample": the two views; "patient": every same-patient view in the global batch
     impl: str = "auto"               # "auto" (fused on a CUDA GPU, else reference) | "reference" | "fused"
@@ -64,6 +66,23 @@ class LossConfig:
     moco_momentum: float = 0.999
     moco_shuffle_bn: bool = True     # MoCo shuffle-BN: keys on a batch permuted across ranks (one rank: BN chunks)
     moco_bn_splits: int = 8          # one rank with shuffle-BN: BatchNorm over this many chunks (as 8 GPUs)
+    # DINO (loss.method = "dino"; crops: augment.local_crops / local_crop_size / local_crop_scale_*)
+    dino_out_dim: int = 65536        # K prototypes of the weight-normalised last layer
+    dino_hidden_dim: int = 2048      # head MLP width
+    dino_bottleneck_dim: int = 256   # head output before the prototypes (L2-normalised)
+    dino_head_layers: int = 3        # linear layers before the prototype layer
+    dino_norm_last_layer: bool = True  # prototype gains fixed at 1 (weight norm without a learnt g)
+    dino_student_temp: float = 0.1
+    dino_teacher_temp: float = 0.04  # after the warm-up
+    dino_warmup_teacher_temp: float = 0.04
+    dino_warmup_teacher_temp_epochs: float = 0.0
+    dino_momentum: float = 0.996     # teacher EMA momentum at step 0; cosine to 1 at the last step
+    dino_center_momentum: float = 0.9
+    dino_centering: str = "center"   # "center" (EMA centre, all-reduced) | "sinkhorn" (Sinkhorn-Knopp targets)
+    dino_sinkhorn_iters: int = 3
+    dino_freeze_last_layer_epochs: float = 1.0  # the prototype layer gets no update for this long
+    dino_weight_decay_end: float = -1.0  # >= 0: weight decay cosine from optim.weight_decay to this; < 0: constant
+    dino_koleo_weight: float = 0.0   # KoLeo regulariser on the global crops' features (DINOv2: 0.1)
 
 
 @dataclass
@@ -127,7 +146,7 @@ CHOICES = {
     ("data", "source"): {"shards", "synthetic"},
     ("data", "device"): {"auto", "cpu", "gpu"},
     ("augment", "preset"): set(AugmentConfig.PRESETS),
-    ("model", "arch"): {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"},
+    ("model", "arch"): {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", *VIT_ARCHS},
     ("model", "in_channels"): {1, 3},
     ("model", "head_layers"): {2, 3},
     ("model", "compile"): {"auto", "on", "off"},
@@ -136,6 +155,7 @@ CHOICES = {
     ("loss", "method"): set(METHODS),
     ("loss", "positives"): {"sample", "patient"},
     ("loss", "impl"): {"reference", "fused", "auto"},
+    ("loss", "dino_centering"): {"center", "sinkhorn"},
     ("optim", "name"): {"lars", "sgd", "adamw"},
     ("optim", "lr_scaling"): {"linear", "sqrt", "none"},
     ("run", "device"): {"auto", "cpu", "cuda"},

@@ -93,6 +93,7 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int,
                                num_patients=data_cfg.synthetic_patients)
     try:
         from dali_pipes import PretrainLoader, PretrainOptions
+        from dali_pipes.multicrop import MultiCropLoader
     except ImportError as e:
         raise RuntimeError(f"data.source=shards needs dali_pipes.PretrainLoader ({one_line(e)})") from None
     dali_device = data_cfg.device
@@ -104,7 +105,8 @@ def build_loader(data_cfg, model_cfg, loss_cfg, *, augment, per_rank_batch: int,
         world_size=world_size, seed=seed, num_threads=data_cfg.num_threads,
         device_id=device.index if dali_device == "gpu" else None, prefetch=data_cfg.prefetch,
         shuffle_buffer=data_cfg.shuffle_buffer or PretrainOptions.shuffle_buffer, build_ahead=build_ahead)
-    loader = PretrainLoader(local_shards(data_cfg), data_cfg.split, options)
+    loader_cls = MultiCropLoader if method_class(loss_cfg.method).multi_crop else PretrainLoader
+    loader = loader_cls(local_shards(data_cfg), data_cfg.split, options)
     if rank == 0:
         print(f"data path: {loader.data_path} | views={loader.views_label}: {loader.num_usable:,} of "
               f"{loader.num_samples:,} images in {data_cfg.split} | {len(loader)} steps per epoch", flush=True)

@@ -15,7 +15,7 @@ from trainer.models import ARCHS, build_backbone
 
 ENCODER_FILE = "encoder.pt"
 KINDS = ("encoder", "training", "random", "imagenet")  # Encoder.kind: what `source` named
-_BACKBONE_PREFIXES = ("encoder_q.backbone.", "backbone.")  # MoCo, then SimCLR / MICLe model state names
+_BACKBONE_PREFIXES = ("teacher.backbone.", "encoder_q.backbone.", "backbone.")  # DINO, MoCo, SimCLR / MICLe
 
 
 class EncoderError(ValueError):
@@ -49,6 +49,8 @@ def read_encoder(source: str | Path, *, arch: str | None = None, in_channels: in
     path = Path(source)
     if path.is_dir():
         path = path / ENCODER_FILE
+    if arch is not None and _is_vit(arch):  # timm / DINOv2 / DINO files as well as ours: trainer.vit reads them
+        return _vit_file(path, arch, in_channels if in_channels is not None else 1)
     try:
         doc = load_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:
@@ -73,6 +75,13 @@ def encoder_from_state(state: dict, arch: str, in_channels: int, *, source: str 
     """The backbone ``arch`` with ``in_channels`` holding ``state`` (torchvision names, no fc.*), loaded strictly;
     EncoderError naming ``source`` when the weights do not fit."""
     _check_model(arch, in_channels, str(source))
+    if _is_vit(arch):
+        from trainer.vit import vit_from_state
+        try:
+            model = vit_from_state(arch, in_channels, state, str(source))
+        except ValueError as e:
+            raise EncoderError(one_line(e)) from None
+        return Encoder(model, model.feature_dim, arch, in_channels, kind, Path(source), dict(meta or {}))
     model, feature_dim = build_backbone(arch, in_channels)
     try:
         model.load_state_dict(state, strict=True)
@@ -106,9 +115,24 @@ def imagenet_weights_file(arch: str) -> Path:
     return path
 
 
+def _is_vit(arch: str) -> bool:
+    return str(arch).startswith("vit_")
+
+
+def _vit_file(path: Path, arch: str, in_channels: int) -> Encoder:
+    """A ViT from any state dict trainer.vit reads (timm, DINOv2, DINO's teacher, our encoder.pt or checkpoint)."""
+    from trainer.vit import build_vit
+    _check_model(arch, in_channels, str(path))
+    try:
+        model, dim = build_vit(arch, in_channels, str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise EncoderError(one_line(e)) from None
+    return Encoder(model, dim, arch, in_channels, "encoder", path)
+
+
 def _check_model(arch: str, in_channels: int | None, source: str) -> None:
-    if arch not in ARCHS:
-        raise EncoderError(f"{source}: unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+    if arch not in ARCHS and not _is_vit(arch):
+        raise EncoderError(f"{source}: unknown arch {arch!r} (choose from {', '.join(ARCHS)} or a vit_* arch)")
     if in_channels is not None and in_channels not in (1, 3):
         raise EncoderError(f"{source}: in_channels must be 1 or 3, got {in_channels}")
 
@@ -124,6 +148,9 @@ def _random(arch: str, in_channels: int, seed: int | None) -> Encoder:
 
 
 def _imagenet(arch: str, in_channels: int) -> Encoder:
+    if _is_vit(arch):
+        raise EncoderError(f"imagenet: ImageNet weights are for the torchvision ResNets; for {arch} give a local timm "
+                           f"state dict as model.init=PATH (nothing here downloads)")
     path = imagenet_weights_file(arch)
     try:
         rgb_state = load_checkpoint(path)

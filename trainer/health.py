@@ -1,5 +1,6 @@
 """Training-health metrics, accumulated on the device every step and read on the host only at log steps: embedding
-std (collapse), alignment and uniformity (Wang & Isola 2020), contrastive top-1, gradient norm, LARS trust ratios.
+std (collapse), alignment and uniformity (Wang & Isola 2020), contrastive top-1, gradient norm, LARS trust ratios,
+and DINO's teacher entropy, student-teacher KL, centre norm and prototype perplexity.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from trainer import distributed as dist_utils
 EMBEDDING_KEYS = ("health/emb_std", "health/align", "health/uniform", "health/top1")
 GRAD_KEYS = ("health/grad_norm",)
 TRUST_KEYS = ("health/trust_min", "health/trust_median", "health/trust_max")
-HEALTH_KEYS = EMBEDDING_KEYS + GRAD_KEYS + TRUST_KEYS
+# DINO's own collapse signals (trainer.dino_loss.teacher_stats): uniform collapse drives the teacher entropy to log K,
+# one-prototype collapse drives the prototype perplexity to 1; the KL says how far the student is from the teacher
+DINO_KEYS = ("health/teacher_entropy", "health/student_teacher_kl", "health/center_norm", "health/proto_perplexity")
+HEALTH_KEYS = EMBEDDING_KEYS + GRAD_KEYS + TRUST_KEYS + DINO_KEYS
 
 
 def _uniformity(z: torch.Tensor) -> torch.Tensor:
@@ -74,6 +78,10 @@ class HealthMeter:
         """``trust`` (P,): one LARS step's per-tensor ratios eta * ||p|| / ||g||."""
         t = trust.detach().float()
         self._add(len(EMBEDDING_KEYS) + len(GRAD_KEYS), torch.stack([t.min(), t.median(), t.max()]))
+
+    def add_dino(self, values: torch.Tensor) -> None:
+        """``values`` (4,): one DINO step's teacher entropy, student-teacher KL, centre norm, prototype perplexity."""
+        self._add(len(EMBEDDING_KEYS) + len(GRAD_KEYS) + len(TRUST_KEYS), values.reshape(len(DINO_KEYS)))
 
     def summary(self) -> dict:
         """Means over the steps since the last call, averaged over ranks (one host read; a collective with several

@@ -42,6 +42,11 @@ def build_backbone(arch: str, in_channels: int = 1, *, rgb_state: dict | None = 
     """A torchvision ResNet with ``fc = Identity`` -> (module, feature_dim), randomly initialised, or holding
     ``rgb_state`` (the 3-channel ImageNet classifier's state dict), loaded strictly before the stem is adapted (RGB
     filters summed for 1 channel). Files (encoder.pt, checkpoints, the hub cache) are read by trainer.encoder_io."""
+    if arch.startswith("vit_"):  # timm Vision Transformers: trainer/vit.py (no ImageNet classifier to adapt)
+        from trainer.vit import vit_model
+
+        model = vit_model(arch, in_channels)
+        return model, model.feature_dim
     model = _torchvision_model(arch)
     if rgb_state is not None:
         model.load_state_dict(rgb_state)

@@ -115,6 +115,7 @@ def train(cfg: Config, info: dist_utils.DistInfo) -> int:
     if info.is_main:
         for text in fit_warnings(cfg, device, world_size, schedule):
             print(text, file=sys.stderr, flush=True)
+    method.set_schedule(schedule["total_steps"], steps_per_epoch)
     raw_model, step_fn = _build_model(cfg, info, method, precision, schedule["peak_lr"])
     optimizer = step_fn.optimizer
 

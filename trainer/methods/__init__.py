@@ -5,11 +5,12 @@ A new method is one module here with a `Method` subclass and one line in `METHOD
 from __future__ import annotations
 
 from trainer.methods.base import Method
+from trainer.methods.dino import DINO
 from trainer.methods.micle import MICLe
 from trainer.methods.moco import MoCoV2
 from trainer.methods.simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "moco": MoCoV2, "micle": MICLe}
+METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "moco": MoCoV2, "micle": MICLe, "dino": DINO}
 
 
 def method_class(name: str) -> type[Method]:
@@ -24,4 +25,4 @@ def build_method(loss_cfg, *, device=None, embed_dim: int | None = None) -> Meth
     return method_class(loss_cfg.method)(loss_cfg, device=device, embed_dim=embed_dim)
 
 
-__all__ = ["METHODS", "Method", "MICLe", "MoCoV2", "SimCLR", "build_method", "method_class"]
+__all__ = ["DINO", "METHODS", "Method", "MICLe", "MoCoV2", "SimCLR", "build_method", "method_class"]

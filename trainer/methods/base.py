@@ -20,6 +20,7 @@ class Method(ABC):
     name = ""
     micle_pairs = False        # loader: two images of one patient per sample instead of two views of one image
     global_bn_default = True   # model.sync_bn=auto on several ranks: BatchNorm over the global batch
+    multi_crop = False         # loader: global + local crops grouped by size (dali_pipes.multicrop) instead of 2 views
 
     def __init__(self, loss_cfg, *, device: torch.device | None = None, embed_dim: int | None = None):
         self.loss_cfg = loss_cfg
@@ -31,6 +32,9 @@ class Method(ABC):
     def check_run(self, cfg, world_size: int, device: torch.device) -> str | None:
         """A one-line reason this run cannot start on ``world_size`` ranks of ``device``, or None."""
         return None
+
+    def set_schedule(self, total_steps: int, steps_per_epoch: int) -> None:
+        """The run's length, for methods whose own schedules (e.g. DINO's teacher momentum) follow the step."""
 
     @abstractmethod
     def build_model(self, model_cfg, *, world_size: int) -> nn.Module:

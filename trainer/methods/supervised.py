@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 from trainer.methods.base import Method
-from trainer.models import build_backbone
 
 
 class Classifier(nn.Module):
@@ -33,9 +32,11 @@ class MaskedMultiLabelBCE(Method):
         self.num_tasks = num_tasks
 
     def build_model(self, model_cfg, *, world_size: int = 1) -> Classifier:
-        """A `trainer.models.build_backbone` trunk (``model_cfg.arch``, ``in_channels``, ``init``) + a linear head."""
-        backbone, feature_dim = build_backbone(model_cfg.arch, model_cfg.in_channels, model_cfg.init)
-        return Classifier(backbone, nn.Linear(feature_dim, self.num_tasks))
+        """The trunk ``model.init`` names (``model_cfg.arch``, ``in_channels``; read by trainer.encoder_io) + a
+        linear head."""
+        from trainer.encoder_io import read_init
+        start = read_init(model_cfg)
+        return Classifier(start.model, nn.Linear(start.feature_dim, self.num_tasks))
 
     def forward_backward(self, step, batch: dict) -> torch.Tensor:
         y = batch["targets"]
