@@ -12,7 +12,7 @@ from eval.sampling import DEFAULT_FRACTIONS, DEFAULT_VAL_MIN_PER_CLASS
 
 # "finetune" + dali_pipes' AugmentConfig.PRESETS, spelled out so that parsing arguments (and --help) does not import
 # torch / DALI; a test keeps the two lists equal.
-AUGMENT_CHOICES = ("finetune", "simclr-cxr", "azizi", "moco-cxr", "simclr")
+AUGMENT_CHOICES = ("finetune", "simclr-cxr", "azizi", "moco-cxr", "simclr", "dino-cxr")
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:

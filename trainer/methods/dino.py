@@ -89,8 +89,8 @@ class DINO(Method):
     multi_crop = True          # loader: 2 global + N local crops (dali_pipes.multicrop)
     global_bn_default = False  # ViTs have no BatchNorm; a ResNet student keeps per-rank statistics (as DINO)
 
-    def __init__(self, loss_cfg):
-        super().__init__(loss_cfg)
+    def __init__(self, loss_cfg, *, device: torch.device | None = None, embed_dim: int | None = None):
+        super().__init__(loss_cfg, device=device, embed_dim=embed_dim)
         self.total_steps, self.steps_per_epoch = 1, 1
         self._step: int | None = None  # host copy of the model's step buffer (read once, at the first step)
         self._hooked = None
