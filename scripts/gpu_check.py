@@ -273,7 +273,7 @@ def step_model(rec: Recorder, out: Path, sizes: dict) -> None:
     for arch, px, batch in sizes["archs"]:
         for mode in ("compile", "eager") if arch == "resnet50" else ("eager", "compile"):
             if mode == "compile" and not cuda:
-                continue  # inductor on a 2-core CPU takes minutes; the smoke run checks the eager path
+                continue  # inductor compiles for minutes on a CPU; the smoke run checks the eager path
             cfg = load_config(None, ["data.source=synthetic", f"model.arch={arch}", "model.in_channels=1",
                                      "loss.method=simclr", "optim.name=lars", "loss.impl=auto", "model.sync_bn=off",
                                      f"data.batch_size={batch}", f"data.image_size={px}"])

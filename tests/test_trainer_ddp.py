@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from procs import child_pids
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,18 +52,6 @@ def test_pretrain_two_ranks_checkpoint_and_resume(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_full]
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["torchrun", "ranks"])
 def test_sigterm_under_torchrun_checkpoints_every_rank_at_a_log_step(tmp_path, target):
@@ -82,7 +72,7 @@ def test_sigterm_under_torchrun_checkpoints_every_rank_at_a_log_step(tmp_path, t
     deadline = time.time() + 180
     while not (run / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    for pid in (_children(proc.pid) if target == "ranks" else [proc.pid]):
+    for pid in (child_pids(proc.pid) if target == "ranks" else [proc.pid]):
         os.kill(pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=180)
     assert "stopped by SIGTERM" in out or "stopped by a peer's signal" in out, out[-2000:] + err[-2000:]

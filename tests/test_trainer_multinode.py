@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from procs import child_pids
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["trainer/pretrain.py", "trainer/configs/debug_cpu.toml", "data.source=synthetic", "data.synthetic_batches=3",
         "data.image_size=16", "model.head_hidden_dim=16", "model.proj_dim=8"]
@@ -31,18 +33,6 @@ def _agent(port: int, args: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--max_restarts=0",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test-{port}", *TINY, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def _wait_for_rows(path: Path, procs: list[subprocess.Popen], rows: int = 1, timeout_s: float = 240) -> None:
@@ -93,7 +83,7 @@ def test_a_lost_or_hung_node_ends_the_survivor_with_one_line(tmp_path, fault):
     victim, survivor = second, first
     try:
         _wait_for_rows(run / "metrics.jsonl", [first, second])
-        ranks = _children(victim.pid)
+        ranks = child_pids(victim.pid)
         assert len(ranks) == 1, ranks
         if fault == "node killed":
             for pid in (victim.pid, *ranks):
@@ -103,7 +93,7 @@ def test_a_lost_or_hung_node_ends_the_survivor_with_one_line(tmp_path, fault):
         _, err = survivor.communicate(timeout=120)
     finally:
         for proc in (first, second):
-            for pid in (*_children(proc.pid), proc.pid):
+            for pid in (*child_pids(proc.pid), proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
