@@ -405,11 +405,14 @@ def test_failed_early_checks_leave_nothing_in_out(chexpert_root, tmp_path, capsy
     empty_csv = tmp_path / "empty-csv"
     empty_csv.mkdir()
     (empty_csv / "train.csv").write_bytes(b"")
+    bad_nih = tmp_path / "bad-nih"
+    (bad_nih / "images").mkdir(parents=True)
+    (bad_nih / "Data_Entry_2017.csv").write_bytes(b"\xff\xfe\x00garbage\n")
     out = tmp_path / "new" / "out"
     cases = [  # bad --root, bad options, unreadable CSVs, the wrong --source (folder: CheXpert markers)
         {"--root": str(tmp_path / "absent")}, {"--size": "-1"}, {"--quality": "0"}, {"--views": "sideways"},
         {"--modalities": ""}, {"--root": str(bad_csv)}, {"--root": str(empty_csv)}, {"--source": "nih"},
-        {"--source": "folder"}, {"--force-folder": None},
+        {"--source": "folder"}, {"--force-folder": None}, {"--source": "nih", "--root": str(bad_nih)},
     ]
     for extra in cases:
         opts = {"--source": "chexpert", "--root": str(root), "--out": str(out), "--workers": "0", **extra}

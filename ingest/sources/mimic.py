@@ -12,7 +12,7 @@ import pandas as pd
 
 from ingest.records import Record, Reject, normalise_view, parse_label
 from ingest.schema import CHEXPERT_LABELS, sample_key
-from ingest.sources import SourceError, SourceOptions, SourceResult, find_file
+from ingest.sources import SourceError, SourceOptions, SourceResult, find_file, read_csv_table
 
 METADATA_CSV = ("mimic-cxr-2.0.0-metadata.csv",)
 SPLIT_CSV = ("mimic-cxr-2.0.0-split.csv",)
@@ -24,7 +24,7 @@ def _csv(root: Path, names: tuple[str, ...], columns: tuple[str, ...]) -> pd.Dat
     path = find_file(root, names)
     if path is None:
         raise SourceError(f"{root}: no {names[0]} (MIMIC-CXR-JPG layout expected)")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = read_csv_table(path)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise SourceError(f"{path}: missing columns {missing}")

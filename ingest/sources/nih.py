@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pandas as pd
 
 from ingest.records import Record, Reject, normalise_age, normalise_sex, normalise_view
 from ingest.schema import NIH_LABELS, sample_key
-from ingest.sources import SourceError, SourceOptions, SourceResult
+from ingest.sources import SourceError, SourceOptions, SourceResult, read_csv_table
 
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
                     "Patient Gender", "View Position")
@@ -79,7 +78,7 @@ def _official_split(root: Path) -> dict[str, str] | None:
 
 def read(root: Path, opts: SourceOptions) -> SourceResult:
     csv_path = find_data_entry_csv(root)
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    df = read_csv_table(csv_path)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise SourceError(f"{csv_path}: not an NIH Data_Entry CSV, missing columns {missing}")
