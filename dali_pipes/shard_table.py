@@ -1,5 +1,6 @@
 """The shard table: every sample of a split with the tar and the payload offset / size of each member, read once from
-the DALI ``.idx`` files (wds2idx "v1.2": ``ext offset size name`` per member). Every reader of shard bytes starts here.
+the DALI ``.idx`` files by ``ingest.schema.read_index`` (the one parser of the format). Every reader of shard bytes in
+dali_pipes and above starts here.
 """
 from __future__ import annotations
 
@@ -10,61 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.schema import DALI_INDEX_VERSION, ShardFormatError, ShardInfo
+from ingest.schema import DALI_INDEX_VERSION, IndexedSample, Member, ShardFormatError, ShardInfo, read_index
 
 PID_BYTES = 8  # a .pid member is one little-endian int64
-
-
-@dataclass(frozen=True)
-class Member:
-    """One member of a sample: where its payload lies in the tar (after its 512-byte header)."""
-    ext: str
-    offset: int
-    size: int
-    name: str  # the tar member's name, ``key.ext``
-
-
-@dataclass(frozen=True)
-class IndexedSample:
-    """One sample as its index line lists it; members keep the line's order."""
-    members: tuple[Member, ...]
-
-    @property
-    def key(self) -> str:
-        name, ext = self.members[0].name, self.members[0].ext
-        return name[: -len(ext) - 1] if name.endswith("." + ext) else name
-
-    def member(self, ext: str) -> Member | None:
-        return next((m for m in self.members if m.ext == ext), None)
-
-    def index_line(self) -> str:
-        return " ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in self.members)
-
-
-def read_index(index_path: str | Path, *, num_samples: int | None = None) -> list[IndexedSample]:
-    """The samples of one ``.idx`` in order; ShardFormatError (file and reason) on a bad file or, with
-    ``num_samples``, a count that differs from the manifest's."""
-    try:
-        lines = Path(index_path).read_text().splitlines()
-        version, count = lines[0].split()
-        if version != DALI_INDEX_VERSION:
-            raise ShardFormatError(f"{index_path}: DALI index version {version}, expected {DALI_INDEX_VERSION}")
-        out = []
-        for line in lines[1 : 1 + int(count)]:
-            f = line.split()
-            if len(f) % 4:
-                raise ValueError(f"a line has {len(f)} fields, not 4 per member")
-            out.append(IndexedSample(tuple(Member(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3])
-                                           for i in range(0, len(f), 4))))
-    except ShardFormatError:
-        raise
-    except (OSError, ValueError, IndexError) as e:
-        raise ShardFormatError(f"{index_path}: unreadable DALI index ({e})") from e
-    if len(out) != int(count):
-        raise ShardFormatError(f"{index_path}: index announces {count} samples but lists {len(out)}")
-    if num_samples is not None and len(out) != num_samples:
-        raise ShardFormatError(f"{index_path}: {len(out)} samples indexed, manifest says {num_samples}")
-    return out
 
 
 def index_text(samples: list[IndexedSample]) -> str:
