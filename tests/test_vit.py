@@ -97,3 +97,21 @@ def test_knn_monitor_embeds_with_a_vit():
     assert monitor.embed(model).shape == (12, 192) and model.training  # CLS features; train mode restored
     row = monitor(model)
     assert 0.0 <= row["knn_auroc_mean"] <= 1.0
+
+
+def test_frozen_features_cls_mean_both_match_the_tokens():
+    from trainer.vit import ViTFeatures
+
+    torch.manual_seed(0)
+    model = vit_model("vit_tiny_patch8", 1, reg_tokens=2).eval()  # register tokens are not patch tokens
+    x = torch.randn(3, 1, 40, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (3, 1 + 2 + 5*4, 192)
+        cls, mean, both = (ViTFeatures(model, f)(x) for f in ("cls", "mean", "both"))
+    assert tokens.shape == (3, 23, 192)
+    torch.testing.assert_close(cls, model(x))
+    torch.testing.assert_close(mean, tokens[:, 3:].mean(1))
+    torch.testing.assert_close(both, torch.cat([cls, mean], 1))
+    assert [ViTFeatures(model, f).feature_dim for f in ("cls", "mean", "both")] == [192, 192, 384]
+    with pytest.raises(ValueError, match="unknown ViT features 'avg'"):
+        ViTFeatures(model, "avg")

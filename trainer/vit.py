@@ -150,3 +150,39 @@ def vit_from_state(arch: str, in_channels: int, state: dict, source: str) -> nn.
                       else 0)
     load_vit_state(model, state, source)
     return model
+
+
+VIT_FEATURES = ("cls", "mean", "both")  # what a frozen ViT hands to a probe: CLS token, mean patch token, both
+
+
+def vit_feature_dim(model: nn.Module, features: str) -> int:
+    if features not in VIT_FEATURES:
+        raise ValueError(f"unknown ViT features {features!r} (choose from {', '.join(VIT_FEATURES)})")
+    return model.embed_dim * (2 if features == "both" else 1)
+
+
+def pool_tokens(tokens: torch.Tensor, num_prefix_tokens: int, features: str) -> torch.Tensor:
+    """(B, prefix + P, D) final-norm tokens -> (B, D) CLS token, (B, D) mean of the P patch tokens (register tokens
+    excluded), or (B, 2D) both concatenated [CLS, mean] as DINO's linear evaluation does."""
+    cls = tokens[:, 0]
+    if features == "cls":
+        return cls
+    mean = tokens[:, num_prefix_tokens:].mean(dim=1)  # (B, D)
+    if features == "mean":
+        return mean
+    if features == "both":
+        return torch.cat([cls, mean], dim=1)  # (B, 2D)
+    raise ValueError(f"unknown ViT features {features!r} (choose from {', '.join(VIT_FEATURES)})")
+
+
+class ViTFeatures(nn.Module):
+    """A ViT backbone whose forward returns the chosen frozen features (``features`` in VIT_FEATURES); the
+    backbone's own forward (the CLS token) is what pretraining uses and stays unchanged."""
+
+    def __init__(self, backbone: nn.Module, features: str):
+        super().__init__()
+        self.backbone, self.features = backbone, features
+        self.feature_dim = vit_feature_dim(backbone, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, feature_dim)
+        return pool_tokens(self.backbone.forward_features(x), self.backbone.num_prefix_tokens, self.features)
