@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # name: (module, runner, help). A runner takes the parsed arguments (eval.args builds every parser); "main" means the
-# module parses its own argv (export, predict).
+# module parses its own argv (export, predict, export-weights).
 SUBCOMMANDS = {
     "linear": ("eval.cli", "run_linear", "logistic-regression probe per task on frozen features"),
     "fewshot": ("eval.cli", "run_fewshot", "k positives + k negatives per task, repeated over seeds"),
@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "export": ("eval.export", "main",
                "one evaluated encoder + heads -> a bundle folder (weights, thresholds, model card)"),
     "predict": ("eval.predict", "main", "a bundle's probabilities and flags for JPEG / PNG / DICOM files -> CSV"),
+    "export-weights": ("eval.weights", "main",
+                       "an encoder -> model.safetensors + config.json that timm / torchvision load without cxr-ssl"),
 }
 
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m eval <subcommand> [options]\n\nsubcommands:")
         for name, (_, _, help_) in SUBCOMMANDS.items():
-            print(f"  {name:<10} {help_}")
+            print(f"  {name:<{max(map(len, SUBCOMMANDS))}} {help_}")
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         print(f"eval: unknown subcommand '{argv[0]}' (choose from {', '.join(SUBCOMMANDS)})", file=sys.stderr)
