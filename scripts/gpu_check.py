@@ -1,6 +1,6 @@
-"""`python3 scripts/gpu_check.py --stage A|B --out DIR`: the GPU check for a lent H100 / H200, run with that
-machine's own python3 (torch, Triton, torchvision, numpy, pytest; no venv, no install). Stage A needs nothing else;
-stage B needs DALI (carried wheels, see scripts/gpu_wheels.sh). Each figure goes to DIR/results.jsonl as measured.
+"""`python3 scripts/gpu_check.py --stage A|B --out DIR`: the GPU check for a lent H100 / H200, run with that machine's
+own python3 (torch, Triton, torchvision, timm, numpy, pytest; no venv, no install). Stage A needs nothing else; stage
+B needs DALI (carried wheels, see scripts/gpu_wheels.sh). Each figure goes to DIR/results.jsonl as measured.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ WHEELS_DIR, SITE_DIR = Path("/tmp/cxr-wheels"), Path("/tmp/cxr-site")  # what sc
 DEFAULT_WHEELS = ROOT / ".gpu-wheels"
 PER_TEST_TIMEOUT_S = 60
 # the lent machine brings these; anything else the check imports comes from this repository (or stage B's wheels)
-LENT_MODULES = ("torch", "triton", "torchvision", "numpy", "pytest", "pytest_timeout")
+LENT_MODULES = ("torch", "triton", "torchvision", "timm", "numpy", "pytest", "pytest_timeout")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def planned_rows(step: str, sizes: dict, compiled: bool) -> list[tuple[str, str]
 
 
 def floors() -> dict[str, str]:
-    """pyproject's lower bounds for the packages the lent machine brings (torch, triton, torchvision, numpy)."""
+    """pyproject's lower bounds for the packages the lent machine brings (torch, triton, torchvision, timm, numpy)."""
     import tomllib
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     out = {}
@@ -125,7 +125,7 @@ def floors() -> dict[str, str]:
         if ">=" in spec:
             name, floor = spec.split(">=", 1)
             out[name.lower()] = floor.split(",")[0]
-    return {k: v for k, v in out.items() if k in ("torch", "triton", "torchvision", "numpy")}
+    return {k: v for k, v in out.items() if k in ("torch", "triton", "torchvision", "timm", "numpy")}
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -721,7 +721,8 @@ def run_child(stage: str, step: str, out: Path, wheels: Path, smoke: bool) -> in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=sorted(STAGES), required=True, help="A: torch only; B: DALI (carried wheels)")
+    p.add_argument("--stage", choices=sorted(STAGES), required=True,
+                   help="A: the machine's own packages; B: DALI (carried wheels)")
     p.add_argument("--out", type=Path, default=None, help="results folder (<= 8 files come back from a lent machine)")
     p.add_argument("--wheels", type=Path, default=DEFAULT_WHEELS, help="stage B: folder of gpu_wheels.sh's parts")
     p.add_argument("--dry-run", action="store_true", help="print the plan, the caps and the files; run nothing")

@@ -88,6 +88,7 @@ def test_stage_a_dry_run_on_the_lent_machine(tmp_path):
         assert name in out
     assert re.search(r"^  torch\s+2\.11\.0\+cu130\s+floor 2\.11\s+ok", out, re.M), out
     assert re.search(r"^  torchvision\s+0\.26\.0\+cu130\s+floor 0\.26\s+ok", out, re.M), out
+    assert re.search(r"^  timm\s+\S+\s+floor 1\.0\s+ok", out, re.M), out  # the dino step's ViT
     assert "NOT OK" not in out
     # planning imports neither torch nor anything the lent machine lacks, and needs no GPU
     assert not loaded & {"torch", "triton", "webdataset", "pydicom", "fastapi", "nvidia.dali"}, loaded
