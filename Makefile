@@ -25,7 +25,7 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
 # On a lent H100 / H200, with that machine's own python3 (no venv, no install): stage A needs only torch, Triton,
-# torchvision, numpy and pytest; stage B needs the DALI wheels made by `scripts/gpu_wheels.sh .gpu-wheels` and
+# torchvision, timm, numpy and pytest; stage B needs the DALI wheels made by `scripts/gpu_wheels.sh .gpu-wheels` and
 # carried in parts (README: "GPU check"). `make gpu-check GPU_STAGE=B`; `--dry-run` prints the plan without a GPU.
 GPU_STAGE ?= A
 GPU_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)

@@ -1,7 +1,7 @@
 """`python -m bench dino loss-memory`: peak memory of DINO's prototype cross-entropy, textbook (log_softmax of every
 crop) vs the trainer's blocked autograd function, forward + backward, each in a fresh process.
-`python -m bench dino`: the stage-A row for DINO: images/s of the trainer's real DINO step (ViT-S/16 at
-2 x 224 + 8 x 96 crops by default) on synthetic crops, model only.
+`python -m bench dino [--compile off,default]`: images/s of the trainer's real DINO step (ViT-S/16 at 2 x 224 + 8 x 96
+crops by default) on synthetic crops, model only; `dino_throughput` is the row gpu_check's stage-A dino step records.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 import torch
 
 LOSS_IMPLS = ("naive", "blocked")
+COMPILE_MODES = ("off", "default", "max-autotune")
 
 
 def naive_ce(student: list[torch.Tensor], q: torch.Tensor, temp: float) -> torch.Tensor:
@@ -86,7 +87,10 @@ def dino_throughput(*, arch: str = "vit_small_patch16", global_size: int = 224, 
                     local_crops: int = 8, batch: int = 64, out_dim: int = 65536, device: str = "cuda",
                     precision: str = "bf16", compile_mode: str | None = None, steps: int = 10,
                     warmup: int = 3) -> dict:
-    """images/s of the trainer's DINO TrainStep (student, teacher, loss, optimiser, EMA) on synthetic crops."""
+    """images/s of the trainer's DINO TrainStep (student, teacher, loss, AdamW + clipping, EMA) on synthetic crops held
+    on the device: the median of ``steps`` timed steps (CUDA events on a GPU, synchronised host clock elsewhere) after
+    ``warmup`` untimed ones, the first of which is timed alone (it holds the compilation); peak MiB on a GPU."""
+    from bench.harness import time_fn
     from trainer.config import load_config
     from trainer.methods import build_method
     from trainer.optim import build_optimizer
@@ -103,29 +107,31 @@ def dino_throughput(*, arch: str = "vit_small_patch16", global_size: int = 224, 
         method.compile(model, model, compile_mode)
     step = TrainStep(model, model, build_optimizer(model, cfg.optim, 1e-4), cfg.loss, precision=precision,
                      device=dev, grad_clip_norm=3.0, method=method)
-    dtype = torch.float32
-    batch_d = {"global": torch.randn(2, batch, 1, global_size, global_size, device=dev, dtype=dtype),
-               "local": torch.randn(local_crops, batch, 1, local_size, local_size, device=dev, dtype=dtype)}
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    for _ in range(warmup):
-        step(batch_d, 1e-4)
-    sync()
-    if dev.type == "cuda":
+    g = torch.Generator(device="cpu").manual_seed(0)  # random crops: zeros can run faster than real data
+    batch_d = {"global": torch.randn(2, batch, 1, global_size, global_size, generator=g).to(dev),
+               "local": torch.randn(local_crops, batch, 1, local_size, local_size, generator=g).to(dev)}
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step(batch_d, 1e-4)
-    sync()
-    seconds = time.perf_counter() - t0
+    loss = step(batch_d, 1e-4)
+    finite = bool(torch.isfinite(loss).item())  # the host read waits for the step
+    first_s = time.perf_counter() - t0
+    last = [loss]
+
+    def one_step() -> None:
+        last[0] = step(batch_d, 1e-4)
+
+    timing = time_fn(one_step, warmup=max(0, warmup - 1), repeats=steps, cuda_events=cuda)
+    loss = last[0]
     row = {"arch": arch, "crops": f"2x{global_size}+{local_crops}x{local_size}", "batch": batch, "k": out_dim,
-           "precision": precision, "compile": compile_mode or "off", "device": dev.type,
-           "images_per_s": batch * steps / seconds, "step_ms": 1000 * seconds / steps, "loss": float(loss)}
-    if dev.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+           "precision": precision, "compile": compile_mode or "off", "device": dev.type, "steps": steps,
+           "warmup": warmup, "images_per_s": batch / timing.median_s, "step_ms": 1000 * timing.median_s,
+           "step_ms_p90": 1000 * timing.p90_s, "first_step_s": first_s,
+           "loss_finite": finite and bool(torch.isfinite(loss).item()), "loss": float(loss)}
+    if cuda:
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return row
 
 
@@ -141,12 +147,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--k", type=int, default=65536)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--compile", choices=("off", "default", "max-autotune"), default="off")
+    p.add_argument("--compile", default="off",
+                   help="comma list of off, default, max-autotune: one row each, in this order (e.g. off,default)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
-    row = dino_throughput(arch=a.arch, global_size=a.global_size, local_size=a.local_size,
-                          local_crops=a.local_crops, batch=a.batch, out_dim=a.k, device=a.device,
-                          precision=a.precision, compile_mode=None if a.compile == "off" else a.compile,
-                          steps=a.steps)
-    print(json.dumps(row))
-    return 0
+    modes = [m for m in a.compile.split(",") if m]
+    if not modes or any(m not in COMPILE_MODES for m in modes):
+        print(f"bench dino: --compile {a.compile}: expected a comma list of {', '.join(COMPILE_MODES)}",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for mode in modes:
+        torch._dynamo.reset()  # each compiled row compiles afresh
+        rows.append(dino_throughput(arch=a.arch, global_size=a.global_size, local_size=a.local_size,
+                                    local_crops=a.local_crops, batch=a.batch, out_dim=a.k, device=a.device,
+                                    precision=a.precision, compile_mode=None if mode == "off" else mode,
+                                    steps=a.steps, warmup=a.warmup))
+        print(json.dumps(rows[-1]), flush=True)
+    eager = next((r for r in rows if r["compile"] == "off"), None)
+    for r in rows:
+        if eager is not None and r is not eager:
+            print(f"compile={r['compile']}: {r['images_per_s'] / eager['images_per_s']:.2f}x the eager images/s "
+                  f"(first step {r['first_step_s']:.1f} s)")
+    return 0 if all(r["loss_finite"] for r in rows) else 1

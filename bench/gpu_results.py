@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 RESULTS_NAME, SUMMARY_NAME, ENV_NAME = "results.jsonl", "summary.md", "env.json"
+# a planned row (a "plan" record) that no figure answers, by how its step ended
+NOT_MEASURED = {"timeout": "not measured (cap)", "skipped": "not measured (stage deadline)",
+                "failed": "not measured (step failed)", "stopped": "not measured (stopped)"}
 
 
 def append_record(path: Path, record: dict) -> dict:
@@ -52,8 +55,8 @@ def _cell(text) -> str:
 
 
 def render(records: list[dict], env: dict | None = None, unreadable: int = 0) -> str:
-    """summary.md: the environment, every measured figure (metric, value, unit, conditions, goal), each step's
-    outcome and the tests' tally."""
+    """summary.md: the environment, every measured figure (metric, value, unit, conditions, goal), each planned row
+    that was not measured and why (e.g. "not measured (cap)"), each step's outcome and the tests' tally."""
     lines = ["# GPU check summary", ""]
     env = env or {}
     if env:
@@ -63,12 +66,34 @@ def render(records: list[dict], env: dict | None = None, unreadable: int = 0) ->
                   f"- torch {v.get('torch')}, Triton {v.get('triton')}, torchvision {v.get('torchvision')}, "
                   f"DALI {v.get('nvidia.dali')}, Python {env.get('python')}; commit {env.get('git_commit')}", ""]
     figures = [r for r in records if r.get("kind") == "figure"]
+    measured = {(r.get("stage"), r.get("step"), r.get("metric")) for r in figures}
+    pending: dict[tuple, dict[str, dict]] = {}  # (stage, step) -> planned rows no figure answers, in plan order
+    for r in records:
+        if r.get("kind") == "plan" and (r.get("stage"), r.get("step"), r.get("metric")) not in measured:
+            pending.setdefault((r.get("stage"), r.get("step")), {})[r.get("metric")] = r
+
+    def row(stage, metric, value, unit, conditions, goal) -> str:
+        return "| " + " | ".join(_cell(x) for x in (stage, metric, value, unit, conditions, goal)) + " |"
+
+    def unmeasured(key, status: str, detail: str) -> list[str]:
+        why = NOT_MEASURED.get(status, "not measured")
+        return [row(p.get("stage"), p.get("metric"), why, p.get("unit"), f"step {p.get('step')}: {detail}", "")
+                for p in pending.pop(key, {}).values()]
+
     lines += ["| stage | metric | value | unit | conditions | goal |", "|---|---|---|---|---|---|"]
-    for r in figures:
-        value = r.get("value") if r.get("status", "ok") == "ok" else r.get("status")
-        lines.append("| " + " | ".join(_cell(x) for x in (r.get("stage"), r.get("metric"), value, r.get("unit"),
-                                                            r.get("conditions"), r.get("goal"))) + " |")
-    if not figures:
+    table = []
+    for r in records:
+        if r.get("kind") == "figure":
+            value = r.get("value") if r.get("status", "ok") == "ok" else r.get("status")
+            table.append(row(r.get("stage"), r.get("metric"), value, r.get("unit"), r.get("conditions"),
+                             r.get("goal")))
+        elif r.get("kind") == "step":
+            table += unmeasured((r.get("stage"), r.get("step")), r.get("status"),
+                                r.get("detail") or f"the step ended {r.get('status')} without this row")
+    for key in list(pending):
+        table += unmeasured(key, "stopped", "the stage ended before this step did")
+    lines += table
+    if not table:
         lines.append("| | (no figures recorded) | | | | |")
     steps = [r for r in records if r.get("kind") == "step"]
     if steps:

@@ -1,6 +1,6 @@
-"""`python3 scripts/gpu_check.py --stage A|B --out DIR`: the GPU check for a lent H100 / H200, run with that
-machine's own python3 (torch, Triton, torchvision, numpy, pytest; no venv, no install). Stage A needs nothing else;
-stage B needs DALI (carried wheels, see scripts/gpu_wheels.sh). Each figure goes to DIR/results.jsonl as measured.
+"""`python3 scripts/gpu_check.py --stage A|B --out DIR`: the GPU check for a lent H100 / H200, run with that machine's
+own python3 (torch, Triton, torchvision, timm, numpy, pytest; no venv, no install). Stage A needs nothing else; stage
+B needs DALI (carried wheels, see scripts/gpu_wheels.sh). Each figure goes to DIR/results.jsonl as measured.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ WHEELS_DIR, SITE_DIR = Path("/tmp/cxr-wheels"), Path("/tmp/cxr-site")  # what sc
 DEFAULT_WHEELS = ROOT / ".gpu-wheels"
 PER_TEST_TIMEOUT_S = 60
 # the lent machine brings these; anything else the check imports comes from this repository (or stage B's wheels)
-LENT_MODULES = ("torch", "triton", "torchvision", "numpy", "pytest", "pytest_timeout")
+LENT_MODULES = ("torch", "triton", "torchvision", "timm", "numpy", "pytest", "pytest_timeout")
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,19 @@ class Step:
 
 
 # Caps are upper bounds (a step ends at its cap, the stage at its deadline); A + B <= 540 s leaves a rerun's time in
-# the 15 device minutes after the machine's start and the carried parts.
+# the 15 device minutes after the machine's start and the carried parts. Within a step the compiled rows come last
+# (PLANNED_ROWS), so a compile that outlasts the cap costs only its own row, reported "not measured (cap)".
 STAGES = {
-    "A": (285, (
+    "A": (300, (
         Step("env", 20, "GPU, driver, torch / Triton / torchvision / DALI versions -> env.json"),
-        Step("loss", 75, "fused NT-Xent (self-check on) vs eager and compiled PyTorch at 4,096 / 16,384 / 65,536 "
+        Step("loss", 65, "fused NT-Xent (self-check on) vs eager and compiled PyTorch at 4,096 / 16,384 / 65,536 "
                          "views, D=128, bf16: fwd+bwd ms (median of 10, CUDA events), peak memory, OOM as such"),
-        Step("model", 120, "trainer's SimCLR step (method + NT-Xent + LARS, global BN off, 1 GPU) on device-resident "
-                           "synthetic tensors, 224 px, batch 256, channels-last, bf16: ResNet-50 compiled / eager, "
-                           "ResNet-18 eager / compiled: images/s, steps/s, views/s"),
+        Step("model", 80, "trainer's SimCLR step (method + NT-Xent + LARS, global BN off, 1 GPU) on device-resident "
+                          "synthetic tensors, 224 px, batch 256, channels-last, bf16: ResNet-50 eager, ResNet-18 "
+                          "eager, ResNet-50 compiled: images/s, steps/s, views/s"),
+        Step("dino", 70, "trainer's DINO step (ViT-S/16 student + EMA teacher + centred loss + AdamW, clip 3.0, 1 GPU) "
+                         "on device-resident synthetic crops, 2x224 + 8x96 px, batch 64, K=65,536, bf16: eager, then "
+                         "compiled: images/s (median of 10), first-step (compile) s, peak MiB, compiled / eager"),
         Step("tests", 65, f"GPU-marked tests without DALI, {PER_TEST_TIMEOUT_S} s per test, JUnit as they go"),
     )),
     "B": (240, (
@@ -69,21 +73,50 @@ OUT_FILES = (RESULTS_NAME, ENV_NAME, JUNIT_NAME, SUMMARY_NAME, LOGS_NAME)
 
 # Sizes: the issue's on a GPU; --smoke runs the same code at CPU-sized shapes (a test of the code, not a figure).
 SIZES = {
-    "gpu": {"loss_views": (4096, 16384, 65536), "loss_repeats": 10, "archs": (("resnet50", 224, 256),
-            ("resnet18", 224, 256)), "model_repeats": 10, "model_warmup": 3, "synth_images": 16, "synth_px": 1024,
-            "shard_px": (256, 1024), "replicas": {256: 4096, 1024: 1024}, "dali_batch": 256, "dali_batches": 20,
-            "e2e_steps": 20, "e2e_warmup": 5},
-    "smoke": {"loss_views": (64, 128), "loss_repeats": 2, "archs": (("resnet18", 32, 4),), "model_repeats": 2,
-              "model_warmup": 1, "synth_images": 4, "synth_px": 64, "shard_px": (32, 64), "replicas": {32: 32, 64: 32},
+    "gpu": {"loss_views": (4096, 16384, 65536), "loss_repeats": 10,
+            "model_runs": (("resnet50", 224, 256, "eager"), ("resnet18", 224, 256, "eager"),
+                           ("resnet50", 224, 256, "compile")), "model_repeats": 10, "model_warmup": 3,
+            "dino": {"arch": "vit_small_patch16", "global_size": 224, "local_size": 96, "local_crops": 8,
+                     "batch": 64, "out_dim": 65536, "steps": 10, "warmup": 3},
+            "synth_images": 16, "synth_px": 1024, "shard_px": (256, 1024), "replicas": {256: 4096, 1024: 1024},
+            "dali_batch": 256, "dali_batches": 20, "e2e_steps": 20, "e2e_warmup": 5},
+    "smoke": {"loss_views": (64, 128), "loss_repeats": 2, "model_runs": (("resnet18", 32, 4, "eager"),),
+              "model_repeats": 2, "model_warmup": 1,
+              "dino": {"arch": "vit_tiny_patch8", "global_size": 32, "local_size": 16, "local_crops": 2, "batch": 4,
+                       "out_dim": 1024, "steps": 2, "warmup": 1},
+              "synth_images": 4, "synth_px": 64, "shard_px": (32, 64), "replicas": {32: 32, 64: 32},
               "dali_batch": 8, "dali_batches": 2, "e2e_steps": 2, "e2e_warmup": 1},
 }
+DINO_MODES = ("eager", "compile")  # eager first: its row is on disk before a compile can run into the cap
+
+
+def model_metric(arch: str, mode: str) -> str:
+    return f"{arch} train step images/s, {mode}"
+
+
+def dino_metric(arch: str, what: str, mode: str) -> str:
+    return f"DINO {arch} step {what}, {mode}"
+
+
+def planned_rows(step: str, sizes: dict, compiled: bool) -> list[tuple[str, str]]:
+    """(metric, unit) of the headline rows a step measures, in the order it measures them (the last fall to the cap
+    first); without ``compiled`` (a smoke run on a CPU) the compiled rows are left out, as the steps leave them out."""
+    if step == "model":
+        return [(model_metric(arch, mode), "images/s") for arch, _, _, mode in sizes["model_runs"]
+                if compiled or mode != "compile"]
+    if step == "dino":
+        arch = sizes["dino"]["arch"]
+        rows = [(dino_metric(arch, "images/s", mode), "images/s") for mode in DINO_MODES
+                if compiled or mode != "compile"]
+        return rows + ([(dino_metric(arch, "speedup", "compiled / eager"), "x")] if compiled else [])
+    return []
 
 
 # ------------------------------------------------------------------------------------------------ plan / dry run
 
 
 def floors() -> dict[str, str]:
-    """pyproject's lower bounds for the packages the lent machine brings (torch, triton, torchvision, numpy)."""
+    """pyproject's lower bounds for the packages the lent machine brings (torch, triton, torchvision, timm, numpy)."""
     import tomllib
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     out = {}
@@ -92,7 +125,7 @@ def floors() -> dict[str, str]:
         if ">=" in spec:
             name, floor = spec.split(">=", 1)
             out[name.lower()] = floor.split(",")[0]
-    return {k: v for k, v in out.items() if k in ("torch", "triton", "torchvision", "numpy")}
+    return {k: v for k, v in out.items() if k in ("torch", "triton", "torchvision", "timm", "numpy")}
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -133,6 +166,9 @@ def dry_run(stage: str, out: Path, wheels: Path) -> int:
     print(f"gpu-check stage {stage}: deadline {deadline_s} s, steps (cap each):")
     for s in steps:
         print(f"  {s.name:<8} <= {s.cap_s:>3} s  {s.what}")
+        rows = planned_rows(s.name, SIZES["gpu"], compiled=True)
+        if rows:
+            print(f"           rows in order (a cap cuts the last first): {'; '.join(m for m, _ in rows)}")
     print(f"  caps sum to {sum(s.cap_s for s in steps)} s; stages A + B: "
           f"{sum(st.cap_s for _, ss in STAGES.values() for st in ss)} s")
     print(f"writes into {out}: {', '.join(OUT_FILES)} (results.jsonl grows as figures are measured)")
@@ -270,50 +306,101 @@ def step_model(rec: Recorder, out: Path, sizes: dict) -> None:
     device = _device()
     cuda = device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
-    for arch, px, batch in sizes["archs"]:
-        for mode in ("compile", "eager") if arch == "resnet50" else ("eager", "compile"):
-            if mode == "compile" and not cuda:
-                continue  # inductor compiles for minutes on a CPU; the smoke run checks the eager path
-            cfg = load_config(None, ["data.source=synthetic", f"model.arch={arch}", "model.in_channels=1",
-                                     "loss.method=simclr", "optim.name=lars", "loss.impl=auto", "model.sync_bn=off",
-                                     f"data.batch_size={batch}", f"data.image_size={px}"])
-            amp = f"{precision} autocast" if precision != "fp32" else "fp32"
-            cond = (f"{arch} {px} px, batch {batch} (x2 views), 1 channel, channels-last, {amp}, "
-                    f"{mode}, SimCLR + NT-Xent + LARS, 1 {device.type}, synthetic tensors on the device")
+    for arch, px, batch, mode in sizes["model_runs"]:  # eager rows first: a compile cut at the cap costs only its row
+        if mode == "compile" and not cuda:
+            continue  # inductor compiles for minutes on a CPU; the smoke run checks the eager path
+        cfg = load_config(None, ["data.source=synthetic", f"model.arch={arch}", "model.in_channels=1",
+                                 "loss.method=simclr", "optim.name=lars", "loss.impl=auto", "model.sync_bn=off",
+                                 f"data.batch_size={batch}", f"data.image_size={px}"])
+        amp = f"{precision} autocast" if precision != "fp32" else "fp32"
+        cond = (f"{arch} {px} px, batch {batch} (x2 views), 1 channel, channels-last, {amp}, "
+                f"{mode}, SimCLR + NT-Xent + LARS, 1 {device.type}, synthetic tensors on the device")
+        step = held = None
+        try:
+            torch.manual_seed(0)
+            torch._dynamo.reset()
+            step = build_step(cfg, device, compile_mode="default" if mode == "compile" else None,
+                              channels_last=True, precision=precision)
+            held = synthetic_batch(batch, 1, px, device, torch.bfloat16 if cuda else torch.float32, True)
+            row = measure(step, held, warmup=sizes["model_warmup"], repeats=sizes["model_repeats"], device=device)
+        except torch.cuda.OutOfMemoryError as e:
+            rec.figure(model_metric(arch, mode), None, "images/s", cond, status="OOM",
+                       error=one_line(e, limit_chars=200))
+            continue
+        finally:
+            step_impl = getattr(getattr(step, "ntxent", None), "note", "") if step is not None else ""
             step = held = None
-            try:
-                torch.manual_seed(0)
-                torch._dynamo.reset()
-                step = build_step(cfg, device, compile_mode="default" if mode == "compile" else None,
-                                  channels_last=True, precision=precision)
-                held = synthetic_batch(batch, 1, px, device, torch.bfloat16 if cuda else torch.float32, True)
-                row = measure(step, held, warmup=sizes["model_warmup"], repeats=sizes["model_repeats"], device=device)
-            except torch.cuda.OutOfMemoryError as e:
-                rec.figure(f"{arch} train step images/s, {mode}", None, "images/s", cond, status="OOM",
-                           error=one_line(e, limit_chars=200))
-                continue
-            finally:
-                step_impl = getattr(getattr(step, "ntxent", None), "note", "") if step is not None else ""
-                step = held = None
-                if cuda:
-                    torch.cuda.empty_cache()
-            cond += f"; loss impl: {step_impl or 'undecided'}"
-            goal = f">= {GOAL_VIEWS_PER_S // 2:,} images/s" if arch == "resnet50" and px == 224 else ""
-            rec.figure(f"{arch} train step images/s, {mode}", row["images_per_s"], "images/s", cond, goal,
-                       arch=arch, mode=mode, step_ms=row["step_ms"], first_step_s=row["first_step_s"],
-                       loss_finite=row["loss_finite"])
-            rec.figure(f"{arch} first step (compile) time, {mode}", row["first_step_s"], "s", cond, arch=arch,
+            if cuda:
+                torch.cuda.empty_cache()
+        cond += f"; loss impl: {step_impl or 'undecided'}"
+        goal = f">= {GOAL_VIEWS_PER_S // 2:,} images/s" if arch == "resnet50" and px == 224 else ""
+        rec.figure(model_metric(arch, mode), row["images_per_s"], "images/s", cond, goal,
+                   arch=arch, mode=mode, step_ms=row["step_ms"], first_step_s=row["first_step_s"],
+                   loss_finite=row["loss_finite"])
+        rec.figure(f"{arch} first step (compile) time, {mode}", row["first_step_s"], "s", cond, arch=arch,
+                   mode=mode)
+        if "peak_mem_gib" in row:
+            rec.figure(f"{arch} train step peak memory, {mode}", row["peak_mem_gib"], "GiB", cond, arch=arch,
                        mode=mode)
-            if "peak_mem_gib" in row:
-                rec.figure(f"{arch} train step peak memory, {mode}", row["peak_mem_gib"], "GiB", cond, arch=arch,
-                           mode=mode)
-            if mode == "compile" and arch == "resnet50":
-                rec.figure("SimCLR training step (trainer code, compiled) steps/s", 1000 / row["step_ms"], "steps/s",
-                           cond, arch=arch)
-                rec.figure("SimCLR training step (trainer code, compiled) views/s", row["views_per_s"], "views/s",
-                           cond, f">= {GOAL_VIEWS_PER_S:,} views/s", arch=arch)
-            if not row["loss_finite"]:
-                rec.note(f"{arch} {mode}: non-finite loss")
+        if mode == "compile" and arch == "resnet50":
+            rec.figure("SimCLR training step (trainer code, compiled) steps/s", 1000 / row["step_ms"], "steps/s",
+                       cond, arch=arch)
+            rec.figure("SimCLR training step (trainer code, compiled) views/s", row["views_per_s"], "views/s",
+                       cond, f">= {GOAL_VIEWS_PER_S:,} views/s", arch=arch)
+        if not row["loss_finite"]:
+            rec.note(f"{arch} {mode}: non-finite loss")
+
+
+def step_dino(rec: Recorder, out: Path, sizes: dict) -> None:
+    """DINO ViT step, eager then compiled, through bench.dino_bench's row (the trainer's own step); each row is on
+    disk before the next starts, so a compile cut at the cap leaves the eager row."""
+    import torch
+    from ingest.errors import one_line
+
+    from bench.dino_bench import dino_throughput
+    device = _device()
+    cuda = device.type == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    d = sizes["dino"]
+    arch = d["arch"]
+    images_per_s: dict[str, float] = {}
+    for mode in DINO_MODES:
+        if mode == "compile" and not cuda:
+            continue  # inductor compiles for minutes on a CPU; the smoke run checks the eager path
+        amp = f"{precision} autocast" if precision != "fp32" else "fp32"
+        cond = (f"{arch}, 2x{d['global_size']} + {d['local_crops']}x{d['local_size']} px crops, batch {d['batch']}, "
+                f"1 channel, K={d['out_dim']:,}, {amp}, {mode}, student + EMA teacher + centred loss + AdamW (clip "
+                f"3.0), 1 {device.type}, synthetic crops on the device")
+        try:
+            torch.manual_seed(0)
+            torch._dynamo.reset()
+            row = dino_throughput(arch=arch, global_size=d["global_size"], local_size=d["local_size"],
+                                  local_crops=d["local_crops"], batch=d["batch"], out_dim=d["out_dim"],
+                                  device=device.type, precision=precision,
+                                  compile_mode="default" if mode == "compile" else None, steps=d["steps"],
+                                  warmup=d["warmup"])
+        except torch.cuda.OutOfMemoryError as e:
+            rec.figure(dino_metric(arch, "images/s", mode), None, "images/s", cond, status="OOM",
+                       error=one_line(e, limit_chars=200))
+            continue
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        cond += (f", median of {row['steps']} steps after {row['warmup']} ("
+                 f"{'CUDA events' if cuda else 'synchronised clock'}), p90 {row['step_ms_p90']:.3g} ms")
+        images_per_s[mode] = row["images_per_s"]
+        rec.figure(dino_metric(arch, "images/s", mode), row["images_per_s"], "images/s", cond, arch=arch, mode=mode,
+                   step_ms=row["step_ms"], first_step_s=row["first_step_s"], loss_finite=row["loss_finite"])
+        rec.figure(dino_metric(arch, "first step (compile) time", mode), row["first_step_s"], "s", cond, arch=arch,
+                   mode=mode)
+        if "peak_mem_mib" in row:
+            rec.figure(dino_metric(arch, "peak memory", mode), row["peak_mem_mib"], "MiB", cond, arch=arch, mode=mode)
+        if not row["loss_finite"]:
+            rec.note(f"DINO {arch} {mode}: non-finite loss")
+    if "eager" in images_per_s and "compile" in images_per_s:
+        rec.figure(dino_metric(arch, "speedup", "compiled / eager"), images_per_s["compile"] / images_per_s["eager"],
+                   "x", f"{arch}, images/s of the two rows above (what torch.compile gives the ViT's DINO step)",
+                   arch=arch)
 
 
 def step_install(rec: Recorder, out: Path, sizes: dict, wheels: Path) -> None:
@@ -433,8 +520,8 @@ def step_e2e(rec: Recorder, out: Path, sizes: dict) -> None:
         rec.figure("data wait", row["data_wait_pct"], "%", cond)
 
 
-STEP_BODIES = {"env": step_env, "loss": step_loss, "model": step_model, "shards": step_shards, "dali": step_dali,
-               "e2e": step_e2e}
+STEP_BODIES = {"env": step_env, "loss": step_loss, "model": step_model, "dino": step_dino, "shards": step_shards,
+               "dali": step_dali, "e2e": step_e2e}
 
 
 # ------------------------------------------------------------------------------------------------ pytest plugin
@@ -553,6 +640,7 @@ class _Stopped(Exception):
 
 def run_stage(stage: str, out: Path, wheels: Path, only: list[str] | None, smoke: bool) -> int:
     deadline_s, steps = STAGES[stage]
+    sizes = SIZES["smoke" if smoke else "gpu"]
     out.mkdir(parents=True, exist_ok=True)
     logs = WORK_DIR / f"logs-{stage}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -576,6 +664,9 @@ def run_stage(stage: str, out: Path, wheels: Path, only: list[str] | None, smoke
         for s in steps:
             if only and s.name not in only:
                 continue
+            for metric, unit in planned_rows(s.name, sizes, compiled=not smoke):  # what the summary must account for
+                append_record(out / RESULTS_NAME, {"kind": "plan", "stage": stage, "step": s.name, "metric": metric,
+                                                   "unit": unit})
             left = deadline_s - (time.monotonic() - t_start)
             if left < 5:
                 append_record(out / RESULTS_NAME, {"kind": "step", "stage": stage, "step": s.name, "status": "skipped",
@@ -630,7 +721,8 @@ def run_child(stage: str, step: str, out: Path, wheels: Path, smoke: bool) -> in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=sorted(STAGES), required=True, help="A: torch only; B: DALI (carried wheels)")
+    p.add_argument("--stage", choices=sorted(STAGES), required=True,
+                   help="A: the machine's own packages; B: DALI (carried wheels)")
     p.add_argument("--out", type=Path, default=None, help="results folder (<= 8 files come back from a lent machine)")
     p.add_argument("--wheels", type=Path, default=DEFAULT_WHEELS, help="stage B: folder of gpu_wheels.sh's parts")
     p.add_argument("--dry-run", action="store_true", help="print the plan, the caps and the files; run nothing")

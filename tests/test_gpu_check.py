@@ -39,18 +39,20 @@ LENT_SITECUSTOMIZE = textwrap.dedent('''
     sys.meta_path.insert(0, _Blocker())
     _version = importlib.metadata.version
     importlib.metadata.version = lambda dist: LENT.get(dist.lower(), None) or _version(dist)
-    atexit.register(lambda: open(os.environ["LOADED_MODULES"], "w").write("\\n".join(sorted(sys.modules))))
+    # appended: the driver and each step's child process add theirs
+    atexit.register(lambda: open(os.environ["LOADED_MODULES"], "a").write("\\n".join(sorted(sys.modules)) + "\\n"))
 ''')
 
 
-def _lent_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+def _lent_run(tmp_path: Path, *args: str, timeout_s: int = 120) -> tuple[subprocess.CompletedProcess, set[str]]:
     site = tmp_path / "lent-site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(LENT_SITECUSTOMIZE)
     loaded = tmp_path / "loaded.txt"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "LOADED_MODULES": str(loaded), "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "LOADED_MODULES": str(loaded), "HOME": str(tmp_path),
+           "GPU_CHECK_WORK": str(tmp_path / "work")}
     run = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=timeout_s)
     return run, set(loaded.read_text().split()) if loaded.is_file() else set()
 
 
@@ -71,13 +73,22 @@ def test_stage_a_dry_run_on_the_lent_machine(tmp_path):
     run, loaded = _lent_run(tmp_path, "--stage", "A", "--dry-run", "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    for step in ("env", "loss", "model", "tests"):
+    for step in ("env", "loss", "model", "dino", "tests"):
         assert re.search(rf"^  {step}\s+<=\s+\d+ s", out, re.M), step
     assert "4,096 / 16,384 / 65,536 views" in out and "ResNet-50" in out and "gpu and not dali" in out
+    assert "ViT-S/16" in out and "2x224 + 8x96 px, batch 64" in out
+    # the rows each timed step measures, compiled last: a compile cut at the cap takes no eager row with it
+    rows = dict(re.findall(r"^  (\w+)\s+<=.*\n\s+rows in order \(a cap cuts the last first\): (.*)$", out, re.M))
+    assert rows["dino"].split("; ") == ["DINO vit_small_patch16 step images/s, eager",
+                                        "DINO vit_small_patch16 step images/s, compile",
+                                        "DINO vit_small_patch16 step speedup, compiled / eager"]
+    assert rows["model"].split("; ")[0] == "resnet50 train step images/s, eager"
+    assert rows["model"].split("; ")[-1] == "resnet50 train step images/s, compile"
     for name in ("results.jsonl", "env.json", "junit.xml", "summary.md", "logs.tar.gz"):
         assert name in out
     assert re.search(r"^  torch\s+2\.11\.0\+cu130\s+floor 2\.11\s+ok", out, re.M), out
     assert re.search(r"^  torchvision\s+0\.26\.0\+cu130\s+floor 0\.26\s+ok", out, re.M), out
+    assert re.search(r"^  timm\s+\S+\s+floor 1\.0\s+ok", out, re.M), out  # the dino step's ViT
     assert "NOT OK" not in out
     # planning imports neither torch nor anything the lent machine lacks, and needs no GPU
     assert not loaded & {"torch", "triton", "webdataset", "pydicom", "fastapi", "nvidia.dali"}, loaded
@@ -112,6 +123,8 @@ def test_caps_fit_the_lent_minutes():
     deadline_b, steps_b = gpu_check.STAGES["B"]
     caps_a, caps_b = sum(s.cap_s for s in steps_a), sum(s.cap_s for s in steps_b)
     assert caps_a <= deadline_a <= 300 and caps_b <= deadline_b <= 240
+    assert [s.name for s in steps_a] == ["env", "loss", "model", "dino", "tests"]
+    assert set(gpu_check.STEP_BODIES) | {"install", "tests"} == {s.name for s in steps_a + steps_b}
     assert caps_a + caps_b <= 540
     assert len(gpu_check.OUT_FILES) <= 8
 
@@ -192,6 +205,35 @@ def test_bench_render_rebuilds_the_summary(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "results.jsonl" in bad.stderr
 
 
+def test_summary_reports_planned_rows_a_cap_or_the_deadline_left_unmeasured(tmp_path):
+    res = tmp_path / "results.jsonl"
+    eager, compiled = "DINO vit_small_patch16 step images/s, eager", "DINO vit_small_patch16 step images/s, compile"
+    for metric in (eager, compiled):
+        append_record(res, {"kind": "plan", "stage": "A", "step": "dino", "metric": metric, "unit": "images/s"})
+    append_record(res, {"kind": "figure", "stage": "A", "step": "dino", "metric": eager, "value": 1234.5,
+                        "unit": "images/s", "conditions": "eager", "goal": "", "status": "ok"})
+    append_record(res, {"kind": "step", "stage": "A", "step": "dino", "status": "timeout", "seconds": 70, "cap_s": 70,
+                        "detail": "killed at its cap of 70 s"})
+    append_record(res, {"kind": "plan", "stage": "A", "step": "model", "metric": "resnet50 train step images/s, eager",
+                        "unit": "images/s"})
+    append_record(res, {"kind": "step", "stage": "A", "step": "model", "status": "skipped", "seconds": 0, "cap_s": 80,
+                        "detail": "stage deadline reached"})
+    append_record(res, {"kind": "plan", "stage": "A", "step": "tests", "metric": "m", "unit": "x"})  # no step record
+    assert gpu_check.write_summary(tmp_path) == tmp_path / "summary.md"
+    table = [ln for ln in (tmp_path / "summary.md").read_text().splitlines() if ln.startswith("| A | ")]
+    assert table[:2] == [
+        f"| A | {eager} | 1,234.5 | images/s | eager |  |",
+        f"| A | {compiled} | not measured (cap) | images/s | step dino: killed at its cap of 70 s |  |"]
+    assert table[2] == ("| A | resnet50 train step images/s, eager | not measured (stage deadline) | images/s | "
+                        "step model: stage deadline reached |  |")
+    assert table[3].startswith("| A | m | not measured (stopped) | x |")
+    # a later run that measures the row answers the earlier plan: no "not measured" line is left for it
+    append_record(res, {"kind": "figure", "stage": "A", "step": "dino", "metric": compiled, "value": 2000.0,
+                        "unit": "images/s", "conditions": "compile", "goal": "", "status": "ok"})
+    gpu_check.write_summary(tmp_path)
+    assert "not measured (cap)" not in (tmp_path / "summary.md").read_text()
+
+
 def test_without_a_gpu_a_real_run_refuses_in_one_line(capsys):
     import torch
     if torch.cuda.is_available():
@@ -218,6 +260,27 @@ def test_smoke_loss_step_records_figures_and_returns_few_files(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tf:
         assert tf.getnames() == ["logs/A-loss.log"]
     assert len(list(out.rglob("*"))) <= 8
+
+
+@pytest.mark.slow
+def test_smoke_dino_step_on_the_simulated_lent_machine(tmp_path):
+    """The dino step's own code (the trainer's DINO step through bench.dino_bench) at a tiny size (ViT-Ti/8, 2x32 +
+    2x16 px, batch 4, 2 timed steps) under the lent machine's Python: no DALI, webdataset, pydicom or FastAPI."""
+    out = tmp_path / "out"
+    run, loaded = _lent_run(tmp_path, "--stage", "A", "--smoke", "--only", "dino", "--out", str(out), timeout_s=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert {"timm", "trainer.methods.dino", "bench.dino_bench"} <= loaded  # the child's imports are in the list
+    assert not loaded & {"webdataset", "pydicom", "fastapi", "nvidia.dali"}, loaded
+    records, bad = read_records(out / "results.jsonl")
+    assert bad == 0 and [r["status"] for r in records if r["kind"] == "step"] == ["ok"]
+    assert [r["metric"] for r in records if r["kind"] == "plan"] == ["DINO vit_tiny_patch8 step images/s, eager"]
+    figures = {r["metric"]: r for r in records if r["kind"] == "figure"}
+    row = figures["DINO vit_tiny_patch8 step images/s, eager"]
+    assert row["value"] > 0 and row["loss_finite"] is True and row["step_ms"] > 0
+    assert "2x32 + 2x16 px crops, batch 4" in row["conditions"]
+    assert figures["DINO vit_tiny_patch8 step first step (compile) time, eager"]["value"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "| A | DINO vit_tiny_patch8 step images/s, eager |" in summary and "not measured" not in summary
 
 
 def test_make_target_runs_stage_a_with_plain_python3():
