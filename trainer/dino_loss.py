@@ -6,7 +6,7 @@ Memory of the cross-entropy at large K: the textbook form (log_softmax of every 
 a (crops x B, K) log-probability tensor for backward on top of the logits and their gradient. `prototype_ce` uses
 sum_k q_k log p_k = (q . s) / T - logsumexp(s / T) (q sums to 1) and an autograd function that recomputes the
 softmax in row blocks in backward, so beyond the logits, their gradient and the teacher targets it holds one
-(rows, K) block (bytes measured by `python -m bench dino-loss`).
+(rows, K) block (bytes measured by `python -m bench dino loss-memory`).
 """
 from __future__ import annotations
 
