@@ -229,3 +229,25 @@ def test_page_json_labels_the_attention_map(setup):
         if method == "attention":
             assert "attention map" in j["saliency_method"] and len(set(j["saliency"].values())) == 1
     assert "attention" not in SALIENCY_TEXT["cam"]
+
+
+def test_finetuned_vit_exports_with_its_feature_choice(setup, tmp_path):
+    """`eval finetune --vit-features mean` saves timm names (no ViTFeatures prefix); its bundle reproduces the
+    fine-tuned test scores and records the choice."""
+    from eval.bundle import load_bundle
+    from eval.predict import Predictor
+    root, shards, enc = setup
+    out = tmp_path / "eval"
+    assert eval_main(["finetune", "--shards", str(shards), "--out", str(out), "--encoder", str(enc),
+                      "--vit-features", "mean", "--epochs", "1", *FAST]) == 0
+    saved = torch.load(out / "finetune" / "dino-run.pt", weights_only=True)
+    assert saved["vit_features"] == "mean" and "pos_embed" in saved["backbone"]
+    assert eval_main(["export", "--out", str(out), "--encoder", "dino-run", "--protocol", "finetune",
+                      "--bundle", str(tmp_path / "b")]) == 0
+    b = load_bundle(tmp_path / "b")
+    assert b.vit_features == "mean" and b.saliency == "cam"
+    probs = Predictor(b).predict(_test_images(shards, b.meta["view"], b.meta["normalisation"])).probs
+    with np.load(out / "finetune" / "dino-run.npz") as z:
+        names = [str(t) for t in z["tasks"]]
+        ref = z["scores"][:, [names.index(t) for t in b.tasks]]
+    assert np.abs(probs - ref).max() < 0.05, np.abs(probs - ref).max()
