@@ -110,7 +110,8 @@ def test_bundle_probabilities_are_the_heads_on_vit_features(setup):
         b = load_bundle(_export(root, features))
         assert b.meta["encoder"]["vit_features"] == features and b.vit_features == features
         assert b.saliency == ("cam" if features == "mean" else "attention")
-        assert f"ViT features: the {'CLS token' if features == 'cls' else 'mean'}" in (b.folder / "README.md").read_text()
+        card = (b.folder / "README.md").read_text()
+        assert f"ViT features: the {'CLS token' if features == 'cls' else 'mean'}" in card
         x = _test_images(shards, b.meta["view"], b.meta["normalisation"])
         out = Predictor(b).predict(x)
         doc = torch.load(b.folder / "model.pt", weights_only=True)
