@@ -11,6 +11,7 @@ from ingest.remote import location_arg
 # Spelled out (not imported from eval.features) so that parsing arguments does not import torch; a test keeps
 # them equal.
 EVAL_VIEWS = ("full", "center")
+VIT_FEATURES = ("cls", "mean", "both")  # trainer.vit.VIT_FEATURES
 VAL_POLICIES = ("matched", "full")
 
 class UsageError(ValueError):
@@ -105,6 +106,10 @@ def add_common(p: argparse.ArgumentParser, *, needs_encoders: bool = True) -> No
                    help="backbone for --init (default resnet50); checked against --encoder files")
     p.add_argument("--in-channels", type=int, choices=(1, 3), default=None,
                    help="input channels for --init (default: 1 for random, 3 for imagenet); checked against --encoder")
+    p.add_argument("--vit-features", choices=VIT_FEATURES, default="cls",
+                   help="what a vit_* encoder hands to the probes: its CLS token (default), the mean of its patch "
+                        "tokens, or both concatenated [CLS, mean] (twice the width); part of the feature cache key "
+                        "and recorded in each result; a run without a ViT encoder takes only the default")
     p.add_argument("--tasks", default="all",
                    help="'all' (every label of the shards), 'chexpert5', or comma-separated label names")
     p.add_argument("--blank", choices=BLANK_POLICIES, default="zero",

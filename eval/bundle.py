@@ -67,20 +67,79 @@ class ProbeHeads(torch.nn.Module):
         return torch.einsum("bdhw,td->bthw", maps, self.weight / self.std)
 
 
+# What a bundle's saliency map is (Bundle.saliency, Prediction.saliency) and how the page names it.
+SALIENCY_TEXT = {
+    "cam": "class activation map (= Grad-CAM for a linear head on pooled features)",
+    "attention": "attention map: the last block's CLS-token attention to each patch, averaged over heads "
+                 "(one map for every finding)",
+}
+
+
+def saliency_of(vit_features: str | None) -> str:
+    """"cam" for a ResNet and for a ViT probed on its mean patch token (a linear head on average-pooled maps, as the
+    ResNet's); "attention" for a ViT probed on its CLS token (alone or with the mean), which has no such map."""
+    return "cam" if vit_features in (None, "mean") else "attention"
+
+
 class BundleModel(torch.nn.Module):
-    """ResNet trunk (fc = Identity) + ProbeHeads; ``forward`` returns logits and the last-stage feature maps."""
+    """ResNet trunk (fc = Identity) or ViT trunk + ProbeHeads; ``forward`` returns logits, the features the heads
+    read and a saliency map per task (``saliency``: "cam" or "attention", see saliency_of)."""
 
-    def __init__(self, backbone: torch.nn.Module, heads: ProbeHeads, input_adapter: torch.nn.Module | None = None):
+    def __init__(self, backbone: torch.nn.Module, heads: ProbeHeads, input_adapter: torch.nn.Module | None = None,
+                 vit_features: str | None = None):
         super().__init__()
-        self.backbone, self.heads = backbone, heads
+        self.backbone, self.heads, self.vit_features = backbone, heads, vit_features
         self.input_adapter = input_adapter if input_adapter is not None else torch.nn.Identity()
+        self.saliency = saliency_of(vit_features)
+        if vit_features is not None:
+            import threading
+            # The last block's attention input, kept per thread (Predictor.predict runs in several threads): the
+            # attention weights are recomputed from it, leaving timm's fused attention and the outputs untouched.
+            self._attn_input = threading.local()
+            backbone.blocks[-1].attn.register_forward_pre_hook(self._keep_attn_input)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, C, S, S) -> (B, T), (B, D, h, w)
-        b = self.backbone
+    def _keep_attn_input(self, module, args) -> None:
+        self._attn_input.x = args[0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, S, S) -> (B, D): what the heads read
+        return self.forward(x)[1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) -> logits (B, T), features (B, D), saliency (B, T, h, w)."""
         x = self.input_adapter(x)
+        if self.vit_features is not None:
+            return self._vit(x)
+        b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         maps = b.layer4(b.layer3(b.layer2(b.layer1(x))))
-        return self.heads(torch.flatten(b.avgpool(maps), 1)), maps
+        feats = torch.flatten(b.avgpool(maps), 1)
+        return self.heads(feats), feats, self.heads.class_activation(maps)
+
+    def _vit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from trainer.vit import pool_tokens
+        vit = self.backbone
+        h, w = vit.patch_embed.dynamic_feat_size(x.shape[-2:])
+        tokens = vit.forward_features(x)  # (B, prefix + h * w, D) after the final norm
+        feats = pool_tokens(tokens, vit.num_prefix_tokens, self.vit_features)
+        logits = self.heads(feats)
+        if self.saliency == "cam":  # mean of the patch tokens into a linear head: each patch's logit contribution
+            patches = tokens[:, vit.num_prefix_tokens:].transpose(1, 2).reshape(len(x), -1, h, w)
+            return logits, feats, self.heads.class_activation(patches)
+        att = cls_attention(vit.blocks[-1].attn, self._attn_input.x, vit.num_prefix_tokens)
+        self._attn_input.x = None
+        return logits, feats, att.reshape(len(x), 1, h, w).expand(-1, logits.shape[1], -1, -1)
+
+
+def cls_attention(attn: torch.nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """(B, N, D) input of a timm Attention (after the block's norm1) -> (B, P) the CLS token's attention to the P
+    patch tokens, averaged over heads and renormalised over the patches (register tokens and the CLS token's
+    attention to itself left out): a distribution over patches, summing to 1 per image."""
+    n, heads = x.shape[1], attn.num_heads
+    q, k, _ = attn.qkv(x).reshape(len(x), n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, N): CLS row
+    cls_to_patch = weights[:, :, 0, num_prefix_tokens:].mean(dim=1)  # (B, P)
+    return cls_to_patch / cls_to_patch.sum(dim=1, keepdim=True)
 
 
 @dataclass
@@ -99,23 +158,36 @@ class Bundle:
                          else self.meta["thresholds"][t]["threshold"] for t in self.tasks], dtype=np.float64)
 
     @property
+    def vit_features(self) -> str | None:  # a ViT bundle's feature choice; None for a ResNet bundle
+        return self.meta["encoder"].get("vit_features")
+
+    @property
+    def saliency(self) -> str:  # "cam" | "attention": what Prediction.cams holds (SALIENCY_TEXT names it)
+        return saliency_of(self.vit_features)
+
+    @property
     def validated(self) -> np.ndarray:  # (T,) bool: the task's validation AUROC CI lies above 0.5
         return np.array([bool(self.meta["thresholds"][t]["validated"]) for t in self.tasks], dtype=bool)
 
 
 def build_model(arch: str, in_channels: int, backbone_state: dict, heads: ProbeHeads,
-                input_adapter: str, *, source: str | Path = "backbone") -> BundleModel:
-    """The bundle's network; ``source`` (the file the backbone came from) names it in a one-line BundleError."""
+                input_adapter: str, *, source: str | Path = "backbone", vit_features: str | None = None) -> BundleModel:
+    """The bundle's network (``vit_features``: a ViT's feature choice, None for a ResNet); ``source`` (the file the
+    backbone came from) names it in a one-line BundleError."""
     from trainer.encoder_io import EncoderError, encoder_from_state
+    from trainer.vit import vit_feature_dim
     try:
-        backbone = encoder_from_state(backbone_state, arch, in_channels, source=source).model
+        enc = encoder_from_state(backbone_state, arch, in_channels, source=source)
     except EncoderError as e:
         raise BundleError(str(e)) from None
+    dim = enc.feature_dim if vit_features is None else vit_feature_dim(enc.model, vit_features)
+    if heads.weight.shape[1] != dim:
+        raise BundleError(f"{source}: heads read {heads.weight.shape[1]} features, the encoder gives {dim}")
     adapter = None
     if input_adapter == "imagenet":
         from eval.imagenet_input import ImageNetInput
         adapter = ImageNetInput(in_channels)
-    return BundleModel(backbone, heads, adapter).eval()
+    return BundleModel(enc.model, heads, adapter, vit_features).eval()
 
 
 def write_bundle(folder: Path, model_doc: dict, meta: dict, card: str) -> None:
@@ -166,7 +238,7 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise BundleError(f"{folder / MODEL_FILE}: heads are not tensors ({one_line(e)})") from None
     arch = meta["encoder"]
     model = build_model(arch["arch"], int(arch["in_channels"]), doc["backbone"], heads, arch["input_adapter"],
-                        source=folder / MODEL_FILE)
+                        source=folder / MODEL_FILE, vit_features=arch.get("vit_features"))
     if heads.weight.shape[0] != len(meta["tasks"]):
         raise BundleError(f"{folder}: {heads.weight.shape[0]} heads for {len(meta['tasks'])} tasks")
     return Bundle(folder, meta, model)
@@ -201,9 +273,22 @@ def check_meta(meta: dict, path: Path) -> None:
             if not isinstance(node, types) or (isinstance(node, bool) and bool not in types):
                 raise BundleError(f"{path}: key '{'.'.join(where)}' holds {type(node).__name__} "
                                   f"({' or '.join(k.__name__ for k in types)} expected)")
+    _check_vit_features(meta["encoder"], path)
     if meta["view"]["mode"] not in VIEWS:
         raise BundleError(f"{path}: view.mode {meta['view']['mode']!r} is not one of {', '.join(VIEWS)}")
     for t in tasks:
         th = meta["thresholds"][t]
         if th["validated"] and th["threshold"] is None:
             raise BundleError(f"{path}: thresholds.{t}: a validated task needs a threshold")
+
+
+def _check_vit_features(encoder: dict, path: Path) -> None:
+    """encoder.vit_features: one of VIT_FEATURES for a vit_* arch; absent (or null) for a ResNet, as in every bundle
+    written before ViTs could be exported."""
+    from trainer.vit import VIT_FEATURES, is_vit
+    value = encoder.get("vit_features")
+    if is_vit(encoder["arch"]):
+        if value not in VIT_FEATURES:
+            raise BundleError(f"{path}: encoder.vit_features {value!r} is not one of {', '.join(VIT_FEATURES)}")
+    elif value is not None:
+        raise BundleError(f"{path}: encoder.vit_features {value!r} given for a {encoder['arch']} (vit_* only)")

@@ -1,6 +1,11 @@
 """The bundle's model card (README.md), generated from bundle.json so the two never disagree."""
 from __future__ import annotations
 
+from eval.bundle import SALIENCY_TEXT, saliency_of
+
+VIT_FEATURE_TEXT = {"cls": "the CLS token", "mean": "the mean of the patch tokens",
+                    "both": "the CLS token and the mean patch token, concatenated"}
+
 
 def _f(x, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
@@ -23,6 +28,8 @@ def model_card(meta: dict) -> str:
         f"sha256 `{e['sha256'][:16]}...`",
         "- heads: " + ("linear probes on standardised frozen features" if meta["protocol"] == "linear"
                        else "fine-tuned network, linear head"),
+        *([f"- ViT features: {VIT_FEATURE_TEXT[e['vit_features']]}; saliency shown: "
+           f"{SALIENCY_TEXT[saliency_of(e['vit_features'])]}"] if e.get("vit_features") else []),
         "- input: 8-bit gray decoded like ingest (DICOM LUTs, MONOCHROME1 inverted), "
         f"shorter side {meta['ingest']['size']} px; "
         f"eval view `{v['mode']}` ({view}); "

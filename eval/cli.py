@@ -90,12 +90,15 @@ def run_finetune(args) -> None:
 def _save_finetuned(path: Path, state: dict, spec: EncoderSpec, tasks: list[str], result: dict) -> None:
     # The selected checkpoint (best validation mean AUROC), loadable with torch.load(weights_only=True); "backbone"
     # loads into the torchvision model (strict except fc): the ImageNet input adapter (module "0.", no weights) and
-    # its Sequential prefix are dropped.
+    # its Sequential prefix are dropped, as is a ViT's ViTFeatures prefix "backbone." (timm names, as encoder.pt).
     import torch
     backbone = state["backbone"]
     if spec.kind == "imagenet":
         backbone = {k[2:]: v for k, v in backbone.items() if k.startswith("1.")}
+    if spec.vit_features is not None:
+        backbone = {k[len("backbone."):]: v for k, v in backbone.items()}
     doc = {"arch": spec.arch, "in_channels": spec.in_channels, "encoder": spec.name, "category": spec.category,
+           "vit_features": spec.vit_features,
            "tasks": list(tasks), "lr": result["chosen_lr"], "weight_decay": result["chosen_weight_decay"],
            "epoch": result["best_epoch"], "backbone": backbone, "head": state["head"]}
     with atomic_write(path) as f:

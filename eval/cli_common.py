@@ -19,11 +19,16 @@ from ingest.schema import load_manifest
 
 
 def encoders(args) -> list[EncoderSpec]:
-    specs = [encoder_spec(e, arch=args.arch, in_channels=args.in_channels, seed=args.seed) for e in args.encoder]
-    specs += [encoder_spec(init=i, arch=args.arch or "resnet50", in_channels=args.in_channels, seed=args.seed)
-              for i in args.init]
+    vit = getattr(args, "vit_features", "cls")
+    specs = [encoder_spec(e, arch=args.arch, in_channels=args.in_channels, seed=args.seed, vit_features=vit)
+             for e in args.encoder]
+    specs += [encoder_spec(init=i, arch=args.arch or "resnet50", in_channels=args.in_channels, seed=args.seed,
+                           vit_features=vit) for i in args.init]
     if not specs:
         raise UsageError("no encoder: give --encoder PATH and/or --init random|imagenet")
+    if vit != "cls" and all(s.vit_features is None for s in specs):
+        # A ResNet has no tokens to pool; a run that also holds a ViT applies the choice to the ViT only.
+        raise UsageError(f"--vit-features {vit} applies to vit_* encoders only; {specs[0].name} is a {specs[0].arch}")
     names = [s.name for s in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -61,7 +66,8 @@ def save_predictions(path: Path, preds: dict, tasks: list[str]) -> None:
 def run_context(args, spec: EncoderSpec, tasks: list[str]) -> dict:
     return {"encoder": {"name": spec.name, "category": spec.category, "kind": spec.kind, "arch": spec.arch,
                         "in_channels": spec.in_channels, "path": str(spec.path) if spec.path else None,
-                        "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec)},
+                        "seed": spec.seed if spec.kind == "random" else None, "sha256": encoder_hash(spec),
+                        "vit_features": spec.vit_features},
             "shards": shards_record(args), "task_names": tasks, "device": args.device,
             "label_policy": policy_of(args).to_json(), "eval_view": args.eval_view,
             "transform": transform_of(args).as_dict(),

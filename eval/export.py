@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from eval.bundle import BUNDLE_FORMAT, VIEWS, BundleError
 from ingest.errors import one_line
@@ -166,12 +167,13 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
     heads = {"weight": doc["head"]["weight"].double(), "bias": doc["head"]["bias"].double(),
              "feature_mean": torch.zeros(dim, dtype=torch.float64), "feature_std": torch.ones(dim, dtype=torch.float64)}
     adapter = "imagenet" if result["encoder"]["kind"] == "imagenet" else "none"
+    vit_features = _vit_features(result)
     model = build_model(doc["arch"], int(doc["in_channels"]), doc["backbone"],
                         ProbeHeads(heads["weight"], heads["bias"], heads["feature_mean"], heads["feature_std"]),
-                        adapter, source=path)
+                        adapter, source=path, vit_features=vit_features)
     # The validation scores were not stored by finetune: score the val split once through the eval loader.
-    spec = EncoderSpec("checkpoint", doc["arch"], int(doc["in_channels"]), name, path=path)
-    trunk = torch.nn.Sequential(model.input_adapter, model.backbone)
+    spec = EncoderSpec("checkpoint", doc["arch"], int(doc["in_channels"]), name, path=path, vit_features=vit_features)
+    trunk = _Features(model)
     v = _view(result)
     transform = Transform(v["image_size"], v.get("resize_size", 256), view=v["mode"])
     fs = extract_features(spec, Path(result["shards"]), "val", device=device, model=trunk, cache_dir=None,
@@ -180,6 +182,25 @@ def _finetune_parts(folder: Path, name: str, result: dict, tasks: list[str], dev
         scores = torch.sigmoid(model.heads(torch.from_numpy(fs.features))).double().numpy()
     targets = select_targets(fs.labels, fs.label_names, tasks, LabelPolicy(**_policy(result)))
     return heads, doc["backbone"], adapter, scores, targets, np.asarray(fs.pids)
+
+
+class _Features(torch.nn.Module):
+    """A bundle model as extract_features' ``model``: images -> the features its heads read."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def _vit_features(result: dict) -> str | None:
+    """The evaluated ViT's feature choice (results written before the option held the CLS token); None for a
+    ResNet."""
+    from trainer.vit import is_vit
+    e = result["encoder"]
+    return (e.get("vit_features") or "cls") if is_vit(e["arch"]) else None
 
 
 def export(args) -> Path:
@@ -201,6 +222,7 @@ def export(args) -> Path:
         raise ExportError(f"{rpath}: unreadable result ({one_line(err)})") from None
     tasks = list(result["task_names"])
     e = result["encoder"]
+    vit_features = _vit_features(result)  # absent from a ResNet bundle, as in every bundle before ViTs
     if args.protocol == "linear":
         backbone, adapter = _encoder(result)
         heads, val_scores, val_targets, val_pids = _linear_parts(folder, name, tasks)
@@ -234,7 +256,8 @@ def export(args) -> Path:
     ingest_opts = json.loads(manifest.read_text()).get("options", {}) if manifest.is_file() else {}
     meta = {"format": BUNDLE_FORMAT, "tasks": keep, "protocol": args.protocol,
             "encoder": {"name": e["name"], "category": e["category"], "kind": e["kind"], "arch": e["arch"],
-                        "in_channels": int(e["in_channels"]), "input_adapter": adapter, "sha256": e["sha256"]},
+                        "in_channels": int(e["in_channels"]), "input_adapter": adapter, "sha256": e["sha256"],
+                        **({} if vit_features is None else {"vit_features": vit_features})},
             "view": _view(result), "normalisation": _normalisation(),
             "ingest": {"size": int(ingest_opts.get("size", 256)), "quality": int(ingest_opts.get("quality", 95))},
             "metrics": metrics, "mean_test_auroc": result.get("mean_auroc"),

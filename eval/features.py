@@ -1,6 +1,6 @@
 """Encoders to evaluate (a run's encoder.pt, seeded random init, offline ImageNet weights; read by
 `trainer.encoder_io`) and frozen-feature extraction through the dali_pipes evaluation loader, cached under (encoder
-hash, manifest hash, transform)."""
+hash, manifest hash, transform, a ViT's feature choice)."""
 from __future__ import annotations
 
 import hashlib
@@ -31,6 +31,7 @@ class EncoderSpec:
     name: str                 # display name: run folder name, "random-resnet18", "imagenet-resnet50"
     path: Path | None = None  # the encoder.pt (or step-*.pt) for kind == "checkpoint"
     seed: int = 0             # init seed for kind == "random"
+    vit_features: str | None = None  # a vit_* arch's frozen features (trainer.vit.VIT_FEATURES); None for a ResNet
 
     @property
     def category(self) -> str:
@@ -38,23 +39,37 @@ class EncoderSpec:
 
 
 def encoder_spec(encoder: str | Path | None = None, init: str | None = None, *, arch: str | None = None,
-                 in_channels: int | None = None, seed: int = 0, name: str | None = None) -> EncoderSpec:
+                 in_channels: int | None = None, seed: int = 0, name: str | None = None,
+                 vit_features: str | None = None) -> EncoderSpec:
     """Describe one encoder: exactly one of ``encoder`` (an encoder.pt, a run folder holding one, or a training
-    checkpoint) or ``init`` ("random" | "imagenet"). For a file, ``arch`` / ``in_channels`` when given must match it."""
+    checkpoint) or ``init`` ("random" | "imagenet"). For a file, ``arch`` / ``in_channels`` when given must match it.
+    ``vit_features`` (default "cls") is what a vit_* encoder hands to the probes; a ResNet ignores it."""
     if (encoder is None) == (init is None):
         raise EncoderError("give exactly one of --encoder PATH or --init random|imagenet")
     if encoder is not None:
         # read (and built) now: weights that do not fit their declared model fail before any encoder is evaluated
         enc = _read(encoder, arch=arch, in_channels=in_channels)
         run_name = enc.path.parent.name if enc.path.name == "encoder.pt" else enc.path.stem
-        return EncoderSpec("checkpoint", enc.arch, enc.in_channels, name or run_name, path=enc.path)
+        return EncoderSpec("checkpoint", enc.arch, enc.in_channels, name or run_name, path=enc.path,
+                           vit_features=_features_for(enc.arch, vit_features))
     if init not in ("random", "imagenet"):
         raise EncoderError(f"unknown --init '{init}' (choose random or imagenet)")
     arch = arch or "resnet50"
     ch = in_channels if in_channels is not None else (1 if init == "random" else 3)
     if init == "imagenet":
         imagenet_weights_file(arch)  # fail before any encoder is evaluated, not halfway through a run
-    return EncoderSpec(init, arch, ch, name or f"{init}-{arch}", seed=seed)
+    return EncoderSpec(init, arch, ch, name or f"{init}-{arch}", seed=seed,
+                       vit_features=_features_for(arch, vit_features))
+
+
+def _features_for(arch: str, vit_features: str | None) -> str | None:
+    """A vit_* arch's feature choice (default "cls"), checked; None for any other arch."""
+    from trainer.vit import VIT_FEATURES, is_vit
+    if not is_vit(arch):
+        return None
+    if (vit_features or "cls") not in VIT_FEATURES:
+        raise EncoderError(f"unknown ViT features {vit_features!r} (choose from {', '.join(VIT_FEATURES)})")
+    return vit_features or "cls"
 
 
 def imagenet_weights_file(arch: str) -> Path:
@@ -84,9 +99,14 @@ def _read(source, **options):
 
 def build_encoder(spec: EncoderSpec):
     """(backbone nn.Module with fc = Identity, feature_dim) for ``spec``, on the CPU, in eval mode; ImageNet weights
-    come behind the input adapter that maps CXR-normalised images to ImageNet's statistics."""
+    come behind the input adapter that maps CXR-normalised images to ImageNet's statistics; a ViT comes wrapped in
+    `trainer.vit.ViTFeatures` returning ``spec.vit_features`` (its state dict then prefixes the names "backbone.")."""
     enc = read_spec(spec)
     model = enc.model
+    if spec.vit_features is not None:
+        from trainer.vit import ViTFeatures
+        model = ViTFeatures(model, spec.vit_features)
+        return model.eval(), model.feature_dim
     if spec.kind == "imagenet":
         import torch
 
@@ -142,9 +162,12 @@ class Transform:
 def feature_cache_key(spec: EncoderSpec, shard_root: Path, split: str, transform: Transform,
                       device: str = "cpu") -> str:
     # The device is part of the key: GPU decoding (nvJPEG) and bf16 autocast give slightly different features.
+    # A ViT's feature choice is part of the key (CLS and mean-token features never share an entry); a ResNet's key
+    # has no such field, so its existing cache entries stay valid.
     manifest_sha = sha256_file(Path(shard_root) / MANIFEST_NAME)
+    vit = {} if spec.vit_features is None else {"vit_features": spec.vit_features}
     blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder_hash(spec), "manifest": manifest_sha, "split": split,
-                       "channels": spec.in_channels, "device": device, **transform.as_dict()}, sort_keys=True)
+                       "channels": spec.in_channels, "device": device, **vit, **transform.as_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

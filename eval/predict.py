@@ -1,5 +1,6 @@
 """A bundle applied to new films: bytes sniffed and decoded by ingest's own chain (DICOM LUTs, 16-bit, MONOCHROME1),
-the bundle's eval view reproduced in torch, probabilities + threshold flags + class-activation maps; and
+the bundle's eval view reproduced in torch, probabilities + threshold flags + saliency maps (class activation, or a
+ViT's CLS attention); and
 `python -m eval predict --bundle DIR --input PATH --out preds.csv` over files and folders.
 """
 from __future__ import annotations
@@ -129,8 +130,10 @@ def view_tensor(gray: np.ndarray, view: dict, norm: dict, channels: int):
 class Prediction:
     probs: np.ndarray      # (B, T)
     flags: np.ndarray      # (B, T) bool, probs >= the bundle's thresholds
-    cams: np.ndarray       # (B, T, h, w) class-activation maps (logit contributions)
-    features: np.ndarray   # (B, D) pooled encoder features
+    cams: np.ndarray       # (B, T, h, w) saliency: class-activation maps (logit contributions) or, for a ViT
+                           # probed on its CLS token, its attention map (the same for each task; see ``saliency``)
+    features: np.ndarray   # (B, D) the features the heads read (pooled maps; a ViT's chosen tokens)
+    saliency: str = "cam"  # "cam" | "attention" (eval.bundle.SALIENCY_TEXT names them)
 
 
 class Predictor:
@@ -158,11 +161,10 @@ class Predictor:
     def predict(self, batch) -> Prediction:  # batch (B, C, S, S)
         import torch
         with torch.inference_mode():
-            logits, maps = self.model(batch.to(self.device))
-            cams = self.model.heads.class_activation(maps)
+            logits, feats, cams = self.model(batch.to(self.device))
             probs = torch.sigmoid(logits).double().cpu().numpy()
-            feats = maps.mean(dim=(2, 3)).float().cpu().numpy()
-        return Prediction(probs, probs >= self.bundle.thresholds[None], cams.float().cpu().numpy(), feats)
+        return Prediction(probs, probs >= self.bundle.thresholds[None], cams.float().cpu().numpy(),
+                          feats.float().cpu().numpy(), self.model.saliency)
 
 
 def iter_inputs(paths: list[Path]) -> list[Path]:

@@ -23,10 +23,15 @@ def load_finetuned(path: Path, spec: EncoderSpec):
     if doc.get("encoder") != spec.name or doc.get("arch") != spec.arch:
         raise EncoderError(f"{path}: checkpoint of {doc.get('encoder')} ({doc.get('arch')}), "
                            f"not of {spec.name} ({spec.arch})")
+    saved = doc.get("vit_features") or ("cls" if spec.vit_features is not None else None)  # older files: CLS
+    if saved != spec.vit_features:
+        raise EncoderError(f"{path}: fine-tuned on ViT features {saved!r}, not {spec.vit_features!r} (--vit-features)")
     model, dim = build_encoder(spec)
     backbone = doc["backbone"]
     if spec.kind == "imagenet":  # saved without the ImageNet input adapter's Sequential prefix
         backbone = {f"1.{k}": v for k, v in backbone.items()}
+    if spec.vit_features is not None:  # saved without ViTFeatures' prefix
+        backbone = {f"backbone.{k}": v for k, v in backbone.items()}
     model.load_state_dict(backbone)
     head = torch.nn.Linear(dim, len(doc["tasks"]))
     head.load_state_dict(doc["head"])

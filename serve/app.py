@@ -166,6 +166,7 @@ def _predict_trimmed(predictor, data: bytes, k: int, neighbours) -> dict:
 
 
 def _predict_one(predictor, data: bytes, k: int, neighbours) -> dict:
+    from eval.bundle import SALIENCY_TEXT
     from serve.render import data_url, overlay, png_url
     x = predictor.prepare(data)
     out = predictor.predict(x[None])
@@ -181,12 +182,17 @@ def _predict_one(predictor, data: bytes, k: int, neighbours) -> dict:
                          "test_auroc": m["test_auroc"],
                          "test_auroc_ci": m["test_auroc_ci"], "test_sensitivity": th.get("test_sensitivity"),
                          "test_specificity": th.get("test_specificity")})
-    result = {"notice": NOTICE, "findings": findings, "image": png_url(shown),
-              "saliency": {t: png_url(overlay(shown, out.cams[0, j])) for j, t in enumerate(bundle.tasks)},
-              "saliency_method": "class activation map (= Grad-CAM for a linear head on pooled features)",
+    if out.saliency == "attention":  # one map for every finding: drawn once
+        drawn = png_url(overlay(shown, out.cams[0, 0]))
+        saliency = {t: drawn for t in bundle.tasks}
+    else:
+        saliency = {t: png_url(overlay(shown, out.cams[0, j])) for j, t in enumerate(bundle.tasks)}
+    result = {"notice": NOTICE, "findings": findings, "image": png_url(shown), "saliency": saliency,
+              "saliency_method": SALIENCY_TEXT[out.saliency],
               "threshold_rule": bundle.meta["threshold_rule"],
               "model": {"name": bundle.meta["encoder"]["name"], "protocol": bundle.meta["protocol"],
-                        "view": bundle.meta["view"]}, "neighbours": []}
+                        "view": bundle.meta["view"], "arch": bundle.meta["encoder"]["arch"],
+                        "vit_features": bundle.vit_features}, "neighbours": []}
     if neighbours is not None:
         result["neighbours"] = [{"key": n["key"], "similarity": n["similarity"], "labels": n["labels"],
                                  "image": data_url(n["jpeg"], "image/jpeg")}

@@ -1,4 +1,5 @@
-"""Images for the page: the model's view and its class-activation overlays as in-memory PNG data URLs."""
+"""Images for the page: the model's view and its saliency overlays (class activation, or a ViT's attention) as
+in-memory PNG data URLs."""
 from __future__ import annotations
 
 import base64
@@ -19,8 +20,9 @@ def png_url(rgb_or_gray: np.ndarray) -> str:
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """(S, S) uint8 film + (h, w) activation -> (S, S, 3) uint8: positive evidence for the finding in warm colours,
-    rescaled to this map's own range as Grad-CAM displays it (a map without positive evidence leaves the film as is)."""
+    """(S, S) uint8 film + (h, w) activation -> (S, S, 3) uint8: positive evidence for the finding (or a ViT's
+    attention weight) in warm colours, rescaled to this map's own range as Grad-CAM displays it (a map without
+    positive evidence leaves the film as is)."""
     import torch
     import torch.nn.functional as F
     from matplotlib import colormaps
