@@ -25,7 +25,12 @@ def _plt():
     return plt
 
 
-def _loss_curve(rows: list[dict], out: Path) -> Path | None:
+# loss.method -> (display name, what its loss is)
+METHOD_TEXT = {"simclr": ("SimCLR", "NT-Xent loss"), "micle": ("MICLe", "NT-Xent loss"),
+               "moco": ("MoCo v2", "InfoNCE loss"), "dino": ("DINO", "prototype cross-entropy")}
+
+
+def _loss_curve(rows: list[dict], out: Path, method: str) -> Path | None:
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return None
@@ -33,8 +38,9 @@ def _loss_curve(rows: list[dict], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("step")
-    ax.set_ylabel("NT-Xent loss")
-    ax.set_title("SimCLR pretraining on phantoms", fontsize=10)
+    name, loss_text = METHOD_TEXT[method]
+    ax.set_ylabel(loss_text)
+    ax.set_title(f"{name} pretraining on phantoms", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -67,21 +73,33 @@ def _knn_curve(rows: list[dict], out: Path) -> Path | None:
 HEALTH_PANELS = (("health/emb_std", "embedding std (collapse -> 0)"), ("health/top1", "contrastive top-1"),
                  ("health/align", "alignment (lower: views closer)"), ("health/uniform", "uniformity (lower: spread)"),
                  ("health/grad_norm", "gradient norm"), ("lr", "learning rate"))
+# DINO's own collapse signals (trainer.dino_loss.teacher_stats) in place of the contrastive ones
+DINO_PANELS = (("health/teacher_entropy", "teacher entropy (uniform collapse -> log K)"),
+               ("health/proto_perplexity", "prototypes in use (one-prototype collapse -> 1)"),
+               ("health/student_teacher_kl", "student-teacher KL"), ("health/emb_std", "backbone feature std"),
+               ("health/grad_norm", "gradient norm"), ("lr", "learning rate"))
 
 
-def _health_curves(rows: list[dict], out: Path, proj_dim: int | None) -> Path | None:
+def _health_curves(rows: list[dict], out: Path, config: dict) -> Path | None:
     rows = [r for r in rows if "health/emb_std" in r]
     if not rows:
         return None
+    dino = config.get("loss", {}).get("method") == "dino"
+    panels = DINO_PANELS if dino else HEALTH_PANELS
+    proj_dim = config.get("model", {}).get("proj_dim")
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(10, 5))
     steps = [r["step"] for r in rows]
-    for ax, (key, title) in zip(axes.flat, HEALTH_PANELS):
+    for ax, (key, title) in zip(axes.flat, panels):
         ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1.2)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
-        if key == "health/emb_std" and proj_dim:
-            ax.axhline(proj_dim ** -0.5, color="gray", ls=":", lw=1, label="1/sqrt(D)")
+        if key == "health/emb_std" and proj_dim and not dino:
+            ax.axhline(int(proj_dim) ** -0.5, color="gray", ls=":", lw=1, label="1/sqrt(D)")
+            ax.legend(fontsize=7)
+        if key == "health/teacher_entropy" and config.get("loss", {}).get("dino_out_dim"):
+            import math
+            ax.axhline(math.log(int(config["loss"]["dino_out_dim"])), color="gray", ls=":", lw=1, label="log K")
             ax.legend(fontsize=7)
     for ax in axes[1]:
         ax.set_xlabel("step", fontsize=8)
@@ -91,12 +109,13 @@ def _health_curves(rows: list[dict], out: Path, proj_dim: int | None) -> Path | 
     return out
 
 
-def _proj_dim(run: Path) -> int | None:
+def _config(run: Path) -> dict:
+    """The run's resolved config.toml ({} when unreadable: the report then uses the SimCLR wording)."""
     import tomllib
     try:
-        return int(tomllib.loads((run / "config.toml").read_text())["model"]["proj_dim"])
-    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
-        return None
+        return tomllib.loads((run / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
 
 
 def _ci(pair) -> str:
@@ -123,11 +142,15 @@ def main(argv: list[str]) -> int:
     report = demo / "report"
     report.mkdir(parents=True, exist_ok=True)
     rows = _rows(demo / "run" / "metrics.jsonl")
-    curve = _loss_curve(rows, report / "pretrain_loss.png")
+    config = _config(demo / "run")
+    method = config.get("loss", {}).get("method", "simclr")
+    name = METHOD_TEXT.get(method, (method, "loss"))[0]
+    method = method if method in METHOD_TEXT else "simclr"
+    curve = _loss_curve(rows, report / "pretrain_loss.png", method)
     knn = _knn_curve(rows, report / "knn_auroc.png")
-    health = _health_curves(rows, report / "health.png", _proj_dim(demo / "run"))
+    health = _health_curves(rows, report / "health.png", config)
     tasks = cmp_.get("task_names") or list(a["tasks"])
-    header = f"| task | SSL (SimCLR) AUROC [95% CI] | random init AUROC [95% CI] | difference [95% CI] |"
+    header = f"| task | SSL ({name}) AUROC [95% CI] | random init AUROC [95% CI] | difference [95% CI] |"
     lines = [header, "|---|---|---|---|"]
     for t in tasks:
         ra, rb, rc = a["tasks"].get(t, {}), b["tasks"].get(t, {}), cmp_["tasks"].get(t, {})
@@ -139,13 +162,14 @@ def main(argv: list[str]) -> int:
                  f"**{_num(m['diff'])}** {_ci(m['ci'])} |")
     table = "\n".join(lines)
     passed = m["diff"] is not None and m["ci"][0] is not None and m["diff"] > 0 and m["ci"][0] > 0
-    verdict = (f"PASS: the SimCLR encoder beats random init on mean AUROC by {m['diff']:.3f} "
+    verdict = (f"PASS: the {name} encoder beats random init on mean AUROC by {m['diff']:.3f} "
                f"(paired patient bootstrap 95% CI {_ci(m['ci'])}, p = {_num(m.get('p_value'))})" if passed else
-               f"FAIL: the SimCLR encoder does not beat random init with the CI above 0 "
+               f"FAIL: the {name} encoder does not beat random init with the CI above 0 "
                f"(difference {_num(m['diff'])}, 95% CI {_ci(m['ci'])})")
-    md = ["# Demo: SimCLR on procedural chest X-ray phantoms", "",
-          "Everything below was produced by `make demo` from generated data: `ingest synth` -> `ingest build-shards "
-          "--source chexpert` -> `trainer/pretrain.py` (SimCLR) -> `python -m eval linear` (frozen features, "
+    script = "`scripts/demo_dino.sh`" if method == "dino" else "`make demo`"
+    md = [f"# Demo: {name} on procedural chest X-ray phantoms", "",
+          f"Everything below was produced by {script} from generated data: `ingest synth` -> `ingest build-shards "
+          f"--source chexpert` -> `trainer/pretrain.py` ({name}) -> `python -m eval linear` (frozen features, "
           "logistic-regression probe per task, test set = the radiologist-style `valid.csv` patients) -> "
           "`python -m eval compare` (paired patient bootstrap).", "",
           f"**{verdict}**", "", table, "",
@@ -161,10 +185,14 @@ def main(argv: list[str]) -> int:
                f"Last: mean kNN AUROC {last['knn_auroc_mean']:.3f} at step {last['step']}.", "",
                f"![kNN AUROC]({knn.name})", ""]
     if health:
-        md += ["## Health metrics", "",
-               "Per log step, averaged since the previous one: std of the L2-normalised projections (a collapse "
-               "drives it to 0; spread embeddings sit near 1/sqrt(D)), contrastive top-1 in the batch, alignment and "
-               "uniformity (Wang & Isola 2020), gradient norm, learning rate.", "", f"![health]({health.name})", ""]
+        text = ("Per log step, averaged since the previous one: the teacher targets' mean entropy (log K when every "
+                "target is uniform), the prototypes in use (perplexity of the batch-mean target; 1 when one "
+                "prototype takes everything), the student-teacher KL, the std of the L2-normalised backbone "
+                "features, gradient norm, learning rate." if method == "dino" else
+                "Per log step, averaged since the previous one: std of the L2-normalised projections (a collapse "
+                "drives it to 0; spread embeddings sit near 1/sqrt(D)), contrastive top-1 in the batch, alignment "
+                "and uniformity (Wang & Isola 2020), gradient norm, learning rate.")
+        md += ["## Health metrics", "", text, "", f"![health]({health.name})", ""]
     eval_md = ev / "report.md"
     if eval_md.is_file():
         md += ["Full evaluation report (ROC curves, all numbers): [eval/report.md](../eval/report.md)", ""]

@@ -56,3 +56,18 @@ def test_verdict_needs_the_ci_above_zero(tmp_path, capsys, diff, ci, rc):
 def test_missing_results_are_a_one_line_error(tmp_path, capsys):
     assert _load().main([str(tmp_path), "run", "random-resnet18"]) == 2
     assert "cannot read the eval results" in capsys.readouterr().err
+
+
+def test_a_dino_run_is_reported_as_dino_with_its_collapse_signals(tmp_path, capsys):
+    _eval_folder(tmp_path, 0.04, (0.01, 0.07))
+    (tmp_path / "run" / "config.toml").write_text('[loss]\nmethod = "dino"\ndino_out_dim = 1024\n')
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 6, "loss": 6.9, "lr": 0.001, "health/emb_std": 0.07, "health/grad_norm": 1.0,
+                            "health/teacher_entropy": 6.4, "health/proto_perplexity": 900.0,
+                            "health/student_teacher_kl": 0.4}) + "\n")
+    assert _load().main([str(tmp_path), "run", "random-resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: the DINO encoder beats random init" in out and "SimCLR" not in out
+    readme = (tmp_path / "report" / "README.md").read_text()
+    assert readme.startswith("# Demo: DINO on procedural") and "teacher targets' mean entropy" in readme
+    assert "SSL (DINO) AUROC" in readme and "SimCLR" not in readme
