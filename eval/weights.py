@@ -67,7 +67,8 @@ def vit_model_args(model: torch.nn.Module) -> dict:
     grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size
     layer_scale = not isinstance(model.blocks[0].ls1, torch.nn.Identity)
     return {"img_size": [int(grid[0] * patch[0]), int(grid[1] * patch[1])], "global_pool": model.global_pool,
-            "dynamic_img_size": bool(model.dynamic_img_size), "dynamic_img_pad": bool(model.patch_embed.dynamic_img_pad),
+            "dynamic_img_size": bool(model.dynamic_img_size),
+            "dynamic_img_pad": bool(model.patch_embed.dynamic_img_pad),
             # LayerScale exists when init_values is set; its trained gammas are loaded over the 1e-5 start
             "init_values": 1e-5 if layer_scale else None, "reg_tokens": int(model.num_reg_tokens)}
 
