@@ -202,7 +202,9 @@ def run_compare(args) -> None:
     tasks = [str(t) for t in a["tasks"]]
     result = paired_bootstrap(a["targets"], a["scores"], b["scores"], a["pids"], tasks,
                               num_replicates=args.bootstrap, seed=args.seed)
-    result.update(protocol=args.protocol, a=args.a, b=args.b, task_names=tasks)
+    features = [_vit_features(folder / f"{name}.json") for name in (args.a, args.b)]
+    result.update(protocol=args.protocol, a=args.a, b=args.b, task_names=tasks,
+                  a_vit_features=features[0], b_vit_features=features[1])
     write_json(out, result)
     m = result["mean_auroc"]
     log(f"compare {args.a} - {args.b} ({args.protocol}): mean AUROC diff {fmt(m['diff'])} "
@@ -213,6 +215,13 @@ def _settings(path: Path) -> dict:
     """The label policy and eval view a stored result was computed under (None where not recorded)."""
     doc = json.loads(path.read_text()) if path.is_file() else {}
     return {"label_policy": doc.get("label_policy"), "eval_view": doc.get("eval_view")}
+
+
+def _vit_features(path: Path) -> str | None:
+    """A stored result's ViT feature choice (None for a ResNet): recorded beside a comparison, not required to
+    match, since comparing CLS with mean-token features of one encoder is itself a question worth asking."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    return (doc.get("encoder") or {}).get("vit_features")
 
 
 def run_report(args) -> None:

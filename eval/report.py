@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.report_analysis import analysis_sections
-from eval.report_cells import auroc_table, cell, encoder_label, settings_lines
+from eval.report_cells import VIT_FEATURE_SHORT, auroc_table, cell, encoder_label, settings_lines
 
 CATEGORY_ORDER = {"Scratch": 0, "ImageNet": 1, "SSL": 2}
 _PROTOCOL_TITLES = {"linear": "linear probe (frozen features)", "finetune": "end-to-end fine-tuning"}
@@ -78,7 +78,9 @@ def _compare_table(docs: list[dict]) -> list[str]:
     for d in docs:
         m = d["mean_auroc"]
         p = "–" if m["p_value"] is None else f"{m['p_value']:.3g}"
-        lines.append(f"| {d['a']} | {d['b']} | {d['protocol']} | {cell(m['diff'], m['ci'])} | {p} |")
+        a, b = (d[s] + (f" ({VIT_FEATURE_SHORT[d[f'{s}_vit_features']]})" if d.get(f"{s}_vit_features") else "")
+                for s in ("a", "b"))
+        lines.append(f"| {a} | {b} | {d['protocol']} | {cell(m['diff'], m['ci'])} | {p} |")
     return lines + [""]
 
 

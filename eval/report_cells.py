@@ -12,9 +12,15 @@ def cell(x, ci=None) -> str:
     return f"{x:.3f}"
 
 
+# A ViT's frozen-feature choice changes what a row measures, so every table's row label carries it.
+VIT_FEATURE_SHORT = {"cls": "CLS token", "mean": "mean patch token", "both": "CLS + mean patch token"}
+
+
 def encoder_label(doc: dict) -> str:
     e = doc.get("encoder", {})
-    return f"{e.get('category', '?')}: {e.get('name', '?')} ({e.get('arch', '?')})"
+    feats = e.get("vit_features")
+    arch = e.get("arch", "?") + (f", {VIT_FEATURE_SHORT.get(feats, feats)}" if feats else "")
+    return f"{e.get('category', '?')}: {e.get('name', '?')} ({arch})"
 
 
 def policy_text(policy: dict | None) -> str:

@@ -252,3 +252,21 @@ def test_finetuned_vit_exports_with_its_feature_choice(setup, tmp_path):
         names = [str(t) for t in z["tasks"]]
         ref = z["scores"][:, [names.index(t) for t in b.tasks]]
     assert np.abs(probs - ref).max() < 0.05, np.abs(probs - ref).max()
+
+
+def test_report_and_compare_name_the_feature_choice(setup, tmp_path):
+    # CLS against mean-token features of one encoder: a comparison worth making, so it is recorded, not refused.
+    root, _, _ = setup
+    out = tmp_path / "e"
+    (out / "linear").mkdir(parents=True)
+    for features in ("cls", "mean"):
+        for ext in ("json", "npz"):
+            src = root / f"eval-{features}" / "linear" / f"dino-run.{ext}"
+            shutil.copy(src, out / "linear" / f"dino-{features}.{ext}")
+    assert eval_main(["compare", "--out", str(out), "--a", "dino-cls", "--b", "dino-mean", "--bootstrap", "50"]) == 0
+    doc = json.loads((out / "compare" / "dino-cls-vs-dino-mean-linear.json").read_text())
+    assert (doc["a_vit_features"], doc["b_vit_features"]) == ("cls", "mean")
+    assert eval_main(["report", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert f"({ARCH}, CLS token)" in md and f"({ARCH}, mean patch token)" in md
+    assert "| dino-cls (CLS token) | dino-mean (mean patch token) | linear |" in md
