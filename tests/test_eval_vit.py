@@ -121,11 +121,14 @@ def test_bundle_probabilities_are_the_heads_on_vit_features(setup):
         np.testing.assert_allclose(out.probs, torch.sigmoid(logits).double().numpy(), atol=1e-5)
         np.testing.assert_allclose(out.features, feats.numpy(), atol=1e-5)
         assert out.saliency == b.saliency and out.cams.shape == (len(x), len(b.tasks), 4, 4)
-        # The bundle reproduces eval linear's stored test scores (DALI's view; resize kernels differ slightly).
+        # The bundle reproduces eval linear's stored test scores. Those came through DALI's resize, whose kernel
+        # differs slightly from the bundle's (and by CPU: up to 0.053 on one score of an untrained 32 px ViT), so the
+        # typical score must agree closely and none may be far off; a wrong head or task order fails both.
         with np.load(root / f"eval-{features}" / "linear" / "dino-run.npz") as z:
             names = [str(t) for t in z["tasks"]]
             ref = z["scores"][:, [names.index(t) for t in b.tasks]]
-        assert np.abs(out.probs - ref).max() < 0.05
+        gap = np.abs(out.probs - ref)
+        assert np.median(gap) < 0.005 and gap.max() < 0.1, (np.median(gap), gap.max())
 
 
 def test_attention_map_is_the_last_blocks_cls_attention(setup):
