@@ -190,7 +190,8 @@ def run_compare(args) -> None:
         with np.load(path) as z:
             loaded.append({k: z[k] for k in z.files})
     a, b = loaded
-    settings = [_settings(folder / f"{name}.json") for name in (args.a, args.b)]
+    docs = [_result_doc(folder / f"{name}.json") for name in (args.a, args.b)]
+    settings = [{"label_policy": d.get("label_policy"), "eval_view": d.get("eval_view")} for d in docs]
     if settings[0] != settings[1]:
         raise UsageError(f"{args.a} and {args.b} were evaluated under different settings ({settings[0]} vs "
                          f"{settings[1]}); re-run one with the other's --blank / --uncertainty / --eval-view")
@@ -202,7 +203,9 @@ def run_compare(args) -> None:
     tasks = [str(t) for t in a["tasks"]]
     result = paired_bootstrap(a["targets"], a["scores"], b["scores"], a["pids"], tasks,
                               num_replicates=args.bootstrap, seed=args.seed)
-    features = [_vit_features(folder / f"{name}.json") for name in (args.a, args.b)]
+    # Recorded beside the comparison, not required to match: CLS against mean-token features of one encoder is
+    # itself a question worth asking.
+    features = [(d.get("encoder") or {}).get("vit_features") for d in docs]
     result.update(protocol=args.protocol, a=args.a, b=args.b, task_names=tasks,
                   a_vit_features=features[0], b_vit_features=features[1])
     write_json(out, result)
@@ -211,17 +214,9 @@ def run_compare(args) -> None:
          f"95% CI {fmt_ci(m['ci'])} p={fmt(m['p_value'])}")
 
 
-def _settings(path: Path) -> dict:
-    """The label policy and eval view a stored result was computed under (None where not recorded)."""
-    doc = json.loads(path.read_text()) if path.is_file() else {}
-    return {"label_policy": doc.get("label_policy"), "eval_view": doc.get("eval_view")}
-
-
-def _vit_features(path: Path) -> str | None:
-    """A stored result's ViT feature choice (None for a ResNet): recorded beside a comparison, not required to
-    match, since comparing CLS with mean-token features of one encoder is itself a question worth asking."""
-    doc = json.loads(path.read_text()) if path.is_file() else {}
-    return (doc.get("encoder") or {}).get("vit_features")
+def _result_doc(path: Path) -> dict:
+    """A stored result (its settings and encoder record); empty where the JSON is missing."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def run_report(args) -> None:
