@@ -1,10 +1,10 @@
-# Fresh machine: `make test` or `make demo` create .venv, install, then run.
+# Fresh machine: `make test`, `make demo` or `make demo-dino` create .venv, install, then run.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean gpu-check
+.PHONY: test demo demo-dino install clean gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+demo-dino: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo_dino.sh
 
 # On a lent H100 / H200, with that machine's own python3 (no venv, no install): stage A needs only torch, Triton,
 # torchvision, timm, numpy and pytest; stage B needs the DALI wheels made by `scripts/gpu_wheels.sh .gpu-wheels` and
