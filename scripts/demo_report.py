@@ -181,7 +181,8 @@ def main(argv: list[str]) -> int:
         last = [r for r in rows if "knn_auroc_mean" in r][-1]
         md += ["## The run learning: online kNN monitor", "",
                "Every `run.monitor_every` steps the frozen backbone (eval mode) embeds a fixed labelled subset of "
-               "the val split and a leave-one-patient-out weighted kNN scores each finding (AUROC; 0.5 = chance). "
+               "the val split and a weighted kNN, each patient fold against the other, scores each finding "
+               "(AUROC; 0.5 = chance). "
                f"Last: mean kNN AUROC {last['knn_auroc_mean']:.3f} at step {last['step']}.", "",
                f"![kNN AUROC]({knn.name})", ""]
     if health:

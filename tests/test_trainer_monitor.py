@@ -1,5 +1,6 @@
-"""Online kNN monitor: the weighted leave-one-patient-out kNN against a direct loop, eval's label policy, BatchNorm
-statistics and train/eval modes untouched, one line and no monitor without labels, and a run that logs it."""
+"""Online kNN monitor: the weighted kNN against a direct loop, patient folds that never meet their own patient and
+give chance AUROC on random features, eval's label policy, BatchNorm statistics and train/eval modes untouched, one
+line and no monitor without labels, and a run that logs it."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import torch.nn as nn
 
 from trainer.config import load_config
 from trainer.models import build_backbone
-from trainer.monitor import (KNN_TEMPERATURE, KnnMonitor, MonitorSet, build_monitor, knn_auroc, knn_scores,
-                             label_targets)
+from trainer.monitor import (KNN_TEMPERATURE, KnnMonitor, MonitorSet, build_monitor, cross_fold_scores, knn_auroc,
+                             knn_scores, label_targets, patient_folds)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,18 +35,16 @@ def test_label_policy_is_evals_default():
     np.testing.assert_array_equal(label_targets(raw), apply_policy(raw, LabelPolicy()))
 
 
-def test_knn_scores_match_a_direct_loop_and_skip_the_same_patient():
+def test_knn_scores_match_a_direct_loop():
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(10, 6, generator=g)
-    targets = torch.tensor(np.random.default_rng(0).integers(0, 2, (10, 2)), dtype=torch.float32)
+    query, bank = torch.randn(6, 5, generator=g), torch.randn(9, 5, generator=g)
+    targets = torch.tensor(np.random.default_rng(0).integers(0, 2, (9, 2)), dtype=torch.float32)
     targets[3, 1] = float("nan")
-    pids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 7])
     k = 3
-    got = knn_scores(feats, targets, pids, k)
-    f = torch.nn.functional.normalize(feats, dim=1)
-    for i in range(10):
-        others = [j for j in range(10) if pids[j] != pids[i]]
-        sims = sorted(((f[i] @ f[j]).item(), j) for j in others)[-k:]
+    got = knn_scores(query, bank, targets, k)
+    q, b = (torch.nn.functional.normalize(x, dim=1) for x in (query, bank))
+    for i in range(6):
+        sims = sorted(((q[i] @ b[j]).item(), j) for j in range(9))[-k:]
         for t in range(2):
             num = den = 0.0
             for s, j in sims:
@@ -53,12 +52,46 @@ def test_knn_scores_match_a_direct_loop_and_skip_the_same_patient():
                     w = np.exp(s / KNN_TEMPERATURE)
                     num, den = num + w * targets[j, t].item(), den + w
             assert got[i, t].item() == pytest.approx(num / den, rel=1e-4)
-    # an exact duplicate of image 0 under the same patient (image 1) must not be its neighbour
-    dup = feats.clone()
-    dup[1] = dup[0]
-    y = torch.zeros(10, 1)
+
+
+def test_folds_keep_a_patient_together_and_score_only_against_the_other_fold():
+    pids = np.repeat(np.arange(30), 3) * 1000 + 7  # 3 images per patient, ids with a common stride
+    folds = patient_folds(pids)
+    assert all(len(set(folds[pids == p])) == 1 for p in np.unique(pids))
+    assert 0.25 < folds.mean() < 0.75, "the mix should split strided ids about evenly"
+    np.testing.assert_array_equal(patient_folds(pids), folds)  # a pure function of the ids
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(90, 8, generator=g)
+    # image 1 is an exact duplicate of image 0 from the same patient, the only positive: it must not be seen
+    feats[1] = feats[0]
+    y = torch.zeros(90, 1)
     y[1] = 1.0
-    assert knn_scores(dup, y, pids, 3)[0, 0].item() == 0.0
+    f = torch.from_numpy(folds)
+    scores = cross_fold_scores(feats, y, f, k=5)
+    assert scores[0, 0].item() == 0.0
+    # every score is the plain kNN of that image against the other fold's images
+    for fold in (0, 1):
+        expected = knn_scores(feats[f == fold], feats[f != fold], y[f != fold], 5)
+        torch.testing.assert_close(scores[f == fold], expected)
+
+
+def test_auroc_on_random_features_is_chance():
+    """Pooled leave-one-patient-out scores sit below 0.5 on random features (a positive query's bank has one positive
+    fewer); per-fold AUROC on cross-fold scores does not. 400 monitor sets of 132 images, prevalence 0.15, k=20:
+    leave-one-patient-out gave 0.481 on these sets, this 0.503 (sd of either mean 0.005)."""
+    g = torch.Generator().manual_seed(0)
+    pids = np.arange(132) // 2
+    folds = patient_folds(pids)
+    f = torch.from_numpy(folds)
+    aurocs = []
+    for _ in range(400):
+        feats = torch.randn(132, 32, generator=g)
+        y = (torch.rand(132, 1, generator=g) < 0.15).float()
+        row = knn_auroc(cross_fold_scores(feats, y, f, k=20).numpy(), y.numpy(), folds, ["t"])
+        if row:
+            aurocs.append(row["knn_auroc/t"])
+    assert len(aurocs) > 390
+    assert abs(np.mean(aurocs) - 0.5) < 0.015, np.mean(aurocs)
 
 
 def test_knn_auroc_separates_clusters_and_skips_one_class_tasks():
@@ -66,9 +99,14 @@ def test_knn_auroc_separates_clusters_and_skips_one_class_tasks():
     labels = torch.tensor([0, 1] * 20, dtype=torch.float32)
     feats = torch.randn(40, 16, generator=g) * 0.1 + labels[:, None] * torch.ones(16)  # two clusters
     targets = torch.stack([labels, torch.zeros(40)], dim=1)  # task 2 has one class only
-    scores = knn_scores(feats, targets, torch.arange(40), k=5)
-    row = knn_auroc(scores.numpy(), targets.numpy(), ["a", "b"])
+    folds = patient_folds(np.arange(40))
+    scores = cross_fold_scores(feats, targets, torch.from_numpy(folds), k=5)
+    row = knn_auroc(scores.numpy(), targets.numpy(), folds, ["a", "b"])
     assert row == {"knn_auroc/a": 1.0, "knn_auroc_mean": 1.0}
+    # the task AUROC is the mean of the folds' AUROCs, not the AUROC of the pooled scores
+    noisy = scores.numpy().copy()
+    noisy[folds == 1, 0] = 1 - noisy[folds == 1, 0]  # fold 1 ranks exactly backwards
+    assert knn_auroc(noisy, targets.numpy(), folds, ["a", "b"])["knn_auroc/a"] == pytest.approx(0.5)
 
 
 def test_monitor_leaves_batchnorm_statistics_and_modes_untouched():
@@ -108,10 +146,15 @@ def test_no_monitor_is_one_line(shards, tmp_path, capsys):
     assert build_monitor(cfg, cpu, torch.float32) is None
     off = load_config(None, [f"data.shards={shards}", "run.monitor_every=0"])
     assert build_monitor(off, cpu, torch.float32) is None
+    # one image is one patient: no second fold to score it against
+    one = load_config(None, [f"data.shards={shards}", "data.image_size=32", "data.batch_size=4", "data.device=cpu",
+                             "run.monitor_images=1"])
+    assert build_monitor(one, cpu, torch.float32) is None
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "monitor: off (data.source=synthetic has no val split)"
     assert lines[1].startswith("monitor: off (") and "no labels" in lines[1]
-    assert len(lines) == 2  # monitor_every=0 is silent: the user turned it off
+    assert lines[2].startswith("monitor: off (") and "too few patients to split them into two folds" in lines[2]
+    assert len(lines) == 3  # monitor_every=0 is silent: the user turned it off
 
 
 def test_monitor_subset_is_capped_and_decoded_once(shards, capsys):
@@ -120,7 +163,7 @@ def test_monitor_subset_is_capped_and_decoded_once(shards, capsys):
     monitor = build_monitor(cfg, torch.device("cpu"), torch.float32)
     assert monitor is not None and monitor.data.images.shape == (5, 1, 32, 32)
     assert monitor.data.targets.shape == (5, 3)
-    assert "kNN (k=20) on 5 'val' images" in capsys.readouterr().out
+    assert "kNN (k=20) on 5 'val' images in two patient folds" in capsys.readouterr().out
 
 
 def test_run_logs_the_monitor_on_console_jsonl_and_tensorboard(shards, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Online kNN monitor: the frozen backbone embeds a fixed labelled val subset (decoded once, kept on the device) and a
-weighted kNN over those embeddings scores per-task AUROC, so a long run shows whether its representation improves.
+two-fold, patient-split weighted kNN scores per-task AUROC, so a long run shows whether its representation improves.
 """
 from __future__ import annotations
 
@@ -73,11 +73,16 @@ def load_monitor_set(shards: str, split: str, *, max_images: int, image_size: in
         if count >= max_images:
             break
     targets = label_targets(np.concatenate(labels))
-    if not any(_both_classes(targets[:, t]) for t in range(targets.shape[1])):
-        raise MonitorUnavailable(f"{shards}: no label of split '{split}' has both classes in its first {count} images")
+    pids = np.concatenate(pids).astype(np.int64)
+    folds = patient_folds(pids)
+    if not (folds == 0).any() or not (folds == 1).any():
+        raise MonitorUnavailable(f"{shards}: the first {count} images of split '{split}' come from too few patients "
+                                 "to split them into two folds")
+    if not scored_tasks(targets, folds):
+        raise MonitorUnavailable(f"{shards}: no label of split '{split}' has both classes within one patient fold "
+                                 f"of its first {count} images")
     return MonitorSet(images=torch.cat(images).contiguous(memory_format=torch.channels_last), targets=targets,
-                      pids=np.concatenate(pids).astype(np.int64), task_names=list(manifest.label_names),
-                      decode_s=time.perf_counter() - t0)
+                      pids=pids, task_names=list(manifest.label_names), decode_s=time.perf_counter() - t0)
 
 
 def _both_classes(y: np.ndarray) -> bool:
@@ -85,36 +90,69 @@ def _both_classes(y: np.ndarray) -> bool:
     return bool((y == 1).any() and (y == 0).any())
 
 
+def patient_folds(pids: np.ndarray) -> np.ndarray:
+    """(M,) int64 in {0, 1}: each image's fold, the top bit of a 64-bit mix (splitmix64's finaliser) of its patient
+    id, so a patient's images share one fold whatever the ids look like (sequential, hashed, all even)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose
+        z = np.asarray(pids).astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(63)).astype(np.int64)
+
+
 @torch.no_grad()
-def knn_scores(features: torch.Tensor, targets: torch.Tensor, pids: torch.Tensor, k: int,
+def knn_scores(query: torch.Tensor, bank: torch.Tensor, bank_targets: torch.Tensor, k: int,
                temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
-    """Leave-one-patient-out weighted kNN: each image's score per task is the exp(sim / T)-weighted mean label of its
-    k most similar images from OTHER patients (a patient's own images would leak its labels), over neighbours
-    whose label for that task is not masked. features (M, F), targets (M, T) with NaN masked, pids (M,) -> (M, T)."""
-    f = F.normalize(features.float(), dim=1)
-    valid = ~torch.isnan(targets)  # (M, T)
-    y = torch.nan_to_num(targets, nan=0.0)
-    k = min(k, f.shape[0] - 1)
+    """Weighted kNN: each query's score per task is the exp(sim / T)-weighted mean label of its k most cosine-similar
+    bank images whose label for that task is not masked. query (Q, F), bank (B, F), bank_targets (B, T) with NaN
+    masked -> (Q, T), NaN where no neighbour has that label."""
+    q, b = F.normalize(query.float(), dim=1), F.normalize(bank.float(), dim=1)
+    valid = ~torch.isnan(bank_targets)  # (B, T)
+    y = torch.nan_to_num(bank_targets, nan=0.0)
+    k = min(k, b.shape[0])
     out = []
-    for a in range(0, f.shape[0], QUERY_CHUNK):
-        sim = f[a:a + QUERY_CHUNK] @ f.T  # (q, M)
-        sim.masked_fill_(pids[a:a + QUERY_CHUNK, None] == pids[None, :], float("-inf"))
-        top, idx = sim.topk(k, dim=1)  # (q, k)
-        w = torch.exp(top / temperature) * torch.isfinite(top)  # (q, k); a patient with no other: weight 0
-        wv = w[:, :, None] * valid[idx]  # (q, k, T)
-        out.append((wv * y[idx]).sum(1) / wv.sum(1))  # NaN where no usable neighbour
+    for a in range(0, q.shape[0], QUERY_CHUNK):
+        top, idx = (q[a:a + QUERY_CHUNK] @ b.T).topk(k, dim=1)  # (q, k)
+        wv = torch.exp(top / temperature)[:, :, None] * valid[idx]  # (q, k, T)
+        out.append((wv * y[idx]).sum(1) / wv.sum(1))
     return torch.cat(out)
 
 
-def knn_auroc(scores: np.ndarray, targets: np.ndarray, task_names: list[str]) -> dict[str, float]:
-    """Per-task AUROC over images with a label and a score, for tasks with both classes; their mean."""
+def cross_fold_scores(features: torch.Tensor, targets: torch.Tensor, folds: torch.Tensor, k: int) -> torch.Tensor:
+    """Each image scored by kNN against the OTHER fold only. Folds split patients, so no image meets its own
+    patient's; and unlike leave-one-out, every query of a fold sees the same bank, so within a fold the scores do
+    not depend on the query's own label (leave-one-out lowers the bank's positive rate exactly for the positive
+    queries, which biases a pooled AUROC below 0.5 on random features). (M, F), (M, T), (M,) -> (M, T)."""
+    scores = torch.full(targets.shape, float("nan"), device=targets.device)
+    for fold in (0, 1):
+        query, bank = folds == fold, folds != fold
+        if query.any() and bank.any():
+            scores[query] = knn_scores(features[query], features[bank], targets[bank], k)
+    return scores
+
+
+def scored_tasks(targets: np.ndarray, folds: np.ndarray) -> list[int]:
+    """Tasks with both classes within at least one fold whose other fold is not empty: those get an AUROC."""
+    return [t for t in range(targets.shape[1])
+            if any(_both_classes(targets[folds == f, t]) and (folds != f).any() for f in (0, 1))]
+
+
+def knn_auroc(scores: np.ndarray, targets: np.ndarray, folds: np.ndarray, task_names: list[str]) -> dict[str, float]:
+    """Per-task AUROC: computed within each fold (over images with a label and a score, where the fold has both
+    classes), then averaged over the folds; pooling the folds would compare scores from two different banks.
+    Plus the mean over tasks."""
     from sklearn.metrics import roc_auc_score
 
     row = {}
     for t, name in enumerate(task_names):
-        ok = ~np.isnan(targets[:, t]) & ~np.isnan(scores[:, t])
-        if _both_classes(targets[ok, t]):
-            row[f"knn_auroc/{name}"] = float(roc_auc_score(targets[ok, t], scores[ok, t]))
+        per_fold = []
+        for fold in (0, 1):
+            ok = (folds == fold) & ~np.isnan(targets[:, t]) & ~np.isnan(scores[:, t])
+            if _both_classes(targets[ok, t]):
+                per_fold.append(float(roc_auc_score(targets[ok, t], scores[ok, t])))
+        if per_fold:
+            row[f"knn_auroc/{name}"] = float(np.mean(per_fold))
     if row:
         row["knn_auroc_mean"] = float(np.mean(list(row.values())))
     return row
@@ -129,7 +167,8 @@ class KnnMonitor:
         self.autocast = autocast or contextlib.nullcontext  # zero-argument callable: the run's autocast context
         device = data.images.device
         self.targets = torch.from_numpy(data.targets).to(device)
-        self.pids = torch.from_numpy(data.pids).to(device)
+        self.folds = patient_folds(data.pids)  # (M,)
+        self._folds_dev = torch.from_numpy(self.folds).to(device)
 
     @torch.no_grad()
     def embed(self, backbone: nn.Module) -> torch.Tensor:
@@ -147,8 +186,8 @@ class KnnMonitor:
 
     def __call__(self, backbone: nn.Module) -> dict:
         t0 = time.perf_counter()
-        scores = knn_scores(self.embed(backbone), self.targets, self.pids, self.k)
-        row = knn_auroc(scores.cpu().numpy(), self.data.targets, self.data.task_names)
+        scores = cross_fold_scores(self.embed(backbone), self.targets, self._folds_dev, self.k)
+        row = knn_auroc(scores.cpu().numpy(), self.data.targets, self.folds, self.data.task_names)
         row["monitor_s"] = time.perf_counter() - t0
         return row
 
@@ -173,8 +212,10 @@ def build_monitor(cfg, device: torch.device, dtype: torch.dtype, autocast=None) 
     except MonitorUnavailable as e:
         print(f"monitor: off ({e})", flush=True)
         return None
-    tasks = sum(_both_classes(data.targets[:, t]) for t in range(data.targets.shape[1]))
-    print(f"monitor: kNN (k={run.monitor_k}) on {data.images.shape[0]} '{MONITOR_SPLIT}' images, {tasks} task(s) "
-          f"with both classes, every {run.monitor_every} steps and at the end; rank 0 embeds, other ranks wait "
+    folds = patient_folds(data.pids)
+    tasks = len(scored_tasks(data.targets, folds))
+    print(f"monitor: kNN (k={run.monitor_k}) on {data.images.shape[0]} '{MONITOR_SPLIT}' images in two patient folds "
+          f"({int((folds == 0).sum())} / {int((folds == 1).sum())}), {tasks} task(s) with both classes, every "
+          f"{run.monitor_every} steps and at the end; rank 0 embeds, other ranks wait "
           f"(decoded in {data.decode_s:.1f} s)", flush=True)
     return KnnMonitor(data, k=run.monitor_k, batch_size=max(2, min(cfg.data.batch_size, 256)), autocast=autocast)
