@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,10 @@ class MonitorSet:
     pids: np.ndarray        # (M,) int64
     task_names: list[str]
     decode_s: float
+    folds: np.ndarray = field(init=False)  # (M,) int64 in {0, 1}: patient_folds(pids)
+
+    def __post_init__(self):
+        self.folds = patient_folds(self.pids)
 
 
 def load_monitor_set(shards: str, split: str, *, max_images: int, image_size: int, channels: int, dtype: torch.dtype,
@@ -73,16 +77,16 @@ def load_monitor_set(shards: str, split: str, *, max_images: int, image_size: in
         if count >= max_images:
             break
     targets = label_targets(np.concatenate(labels))
-    pids = np.concatenate(pids).astype(np.int64)
-    folds = patient_folds(pids)
-    if not (folds == 0).any() or not (folds == 1).any():
+    data = MonitorSet(images=torch.cat(images).contiguous(memory_format=torch.channels_last), targets=targets,
+                      pids=np.concatenate(pids).astype(np.int64), task_names=list(manifest.label_names),
+                      decode_s=time.perf_counter() - t0)
+    if not (data.folds == 0).any() or not (data.folds == 1).any():
         raise MonitorUnavailable(f"{shards}: the first {count} images of split '{split}' come from too few patients "
                                  "to split them into two folds")
-    if not scored_tasks(targets, folds):
+    if not scored_tasks(targets, data.folds):
         raise MonitorUnavailable(f"{shards}: no label of split '{split}' has both classes within one patient fold "
                                  f"of its first {count} images")
-    return MonitorSet(images=torch.cat(images).contiguous(memory_format=torch.channels_last), targets=targets,
-                      pids=pids, task_names=list(manifest.label_names), decode_s=time.perf_counter() - t0)
+    return data
 
 
 def _both_classes(y: np.ndarray) -> bool:
@@ -167,8 +171,7 @@ class KnnMonitor:
         self.autocast = autocast or contextlib.nullcontext  # zero-argument callable: the run's autocast context
         device = data.images.device
         self.targets = torch.from_numpy(data.targets).to(device)
-        self.folds = patient_folds(data.pids)  # (M,)
-        self._folds_dev = torch.from_numpy(self.folds).to(device)
+        self.folds = torch.from_numpy(data.folds).to(device)
 
     @torch.no_grad()
     def embed(self, backbone: nn.Module) -> torch.Tensor:
@@ -186,8 +189,8 @@ class KnnMonitor:
 
     def __call__(self, backbone: nn.Module) -> dict:
         t0 = time.perf_counter()
-        scores = cross_fold_scores(self.embed(backbone), self.targets, self._folds_dev, self.k)
-        row = knn_auroc(scores.cpu().numpy(), self.data.targets, self.folds, self.data.task_names)
+        scores = cross_fold_scores(self.embed(backbone), self.targets, self.folds, self.k)
+        row = knn_auroc(scores.cpu().numpy(), self.data.targets, self.data.folds, self.data.task_names)
         row["monitor_s"] = time.perf_counter() - t0
         return row
 
@@ -212,7 +215,7 @@ def build_monitor(cfg, device: torch.device, dtype: torch.dtype, autocast=None) 
     except MonitorUnavailable as e:
         print(f"monitor: off ({e})", flush=True)
         return None
-    folds = patient_folds(data.pids)
+    folds = data.folds
     tasks = len(scored_tasks(data.targets, folds))
     print(f"monitor: kNN (k={run.monitor_k}) on {data.images.shape[0]} '{MONITOR_SPLIT}' images in two patient folds "
           f"({int((folds == 0).sum())} / {int((folds == 1).sum())}), {tasks} task(s) with both classes, every "
